@@ -1,0 +1,67 @@
+/// What one extent of a disk is, as block status reports it.
+public struct ExtentStatus: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+    /// The range is not allocated in the top image's data (a hole: NBD_STATE_HOLE).
+    public static let hole = ExtentStatus(rawValue: 1)
+    /// The range reads as zeroes (NBD_STATE_ZERO).
+    public static let zero = ExtentStatus(rawValue: 2)
+}
+
+/// One run of same-status bytes of a disk.
+public struct BlockExtent: Sendable, Hashable {
+    /// Guest offset of the run.
+    public var offset: UInt64
+    /// Length in bytes.
+    public var length: UInt64
+    /// Hole/zero status of the data as a reader sees it (backing included).
+    public var status: ExtentStatus
+    /// Which image in the chain holds the data: 1 for the top image, 2 for its backing file,
+    /// ..., 0 when no image in the chain allocates it (qemu's `qemu:allocation-depth`).
+    public var depth: UInt32
+    /// Host offset in the image that holds it, for uncompressed data (qemu-img map's `offset`).
+    public var hostOffset: UInt64?
+    /// True for a compressed cluster.
+    public var compressed: Bool
+
+    public init(offset: UInt64, length: UInt64, status: ExtentStatus, depth: UInt32, hostOffset: UInt64? = nil, compressed: Bool = false) {
+        self.offset = offset
+        self.length = length
+        self.status = status
+        self.depth = depth
+        self.hostOffset = hostOffset
+        self.compressed = compressed
+    }
+}
+
+/// A virtual disk that serves reads and writes at any byte offset: an open qcow2 image or raw file.
+///
+/// All methods are safe to call from many threads at once. Methods block (they do file I/O);
+/// callers on an event loop must hop to a thread pool first.
+public protocol BlockDevice: AnyObject, Sendable {
+    /// Virtual size in bytes.
+    var size: UInt64 { get }
+    /// Whether writes are refused.
+    var isReadOnly: Bool { get }
+    /// The natural I/O unit: the cluster size for qcow2, 4 KiB for raw.
+    var preferredBlockSize: Int { get }
+    /// True when discard really frees space (`false` for a read-only device).
+    var supportsDiscard: Bool { get }
+
+    /// Reads `buffer.count` bytes at `offset`.
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
+    /// Writes `buffer` at `offset`; with `fua`, the data is durable on return.
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws
+    /// Makes the range read as zeroes. With `mayUnmap`, whole clusters may be deallocated.
+    func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool) throws
+    /// Discards the range: whole clusters are freed and then read as zeroes; partial clusters
+    /// keep their data (discard is advisory).
+    func discard(at offset: UInt64, length: UInt64) throws
+    /// Makes every completed write durable.
+    func flush() throws
+    /// Describes `[offset, offset+length)` as a list of extents covering it in order (the last one
+    /// may be cut at `offset+length`).
+    func blockStatus(at offset: UInt64, length: UInt64) throws -> [BlockExtent]
+    /// Flushes and releases the device (dirty state written, locks dropped). Idempotent.
+    func close() throws
+}

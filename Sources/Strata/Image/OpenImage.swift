@@ -1,0 +1,47 @@
+/// Image formats Strata reads and writes.
+public enum ImageFormat: String, Sendable, CaseIterable {
+    case qcow2, raw
+}
+
+/// How an open image treats flushes (qemu's `cache=` modes).
+public enum CacheMode: String, Sendable, CaseIterable {
+    /// Writes complete into the host page cache; flush makes them durable. The default.
+    case writeback
+    /// Every write is durable before it completes.
+    case writethrough
+    /// Like writeback, but data bypasses the host page cache (O_DIRECT).
+    case none
+    /// Flush requests are ignored (the image is still flushed on close).
+    case unsafe
+}
+
+/// Options for opening an image.
+public struct OpenOptions: Sendable {
+    /// Open for writing (takes the write lock).
+    public var writable: Bool
+    /// The top image's format; nil probes for the qcow2 magic (backing files are never probed).
+    public var format: ImageFormat?
+    /// Flush behaviour.
+    public var cache: CacheMode
+    /// Skip image locking for read-only opens (qemu-img's `-U`).
+    public var forceShare: Bool
+    /// Backing format to use when the image records none.
+    public var backingFormat: ImageFormat?
+    /// Bytes of L2 tables kept in memory; nil = enough for 256 GiB of disk at 64 KiB clusters
+    /// (32 MiB), or the whole disk if smaller.
+    public var l2CacheBytes: Int?
+    /// Bytes of refcount blocks kept in memory; nil = a quarter of the L2 cache, at least 4 clusters.
+    public var refcountCacheBytes: Int?
+
+    public init(writable: Bool = false, format: ImageFormat? = nil, cache: CacheMode = .writeback,
+                forceShare: Bool = false, backingFormat: ImageFormat? = nil,
+                l2CacheBytes: Int? = nil, refcountCacheBytes: Int? = nil) {
+        self.writable = writable
+        self.format = format
+        self.cache = cache
+        self.forceShare = forceShare
+        self.backingFormat = backingFormat
+        self.l2CacheBytes = l2CacheBytes
+        self.refcountCacheBytes = refcountCacheBytes
+    }
+}

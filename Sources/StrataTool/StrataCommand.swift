@@ -1,0 +1,2 @@
+import Strata
+@main struct Main { static func main() {} }
