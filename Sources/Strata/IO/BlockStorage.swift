@@ -127,7 +127,7 @@ public final class MemoryStorage: BlockStorage {
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try bytes.withLock { b in
             guard offset <= UInt64(Int.max) - UInt64(buffer.count), offset + UInt64(buffer.count) <= Limits.maxMemoryStorage else {
-                throw IOError(op: "pwrite", errno: EFBIG, offset: offset)
+                throw SystemCallError(op: "pwrite", errno: EFBIG, offset: offset)
             }
             let end = Int(offset) + buffer.count
             if end > b.count { b.append(contentsOf: repeatElement(0, count: end - b.count)) }
@@ -137,7 +137,7 @@ public final class MemoryStorage: BlockStorage {
     public func sync() throws {}
     public func length() throws -> UInt64 { bytes.withLock { UInt64($0.count) } }
     public func setLength(_ length: UInt64) throws {
-        guard length <= Limits.maxMemoryStorage else { throw IOError(op: "ftruncate", errno: EFBIG, offset: length) }
+        guard length <= Limits.maxMemoryStorage else { throw SystemCallError(op: "ftruncate", errno: EFBIG, offset: length) }
         bytes.withLock { b in
             if Int(length) < b.count { b.removeLast(b.count - Int(length)) } else { b.append(contentsOf: repeatElement(0, count: Int(length) - b.count)) }
         }

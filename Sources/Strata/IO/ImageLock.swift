@@ -28,7 +28,7 @@ struct ImageLock: ~Copyable {
             for p in unshared where !(try Syscalls.ofdTest(file.fd, exclusive: true, start: Self.permBase + p.rawValue, length: 1)) {
                 throw StrataError.imageLocked(path: file.name, detail: "shared \"\(Self.names[p]!)\"")
             }
-        } catch let e as IOError {
+        } catch let e as SystemCallError {
             throw StrataError.io(path: file.name, e)
         }
     }

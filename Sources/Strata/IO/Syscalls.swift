@@ -15,13 +15,13 @@ let SEEK_HOLE_WHENCE: Int32 = 4
 enum Syscalls {
     /// Reads exactly `buffer.count` bytes at `offset`, looping on EINTR and short reads.
     /// Returns the number of bytes read; fewer than asked means end of file.
-    static func preadFully(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, _ offset: UInt64) throws(IOError) -> Int {
+    static func preadFully(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, _ offset: UInt64) throws(SystemCallError) -> Int {
         var done = 0
         while done < buffer.count {
             let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
             if n < 0 {
                 if errno == EINTR { continue }
-                throw IOError(op: "pread", errno: errno, offset: offset + UInt64(done))
+                throw SystemCallError(op: "pread", errno: errno, offset: offset + UInt64(done))
             }
             if n == 0 { break }
             done += n
@@ -30,35 +30,35 @@ enum Syscalls {
     }
 
     /// Writes all of `buffer` at `offset`, looping on EINTR and short writes.
-    static func pwriteFully(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, _ offset: UInt64) throws(IOError) {
+    static func pwriteFully(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, _ offset: UInt64) throws(SystemCallError) {
         var done = 0
         while done < buffer.count {
             let n = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
             if n < 0 {
                 if errno == EINTR { continue }
-                throw IOError(op: "pwrite", errno: errno, offset: offset + UInt64(done))
+                throw SystemCallError(op: "pwrite", errno: errno, offset: offset + UInt64(done))
             }
             done += n
         }
     }
 
-    static func fdatasync(_ fd: Int32) throws(IOError) {
+    static func fdatasync(_ fd: Int32) throws(SystemCallError) {
         while Glibc.fdatasync(fd) != 0 {
             if errno == EINTR { continue }
-            throw IOError(op: "fdatasync", errno: errno, offset: 0)
+            throw SystemCallError(op: "fdatasync", errno: errno, offset: 0)
         }
     }
 
-    static func size(_ fd: Int32) throws(IOError) -> UInt64 {
+    static func size(_ fd: Int32) throws(SystemCallError) -> UInt64 {
         var st = stat()
-        if fstat(fd, &st) != 0 { throw IOError(op: "fstat", errno: errno, offset: 0) }
+        if fstat(fd, &st) != 0 { throw SystemCallError(op: "fstat", errno: errno, offset: 0) }
         return UInt64(st.st_size)
     }
 
-    static func truncate(_ fd: Int32, _ length: UInt64) throws(IOError) {
+    static func truncate(_ fd: Int32, _ length: UInt64) throws(SystemCallError) {
         while ftruncate(fd, off_t(length)) != 0 {
             if errno == EINTR { continue }
-            throw IOError(op: "ftruncate", errno: errno, offset: length)
+            throw SystemCallError(op: "ftruncate", errno: errno, offset: length)
         }
     }
 
@@ -71,7 +71,7 @@ enum Syscalls {
 
     /// Takes or tests an OFD byte-range lock, the kind QEMU uses for image locking.
     /// Returns false when another open file description holds a conflicting lock.
-    static func ofdLock(_ fd: Int32, exclusive: Bool, start: UInt64, length: UInt64) throws(IOError) -> Bool {
+    static func ofdLock(_ fd: Int32, exclusive: Bool, start: UInt64, length: UInt64) throws(SystemCallError) -> Bool {
         var fl = flock()
         fl.l_type = Int16(exclusive ? F_WRLCK : F_RDLCK)
         fl.l_whence = Int16(SEEK_SET)
@@ -81,11 +81,11 @@ enum Syscalls {
         let F_OFD_SETLK: Int32 = 37
         if fcntl(fd, F_OFD_SETLK, &fl) == 0 { return true }
         if errno == EAGAIN || errno == EACCES { return false }
-        throw IOError(op: "fcntl(F_OFD_SETLK)", errno: errno, offset: start)
+        throw SystemCallError(op: "fcntl(F_OFD_SETLK)", errno: errno, offset: start)
     }
 
     /// Tests whether an OFD lock could be taken, without taking it.
-    static func ofdTest(_ fd: Int32, exclusive: Bool, start: UInt64, length: UInt64) throws(IOError) -> Bool {
+    static func ofdTest(_ fd: Int32, exclusive: Bool, start: UInt64, length: UInt64) throws(SystemCallError) -> Bool {
         var fl = flock()
         fl.l_type = Int16(exclusive ? F_WRLCK : F_RDLCK)
         fl.l_whence = Int16(SEEK_SET)
@@ -93,13 +93,13 @@ enum Syscalls {
         fl.l_len = off_t(length)
         fl.l_pid = 0
         let F_OFD_GETLK: Int32 = 36
-        if fcntl(fd, F_OFD_GETLK, &fl) != 0 { throw IOError(op: "fcntl(F_OFD_GETLK)", errno: errno, offset: start) }
+        if fcntl(fd, F_OFD_GETLK, &fl) != 0 { throw SystemCallError(op: "fcntl(F_OFD_GETLK)", errno: errno, offset: start) }
         return fl.l_type == Int16(F_UNLCK)
     }
 }
 
 /// A failed system call, with the call, errno and file offset.
-public struct IOError: Error, CustomStringConvertible, Sendable {
+public struct SystemCallError: Error, CustomStringConvertible, Sendable {
     public var op: String
     public var errno: Int32
     public var offset: UInt64

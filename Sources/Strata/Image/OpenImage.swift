@@ -45,3 +45,25 @@ public struct OpenOptions: Sendable {
         self.refcountCacheBytes = refcountCacheBytes
     }
 }
+
+/// Opens an image file as a ``BlockDevice``: qcow2 (with its whole backing chain) or raw.
+public func openImage(path: String, options: OpenOptions = OpenOptions()) throws -> any BlockDevice {
+    let format = try options.format ?? probeFormat(path: path)
+    switch format {
+    case .raw:
+        return try RawImage(path: path, writable: options.writable, forceShare: options.forceShare)
+    case .qcow2:
+        return try Qcow2Image(path: path, options: options)
+    }
+}
+
+/// Looks at the first four bytes of a file the user named: qcow2 magic or raw.
+/// Only top images are probed; backing files must have a recorded or given format.
+public func probeFormat(path: String) throws -> ImageFormat {
+    let f = try FileStorage(path: path, mode: .readOnly)
+    defer { f.close() }
+    do {
+        let magic = try f.readBytes(at: 0, count: 4)
+        return magic == [0x51, 0x46, 0x49, 0xfb] ? .qcow2 : .raw
+    } catch let e as SystemCallError { throw StrataError.io(path: path, e) }
+}

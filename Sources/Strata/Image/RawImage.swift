@@ -73,7 +73,7 @@ public final class RawImage: BlockDevice {
     }
 
     private func wrap<T>(_ body: () throws -> T) throws -> T {
-        do { return try body() } catch let e as IOError {
+        do { return try body() } catch let e as SystemCallError {
             throw e.errno == ENOSPC ? StrataError.noSpace(path: storage.name) : StrataError.io(path: storage.name, e)
         }
     }

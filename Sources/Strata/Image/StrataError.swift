@@ -7,7 +7,7 @@ import Glibc
 /// ``errnoValue`` to the wire.
 public enum StrataError: Error, CustomStringConvertible, Sendable {
     case openFailed(path: String, errno: Int32)
-    case io(path: String, IOError)
+    case io(path: String, SystemCallError)
     case notQcow2(path: String)
     case unsupportedVersion(path: String, version: UInt32)
     case invalidHeader(path: String, field: String, value: UInt64, reason: String)

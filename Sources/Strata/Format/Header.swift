@@ -1,0 +1,220 @@
+/// The qcow2 header (first cluster), decoded and validated. Pure value; no I/O.
+///
+/// ```
+///  0  magic "QFI\xfb"            4 version (2|3)           8 backing_file_offset
+/// 16  backing_file_size         20 cluster_bits           24 size
+/// 32  crypt_method              36 l1_size                40 l1_table_offset
+/// 48  refcount_table_offset     56 refcount_table_clusters
+/// 60  nb_snapshots              64 snapshots_offset
+/// v3: 72 incompatible  80 compatible  88 autoclear  96 refcount_order  100 header_length
+///     104 compression_type (1 byte, when header_length > 104)
+/// ```
+public struct Qcow2Header: Sendable, Equatable {
+    public static let magic: UInt32 = 0x5146_49fb
+    public static let v2Length: UInt32 = 72
+    public static let v3BaseLength: UInt32 = 104
+    /// Header length we write: base + compression_type byte padded to 8.
+    public static let v3WriteLength: UInt32 = 112
+
+    public var version: UInt32 = 3
+    public var backingFileOffset: UInt64 = 0
+    public var backingFileSize: UInt32 = 0
+    public var clusterBits: UInt32 = 16
+    public var size: UInt64 = 0
+    public var cryptMethod: UInt32 = 0
+    public var l1Size: UInt32 = 0
+    public var l1TableOffset: UInt64 = 0
+    public var refcountTableOffset: UInt64 = 0
+    public var refcountTableClusters: UInt32 = 0
+    public var nbSnapshots: UInt32 = 0
+    public var snapshotsOffset: UInt64 = 0
+    public var incompatibleFeatures: IncompatibleFeatures = []
+    public var compatibleFeatures: CompatibleFeatures = []
+    public var autoclearFeatures: UInt64 = 0
+    public var refcountOrder: UInt32 = 4
+    public var headerLength: UInt32 = Qcow2Header.v3WriteLength
+    public var compressionType: CompressionType = .zlib
+    /// Bytes of additional header fields past the ones we know (preserved on rewrite).
+    public var unknownTail: [UInt8] = []
+
+    public init() {}
+
+    public var clusterSize: UInt64 { 1 << UInt64(clusterBits) }
+    public var refcountBits: UInt64 { 1 << UInt64(refcountOrder) }
+    public var extendedL2: Bool { incompatibleFeatures.contains(.extendedL2) }
+
+    /// Decodes and validates the fixed header. `bytes` holds at least the first cluster's
+    /// header area (the caller reads `min(fileSize, 2 MiB)` bytes or fewer).
+    public static func decode(_ bytes: [UInt8], path: String, fileSize: UInt64) throws -> Qcow2Header {
+        func bad(_ f: String, _ v: UInt64, _ r: String) -> StrataError { .invalidHeader(path: path, field: f, value: v, reason: r) }
+        guard bytes.count >= 72 else {
+            if bytes.count >= 4, bytes.be32(0) == magic { throw StrataError.corruptImage(path: path, what: "file is truncated (\(bytes.count) bytes, the header needs 72)") }
+            throw StrataError.notQcow2(path: path)
+        }
+        guard bytes.be32(0) == magic else { throw StrataError.notQcow2(path: path) }
+        var h = Qcow2Header()
+        h.version = bytes.be32(4)
+        guard h.version == 2 || h.version == 3 else { throw StrataError.unsupportedVersion(path: path, version: h.version) }
+        h.backingFileOffset = bytes.be64(8)
+        h.backingFileSize = bytes.be32(16)
+        h.clusterBits = bytes.be32(20)
+        h.size = bytes.be64(24)
+        h.cryptMethod = bytes.be32(32)
+        h.l1Size = bytes.be32(36)
+        h.l1TableOffset = bytes.be64(40)
+        h.refcountTableOffset = bytes.be64(48)
+        h.refcountTableClusters = bytes.be32(56)
+        h.nbSnapshots = bytes.be32(60)
+        h.snapshotsOffset = bytes.be64(64)
+        if h.version == 2 {
+            h.headerLength = v2Length
+            h.refcountOrder = 4
+        } else {
+            guard bytes.count >= Int(v3BaseLength) else { throw StrataError.corruptImage(path: path, what: "file is truncated inside the v3 header") }
+            h.incompatibleFeatures = IncompatibleFeatures(rawValue: bytes.be64(72))
+            h.compatibleFeatures = CompatibleFeatures(rawValue: bytes.be64(80))
+            h.autoclearFeatures = bytes.be64(88)
+            h.refcountOrder = bytes.be32(96)
+            h.headerLength = bytes.be32(100)
+            guard h.headerLength >= v3BaseLength, h.headerLength % 8 == 0 else {
+                throw bad("header_length", UInt64(h.headerLength), "must be at least 104 and a multiple of 8")
+            }
+        }
+        guard h.clusterBits >= 9, h.clusterBits <= 21 else {
+            throw bad("cluster_bits", UInt64(h.clusterBits), "cluster size must be 512 B to 2 MiB")
+        }
+        let cs = h.clusterSize
+        guard UInt64(h.headerLength) <= cs, Int(h.headerLength) <= bytes.count || h.version == 2 else {
+            throw bad("header_length", UInt64(h.headerLength), "larger than the cluster or the file")
+        }
+        if h.version == 3, h.headerLength > v3BaseLength {
+            let raw = bytes[Int(v3BaseLength)]
+            guard let ct = CompressionType(rawValue: raw) else {
+                throw bad("compression_type", UInt64(raw), "unknown compression type")
+            }
+            h.compressionType = ct
+            if h.headerLength > v3BaseLength + 8 {
+                h.unknownTail = Array(bytes[Int(v3BaseLength + 8)..<Int(h.headerLength)])
+            }
+        }
+        if h.incompatibleFeatures.contains(.compressionType) != (h.compressionType != .zlib) {
+            throw bad("compression_type", UInt64(h.compressionType.rawValue), "does not agree with the compression type feature bit")
+        }
+        guard h.refcountOrder <= 6 else { throw bad("refcount_order", UInt64(h.refcountOrder), "refcount width above 64 bits") }
+        guard h.cryptMethod == 0 else { throw StrataError.unsupportedFeature(path: path, feature: "encryption (crypt_method \(h.cryptMethod))") }
+        guard h.size <= Limits.maxVirtualSize else { throw bad("size", h.size, "virtual size above \(Limits.maxVirtualSize)") }
+        if h.extendedL2, h.clusterBits < 14 {
+            throw bad("cluster_bits", UInt64(h.clusterBits), "extended L2 entries need clusters of at least 16 KiB")
+        }
+        // L1 table: bounded, aligned, inside the file.
+        let l1Bytes = UInt64(h.l1Size) * 8
+        guard l1Bytes <= Limits.maxL1Bytes else { throw bad("l1_size", UInt64(h.l1Size), "L1 table above \(Limits.maxL1Bytes) bytes") }
+        let geometry = Geometry(clusterBits: h.clusterBits, extendedL2: h.extendedL2)
+        let needed = geometry.l1Entries(forSize: h.size)
+        guard UInt64(h.l1Size) >= needed else { throw bad("l1_size", UInt64(h.l1Size), "too small for the virtual size (needs \(needed))") }
+        if h.l1Size > 0 {
+            try checkTable(h.l1TableOffset, l1Bytes, "l1_table_offset", cs, fileSize, path)
+        }
+        let rtBytes = UInt64(h.refcountTableClusters) * cs
+        guard h.refcountTableClusters > 0, rtBytes <= Limits.maxRefcountTableBytes else {
+            throw bad("refcount_table_clusters", UInt64(h.refcountTableClusters), "must be 1 to \(Limits.maxRefcountTableBytes / cs)")
+        }
+        try checkTable(h.refcountTableOffset, rtBytes, "refcount_table_offset", cs, fileSize, path)
+        guard UInt64(h.nbSnapshots) <= Limits.maxSnapshots else { throw bad("nb_snapshots", UInt64(h.nbSnapshots), "more than \(Limits.maxSnapshots) snapshots") }
+        if h.nbSnapshots > 0 { try checkTable(h.snapshotsOffset, 40 * UInt64(h.nbSnapshots), "snapshots_offset", cs, fileSize, path) }
+        if h.backingFileOffset != 0 {
+            guard UInt64(h.backingFileSize) <= Limits.maxBackingNameBytes else {
+                throw bad("backing_file_size", UInt64(h.backingFileSize), "backing file name longer than \(Limits.maxBackingNameBytes) bytes")
+            }
+            guard h.backingFileOffset <= cs, h.backingFileOffset + UInt64(h.backingFileSize) <= cs else {
+                throw bad("backing_file_offset", h.backingFileOffset, "backing file name must lie in the first cluster")
+            }
+        }
+        return h
+    }
+
+    private static func checkTable(_ offset: UInt64, _ bytes: UInt64, _ field: String, _ cs: UInt64, _ fileSize: UInt64, _ path: String) throws {
+        guard offset % cs == 0, offset != 0 else {
+            throw StrataError.invalidHeader(path: path, field: field, value: offset, reason: "not aligned to a cluster, or zero")
+        }
+        let (end, overflow) = offset.addingReportingOverflow(bytes)
+        guard !overflow, end <= fileSize, offset < Limits.maxHostOffset else {
+            throw StrataError.invalidHeader(path: path, field: field, value: offset, reason: "table ends past the end of the file (\(fileSize) bytes)")
+        }
+    }
+
+    /// Encodes the fixed header (v3 layout for version 3, 72 bytes for version 2).
+    public func encode() -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: version == 2 ? 72 : Int(headerLength))
+        b.put32(Self.magic, 0)
+        b.put32(version, 4)
+        b.put64(backingFileOffset, 8)
+        b.put32(backingFileSize, 16)
+        b.put32(clusterBits, 20)
+        b.put64(size, 24)
+        b.put32(cryptMethod, 32)
+        b.put32(l1Size, 36)
+        b.put64(l1TableOffset, 40)
+        b.put64(refcountTableOffset, 48)
+        b.put32(refcountTableClusters, 56)
+        b.put32(nbSnapshots, 60)
+        b.put64(snapshotsOffset, 64)
+        if version >= 3 {
+            b.put64(incompatibleFeatures.rawValue, 72)
+            b.put64(compatibleFeatures.rawValue, 80)
+            b.put64(autoclearFeatures, 88)
+            b.put32(refcountOrder, 96)
+            b.put32(headerLength, 100)
+            if headerLength > Self.v3BaseLength { b[Int(Self.v3BaseLength)] = compressionType.rawValue }
+            if !unknownTail.isEmpty, headerLength >= Self.v3BaseLength + 8 + UInt32(unknownTail.count) {
+                b.replaceSubrange(Int(Self.v3BaseLength + 8)..<Int(Self.v3BaseLength + 8) + unknownTail.count, with: unknownTail)
+            }
+        }
+        return b
+    }
+}
+
+/// Incompatible feature bits (header bytes 72-79).
+public struct IncompatibleFeatures: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    public static let dirty = IncompatibleFeatures(rawValue: 1 << 0)
+    public static let corrupt = IncompatibleFeatures(rawValue: 1 << 1)
+    public static let externalDataFile = IncompatibleFeatures(rawValue: 1 << 2)
+    public static let compressionType = IncompatibleFeatures(rawValue: 1 << 3)
+    public static let extendedL2 = IncompatibleFeatures(rawValue: 1 << 4)
+    /// Every bit we implement.
+    public static let known: IncompatibleFeatures = [.dirty, .corrupt, .compressionType, .extendedL2]
+}
+
+/// Compatible feature bits (header bytes 80-87).
+public struct CompatibleFeatures: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    public static let lazyRefcounts = CompatibleFeatures(rawValue: 1 << 0)
+}
+
+/// Compression method for compressed clusters (header byte 104).
+public enum CompressionType: UInt8, Sendable, CaseIterable {
+    case zlib = 0
+    case zstd = 1
+    public var name: String { self == .zlib ? "zlib" : "zstd" }
+}
+
+/// Derived sizes of an image: entries per table, shifts and masks.
+public struct Geometry: Sendable, Equatable {
+    public let clusterBits: UInt32
+    public let extendedL2: Bool
+    public var clusterSize: UInt64 { 1 << UInt64(clusterBits) }
+    /// Bytes per L2 entry (8, or 16 with extended entries).
+    public var l2EntryBytes: UInt64 { extendedL2 ? 16 : 8 }
+    public var l2Entries: UInt64 { clusterSize / l2EntryBytes }
+    /// Guest bytes one L2 table maps.
+    public var l2Coverage: UInt64 { l2Entries * clusterSize }
+    public var subclusterSize: UInt64 { extendedL2 ? clusterSize / 32 : clusterSize }
+    public init(clusterBits: UInt32, extendedL2: Bool) {
+        self.clusterBits = clusterBits
+        self.extendedL2 = extendedL2
+    }
+    public func l1Entries(forSize size: UInt64) -> UInt64 { divUp(size, l2Coverage) }
+}

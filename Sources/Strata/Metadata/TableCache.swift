@@ -1,0 +1,63 @@
+/// One cluster-sized metadata table (an L2 table or a refcount block) held in memory.
+final class Table {
+    let offset: UInt64
+    let buf: UnsafeMutableRawBufferPointer
+    var dirty = false
+    var lastUse: UInt64 = 0
+    init(offset: UInt64, size: Int) {
+        self.offset = offset
+        buf = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
+        buf.initializeMemory(as: UInt8.self, repeating: 0)
+    }
+    deinit { buf.deallocate() }
+    /// A copy of the bytes, for writing out while the table may change again.
+    func snapshot() -> [UInt8] { Array(UnsafeRawBufferPointer(buf)) }
+}
+
+/// A bounded cache of tables keyed by host offset, LRU among clean tables.
+///
+/// Dirty tables are never evicted here: the image writes them out in crash-safe order at
+/// flush, and asks for a flush when more than `capacity` tables are dirty.
+struct TableCache {
+    private(set) var tables: [UInt64: Table] = [:]
+    let capacity: Int
+    private var clock: UInt64 = 0
+    private(set) var dirtyCount = 0
+
+    init(capacity: Int) { self.capacity = max(capacity, 4) }
+
+    @inline(__always) mutating func get(_ offset: UInt64) -> Table? {
+        guard let t = tables[offset] else { return nil }
+        clock &+= 1
+        t.lastUse = clock
+        return t
+    }
+
+    mutating func insert(_ t: Table) {
+        if tables.count >= capacity { evictClean() }
+        clock &+= 1
+        t.lastUse = clock
+        tables[t.offset] = t
+        if t.dirty { dirtyCount += 1 }
+    }
+
+    mutating func markDirty(_ t: Table) {
+        if !t.dirty { t.dirty = true; dirtyCount += 1 }
+    }
+    mutating func markClean(_ t: Table) {
+        if t.dirty { t.dirty = false; dirtyCount -= 1 }
+    }
+    mutating func remove(_ offset: UInt64) {
+        if let t = tables.removeValue(forKey: offset), t.dirty { dirtyCount -= 1 }
+    }
+    var needsWriteback: Bool { dirtyCount >= capacity }
+    var dirtyTables: [Table] { tables.values.filter(\.dirty).sorted { $0.offset < $1.offset } }
+
+    private mutating func evictClean() {
+        // Drop the least recently used eighth of the clean tables in one pass.
+        var clean = tables.values.filter { !$0.dirty }
+        guard !clean.isEmpty else { return }
+        clean.sort { $0.lastUse < $1.lastUse }
+        for t in clean.prefix(max(1, clean.count / 8)) { tables.removeValue(forKey: t.offset) }
+    }
+}
