@@ -1,0 +1,45 @@
+import Logging
+import NIOCore
+
+/// Events the server sends down a connection's pipeline.
+public enum NBDServerEvent: Sendable {
+    /// The server is stopping: finish what is in flight, answer anything already received
+    /// with `NBD_ESHUTDOWN`, then close.
+    case shutdown
+}
+
+/// What one connection did, for the single log line written when it closes.
+/// Lives on the connection's event loop; only its handlers touch it.
+final class ConnectionStats {
+    /// Server-wide connection number, for the logs.
+    let id: Int
+    /// The client's address (or "unix" for a Unix socket).
+    let peer: String
+    /// The export chosen, once the handshake is over.
+    var exportName: String?
+    /// True once the client reached the transmission phase.
+    var negotiated = false
+    var requests = 0
+    var rejected = 0
+    var failed = 0
+    var bytesRead = 0
+    var bytesWritten = 0
+    /// Why the server closed the connection, if it did.
+    var closeReason: String?
+
+    init(id: Int, peer: String) {
+        self.id = id
+        self.peer = peer
+    }
+
+    /// The summary logged when the connection closes.
+    var summary: String {
+        var s = "connection \(id) closed"
+        if let exportName { s += " (export '\(exportName)')" }
+        s += ": \(requests) requests, \(bytesRead) bytes read, \(bytesWritten) bytes written"
+        if rejected > 0 { s += ", \(rejected) refused" }
+        if failed > 0 { s += ", \(failed) failed" }
+        if let closeReason { s += "; \(closeReason)" }
+        return s
+    }
+}

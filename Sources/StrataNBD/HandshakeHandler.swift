@@ -1,0 +1,140 @@
+import Logging
+import NIOCore
+import NIOPosix
+
+/// Drives one connection through the handshake: sends the greeting, frames client messages
+/// with ``HandshakeDecoder``, performs what ``HandshakeStateMachine`` decides, and on
+/// `NBD_OPT_GO` / `NBD_OPT_EXPORT_NAME` replaces itself with a ``TransmissionHandler``,
+/// handing over any bytes the client already sent.
+final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private var machine: HandshakeStateMachine
+    private var decoder = HandshakeDecoder()
+    private var buffer: ByteBuffer?
+    private let pool: NIOThreadPool
+    private let logger: Logger
+    private let stats: ConnectionStats
+    private var timeout: Scheduled<Void>?
+
+    init(catalog: ExportCatalog, pool: NIOThreadPool, logger: Logger, stats: ConnectionStats) {
+        self.machine = HandshakeStateMachine(catalog: catalog)
+        self.pool = pool
+        self.logger = logger
+        self.stats = stats
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        var greeting = context.channel.allocator.buffer(capacity: 18)
+        ReplyEncoder.writeGreeting(flags: HandshakeStateMachine.greetingFlags, into: &greeting)
+        context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        timeout = context.eventLoop.scheduleTask(in: .seconds(NBDLimits.handshakeTimeoutSeconds)) {
+            let (handler, context) = loopBound.value
+            handler.close(context: context, because: NBDProtocolError.handshakeTimeout)
+        }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timeout?.cancel()
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let incoming = unwrapInboundIn(data)
+        if buffer == nil || buffer!.readableBytes == 0 {
+            buffer = incoming
+        } else {
+            var more = incoming
+            buffer!.writeBuffer(&more)
+        }
+        while !machine.isFinished {
+            let message: NBDHandshakeMessage?
+            do {
+                message = try decoder.decode(buffer: &buffer!)
+            } catch {
+                close(context: context, because: error)
+                return
+            }
+            guard let message else { break }
+            perform(machine.receive(message), context: context)
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .shutdown? = event as? NBDServerEvent {
+            stats.closeReason = "server shutting down during the handshake"
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        close(context: context, because: error)
+    }
+
+    private func perform(_ action: HandshakeStateMachine.Action, context: ChannelHandlerContext) {
+        switch action {
+        case .none:
+            break
+        case .send(let replies):
+            send(replies, context: context)
+        case .sendAndClose(let replies):
+            send(replies, context: context)
+            stats.closeReason = "client aborted the handshake"
+            context.close(promise: nil)
+        case .enterTransmission(let session, let replies):
+            send(replies, context: context)
+            startTransmission(session, context: context)
+        case .enterTransmissionAfterExportName(let session, let zeroes):
+            var reply = context.channel.allocator.buffer(capacity: 134)
+            ReplyEncoder.writeExportNameReply(size: session.export.size, flags: session.flags, zeroes: zeroes, into: &reply)
+            context.writeAndFlush(wrapOutboundOut(reply), promise: nil)
+            startTransmission(session, context: context)
+        case .close(let error):
+            close(context: context, because: error)
+        }
+    }
+
+    private func send(_ replies: [NBDOptionReply], context: ChannelHandlerContext) {
+        var out = context.channel.allocator.buffer(capacity: 64 * replies.count)
+        for reply in replies {
+            ReplyEncoder.writeOptionReply(reply, into: &out)
+            if reply.type.isError {
+                logger.debug("option \(reply.option) refused with \(reply.type): \(reply.payload)")
+            }
+        }
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+    }
+
+    private func startTransmission(_ session: NBDSession, context: ChannelHandlerContext) {
+        timeout?.cancel()
+        stats.exportName = session.export.name
+        stats.negotiated = true
+        logger.debug("""
+            transmission on export '\(session.export.name)': structured replies \(session.structuredReplies), \
+            contexts [\(session.metaContexts.map(\.name).joined(separator: ", "))], flags 0x\(String(session.flags.rawValue, radix: 16))
+            """)
+        let leftover = buffer ?? context.channel.allocator.buffer(capacity: 0)
+        buffer = nil
+        let transmission = TransmissionHandler(session: session, pool: pool, logger: logger, stats: stats,
+                                               initialBytes: leftover)
+        do {
+            try context.pipeline.syncOperations.addHandler(transmission, position: .after(self))
+        } catch {
+            close(context: context, because: error)
+            return
+        }
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+    }
+
+    private func close(context: ChannelHandlerContext, because error: Error) {
+        guard context.channel.isActive else { return }
+        logger.notice("connection \(stats.id): handshake failed: \(error)")
+        stats.closeReason = "\(error)"
+        context.close(promise: nil)
+    }
+}

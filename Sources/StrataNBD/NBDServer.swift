@@ -1,0 +1,281 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Dispatch
+import Logging
+import NIOCore
+import NIOPosix
+import Strata
+import Synchronization
+
+/// An NBD server: listens on a Unix socket or TCP address and serves a catalog of exports
+/// to any number of clients at once.
+///
+/// Life cycle: ``start()`` binds and returns; ``wait()`` blocks until the server has stopped
+/// and torn down; ``shutdown()`` (from any thread, or SIGINT/SIGTERM after
+/// ``installSignalHandlers()``) stops it gracefully:
+/// 1. stop accepting;
+/// 2. connections still in the handshake are closed; connections in transmission stop reading,
+///    answer anything already received with `NBD_ESHUTDOWN`, finish the requests in flight and
+///    close;
+/// 3. the I/O pool stops; every export's image is flushed and closed (dirty bit cleared,
+///    lock released); the event loops stop; the Unix socket file is removed.
+public final class NBDServer: Sendable {
+    /// Where to listen.
+    public enum Address: Sendable, Equatable {
+        case unix(path: String)
+        case tcp(host: String, port: Int)
+    }
+
+    /// Server settings.
+    public struct Configuration: Sendable {
+        /// Where to listen. The default is TCP 127.0.0.1:10809 (the IANA NBD port).
+        public var address: Address = .tcp(host: "127.0.0.1", port: 10809)
+        /// Connections served at once; more wait in the listen backlog until one closes.
+        public var maxConnections = 128
+        /// Stop after the first client that reached transmission has disconnected (and no
+        /// other connection is open), like `qemu-nbd` without `--persistent`.
+        public var once = false
+        /// Threads running blocking device calls.
+        public var ioThreads = 16
+        /// Event loop threads (sockets, framing, replies).
+        public var eventLoopThreads = System.coreCount
+
+        public init(address: Address = .tcp(host: "127.0.0.1", port: 10809)) {
+            self.address = address
+        }
+    }
+
+    private struct Connections {
+        var open: [ObjectIdentifier: Channel] = [:]
+        var nextID = 1
+        var stopping = false
+        var acceptPaused = false
+        var negotiatedClientLeft = false
+        var drainedSignalled = false
+        var serverChannel: Channel?
+    }
+
+    /// The exports served.
+    public let catalog: ExportCatalog
+    /// The settings it was started with.
+    public let configuration: Configuration
+    private let logger: Logger
+    private let group: MultiThreadedEventLoopGroup
+    private let pool: NIOThreadPool
+    private let connections = Mutex(Connections())
+    /// Fulfilled once the listener is closed and every connection is gone.
+    private let drained: EventLoopPromise<Void>
+    private let boundAddress = Mutex<SocketAddress?>(nil)
+    private let signalSources = Mutex<[DispatchSourceSignal]>([])
+
+    public init(catalog: ExportCatalog, configuration: Configuration, logger: Logger) {
+        precondition(!catalog.exports.isEmpty, "a server needs at least one export")
+        self.catalog = catalog
+        self.configuration = configuration
+        self.logger = logger
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopThreads))
+        self.pool = NIOThreadPool(numberOfThreads: max(1, configuration.ioThreads))
+        self.drained = group.next().makePromise(of: Void.self)
+    }
+
+    /// The address actually bound (with the real port when 0 was asked for).
+    public var localAddress: SocketAddress? { boundAddress.withLock { $0 } }
+
+    /// Binds the listening socket and starts accepting.
+    public func start() throws {
+        pool.start()
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 256)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(ChannelOptions.recvAllocator,
+                                value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 << 10, maximum: 1 << 20))
+            .childChannelInitializer { [self] channel in
+                channel.eventLoop.makeCompletedFuture { try self.accepted(channel) }
+            }
+        let channel: Channel
+        do {
+            switch configuration.address {
+            case .unix(let path):
+                channel = try bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait()
+            case .tcp(let host, let port):
+                channel = try bootstrap
+                    .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+                    .bind(host: host, port: port).wait()
+            }
+        } catch {
+            try? pool.syncShutdownGracefully()
+            try? group.syncShutdownGracefully()
+            throw error
+        }
+        boundAddress.withLock { $0 = channel.localAddress }
+        connections.withLock { $0.serverChannel = channel }
+        channel.closeFuture.whenComplete { [self] _ in checkDrained() }
+        logger.info("listening on \(describe(configuration.address, bound: channel.localAddress)), exports: \(catalog.exports.map { "'\($0.name)'" }.joined(separator: ", "))")
+    }
+
+    /// The NBD URIs clients can use, one per export (the first export is also the default,
+    /// reached with an empty name).
+    public var uris: [String] {
+        catalog.exports.map { NBDServer.uri(for: configuration.address, bound: localAddress, export: $0.name) }
+    }
+
+    /// Stops gracefully; returns at once (``wait()`` blocks until it is done). Idempotent,
+    /// callable from any thread.
+    public func shutdown() {
+        let (server, channels): (Channel?, [Channel]) = connections.withLock {
+            guard !$0.stopping else { return (nil, []) }
+            $0.stopping = true
+            return ($0.serverChannel, Array($0.open.values))
+        }
+        guard let server else { return }
+        logger.info("shutting down: \(channels.count) connection(s) to finish")
+        server.close(promise: nil)
+        for channel in channels {
+            channel.pipeline.fireUserInboundEventTriggered(NBDServerEvent.shutdown)
+        }
+    }
+
+    /// Blocks until the server has stopped, then tears down: stops the I/O pool, flushes and
+    /// closes every image, stops the event loops, removes the Unix socket. Throws the first
+    /// error from closing an image (each one is logged).
+    public func wait() throws {
+        try drained.futureResult.wait()
+        try? pool.syncShutdownGracefully()
+        var firstError: Error?
+        var closed = Set<ObjectIdentifier>()
+        for export in catalog.exports where closed.insert(ObjectIdentifier(export.device)).inserted {
+            do {
+                try export.device.close()
+            } catch {
+                logger.error("closing export '\(export.name)' failed: \(error)")
+                if firstError == nil { firstError = error }
+            }
+        }
+        try? group.syncShutdownGracefully()
+        if case .unix(let path) = configuration.address { unlink(path) }
+        signalSources.withLock { sources in
+            for s in sources { s.cancel() }
+            sources.removeAll()
+        }
+        logger.info("server stopped")
+        if let firstError { throw firstError }
+    }
+
+    /// Makes SIGINT and SIGTERM stop the server gracefully. A second signal exits at once
+    /// with status 1.
+    public func installSignalHandlers() {
+        let sources = [SIGINT, SIGTERM].map { sig -> DispatchSourceSignal in
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: DispatchQueue.global())
+            source.setEventHandler { [self] in
+                if connections.withLock({ $0.stopping }) {
+                    logger.warning("second signal: exiting without a clean shutdown")
+                    exit(1)
+                }
+                logger.info("received signal \(sig)")
+                shutdown()
+            }
+            source.resume()
+            return source
+        }
+        signalSources.withLock { $0 = sources }
+    }
+
+    // MARK: Connections
+
+    private func accepted(_ channel: Channel) throws {
+        enum Admission { case admit(Int), refuse(String) }
+        let admission: Admission = connections.withLock {
+            if $0.stopping { return .refuse("server is shutting down") }
+            if $0.open.count >= configuration.maxConnections { return .refuse("too many connections") }
+            let id = $0.nextID
+            $0.nextID += 1
+            $0.open[ObjectIdentifier(channel)] = channel
+            if $0.open.count >= configuration.maxConnections && !$0.acceptPaused {
+                $0.acceptPaused = true
+                $0.serverChannel?.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+            }
+            return .admit(id)
+        }
+        guard case .admit(let id) = admission else {
+            if case .refuse(let why) = admission { logger.notice("refused a connection: \(why)") }
+            channel.close(promise: nil)
+            return
+        }
+        let peer = channel.remoteAddress.map { "\($0)" } ?? "unknown"
+        let stats = ConnectionStats(id: id, peer: peer)
+        var connectionLogger = logger
+        connectionLogger[metadataKey: "conn"] = "\(id)"
+        connectionLogger.info("connection \(id) opened from \(peer)")
+        let handshake = HandshakeHandler(catalog: catalog, pool: pool, logger: connectionLogger, stats: stats)
+        try channel.pipeline.syncOperations.addHandler(handshake)
+        channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
+            connectionLogger.info("\(stats.summary)")
+            closed(channel, negotiated: stats.negotiated)
+        }
+    }
+
+    private func closed(_ channel: Channel, negotiated: Bool) {
+        let (resumeAccept, stopNow) = connections.withLock { c -> (Channel?, Bool) in
+            c.open[ObjectIdentifier(channel)] = nil
+            if negotiated { c.negotiatedClientLeft = true }
+            var resume: Channel?
+            if c.acceptPaused && c.open.count < configuration.maxConnections && !c.stopping {
+                c.acceptPaused = false
+                resume = c.serverChannel
+            }
+            let stop = configuration.once && c.negotiatedClientLeft && c.open.isEmpty && !c.stopping
+            return (resume, stop)
+        }
+        resumeAccept?.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        if stopNow {
+            logger.info("--once: the client has disconnected")
+            shutdown()
+        }
+        checkDrained()
+    }
+
+    private func checkDrained() {
+        let done = connections.withLock { c in
+            guard c.stopping, !c.drainedSignalled, c.open.isEmpty, !(c.serverChannel?.isActive ?? false) else { return false }
+            c.drainedSignalled = true
+            return true
+        }
+        if done { drained.succeed(()) }
+    }
+
+    // MARK: URIs
+
+    private func describe(_ address: Address, bound: SocketAddress?) -> String {
+        switch address {
+        case .unix(let path): return "unix socket \(path)"
+        case .tcp(let host, let port): return "tcp \(host):\(bound?.port ?? port)"
+        }
+    }
+
+    /// The NBD URI for one export (see the NBD URI specification): `nbd+unix:///NAME?socket=PATH`
+    /// or `nbd://HOST:PORT/NAME`, with the name and path percent-encoded.
+    public static func uri(for address: Address, bound: SocketAddress?, export: String) -> String {
+        switch address {
+        case .unix(let path):
+            return "nbd+unix:///\(percentEncode(export, keeping: "/"))?socket=\(percentEncode(path, keeping: "/"))"
+        case .tcp(let host, let port):
+            let h = host.contains(":") ? "[\(host)]" : host
+            return "nbd://\(h):\(bound?.port ?? port)/\(percentEncode(export, keeping: "/"))"
+        }
+    }
+
+    static func percentEncode(_ s: String, keeping extra: String) -> String {
+        var out = ""
+        for byte in s.utf8 {
+            let c = Character(Unicode.Scalar(byte))
+            if byte < 0x80 && (c.isLetter || c.isNumber || "-._~".contains(c) || extra.contains(c)) {
+                out.append(c)
+            } else {
+                out += "%" + (byte < 16 ? "0" : "") + String(byte, radix: 16, uppercase: true)
+            }
+        }
+        return out
+    }
+}

@@ -1,0 +1,243 @@
+import Logging
+import NIOCore
+import NIOPosix
+
+/// The transmission phase of one connection.
+///
+/// The hot path, per request: ``RequestDecoder`` frames it, ``RequestValidator`` checks it,
+/// then exactly one hop to the I/O thread pool runs ``Export/perform(_:cookie:session:logger:)``
+/// (the blocking device call, which also builds the complete reply), and the reply is written
+/// back on this connection's event loop. Requests run concurrently and are answered in
+/// completion order; the channel serialises the writes.
+///
+/// Backpressure: when ``NBDLimits/maxInFlightRequests`` requests or
+/// ``NBDLimits/maxInFlightBytes`` bytes are outstanding, or the socket's send buffer is full,
+/// the handler stops decoding and holds back `read()`, so the kernel's receive window
+/// throttles the client. Reading resumes as replies go out.
+final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private enum State {
+        /// Decoding and serving requests.
+        case serving
+        /// `NBD_CMD_DISC` or server shutdown: no new requests; close once in-flight ones are answered.
+        case draining
+        /// The channel is gone.
+        case closed
+    }
+
+    private let session: NBDSession
+    private let pool: NIOThreadPool
+    private let logger: Logger
+    private let stats: ConnectionStats
+    private var decoder = RequestDecoder()
+    private var buffer: ByteBuffer
+    private var state = State.serving
+    private var inFlight = 0
+    private var inFlightBytes = 0
+    /// A `read()` from the channel that we are holding back for backpressure.
+    private var readHeld = false
+
+    init(session: NBDSession, pool: NIOThreadPool, logger: Logger, stats: ConnectionStats, initialBytes: ByteBuffer) {
+        self.session = session
+        self.pool = pool
+        self.logger = logger
+        self.stats = stats
+        self.buffer = initialBytes
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        // The client may have sent requests right behind NBD_OPT_GO.
+        if buffer.readableBytes > 0 { processBuffer(context: context) }
+    }
+
+    // MARK: Inbound
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let incoming = unwrapInboundIn(data)
+        guard case .serving = state else { return }  // nothing after DISC or shutdown counts
+        if buffer.readableBytes == 0 {
+            buffer = incoming
+        } else {
+            var more = incoming
+            buffer.writeBuffer(&more)
+        }
+        processBuffer(context: context)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { resume(context: context) }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        state = .closed
+        if decoder.isMidRequest || buffer.readableBytes > 0, stats.closeReason == nil {
+            stats.closeReason = "client disconnected in the middle of a request"
+        }
+        context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard case .shutdown? = event as? NBDServerEvent else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        guard case .serving = state else { return }
+        // Answer every request already received in full with ESHUTDOWN, then wait for the
+        // in-flight ones.
+        while let request = try? decoder.decode(buffer: &buffer) {
+            if request.header.type == .disconnect { break }
+            stats.requests += 1
+            reject(request.header, NBDRejection(error: .shutdown, message: "server is shutting down"), context: context)
+        }
+        beginDraining(context: context, reason: "server shutting down")
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        stats.closeReason = "\(error)"
+        logger.warning("connection \(stats.id): \(error)")
+        context.close(promise: nil)
+    }
+
+    // MARK: Outbound
+
+    func read(context: ChannelHandlerContext) {
+        if case .serving = state, !isSaturated(context) {
+            context.read()
+        } else {
+            readHeld = true
+        }
+    }
+
+    // MARK: Requests
+
+    private func isSaturated(_ context: ChannelHandlerContext) -> Bool {
+        inFlight >= NBDLimits.maxInFlightRequests || inFlightBytes >= NBDLimits.maxInFlightBytes
+            || !context.channel.isWritable
+    }
+
+    /// Decodes and dispatches buffered requests until the buffer runs dry or the connection
+    /// is saturated.
+    private func processBuffer(context: ChannelHandlerContext) {
+        while case .serving = state, !isSaturated(context) {
+            let request: NBDRequest?
+            do {
+                request = try decoder.decode(buffer: &buffer)
+            } catch {
+                stats.closeReason = "\(error)"
+                logger.warning("connection \(stats.id): \(error); closing")
+                state = .closed
+                context.close(promise: nil)
+                return
+            }
+            guard let request else { break }
+            handle(request, context: context)
+        }
+        if buffer.readableBytes == 0 {
+            // Drop the storage so slices handed to the pool never force a copy on append.
+            buffer = context.channel.allocator.buffer(capacity: 0)
+        } else if decoder.bytesAwaited > buffer.readableBytes {
+            buffer.reserveCapacity(minimumWritableBytes: decoder.bytesAwaited - buffer.readableBytes)
+        }
+    }
+
+    private func handle(_ request: NBDRequest, context: ChannelHandlerContext) {
+        let h = request.header
+        if h.type != .disconnect { stats.requests += 1 }
+        logger.trace("request", metadata: [
+            "cmd": "\(h.type)", "cookie": "\(h.cookie)", "offset": "\(h.offset)",
+            "length": "\(h.length)", "flags": "0x\(String(h.flags.rawValue, radix: 16))",
+        ])
+        switch RequestValidator.validate(request, session: session) {
+        case .failure(let rejection):
+            reject(h, rejection, context: context)
+        case .success(.disconnect):
+            beginDraining(context: context, reason: nil)
+        case .success(let command):
+            dispatch(command, cookie: h.cookie, context: context)
+        }
+    }
+
+    private func reject(_ header: NBDRequestHeader, _ rejection: NBDRejection, context: ChannelHandlerContext) {
+        stats.rejected += 1
+        logger.info("connection \(stats.id): refused \(header.type) (cookie \(header.cookie)) with \(rejection.error): \(rejection.message)")
+        let reply = session.export.errorReply(rejection.error, rejection.message, cookie: header.cookie, session: session)
+        context.writeAndFlush(wrapOutboundOut(reply.bytes), promise: nil)
+    }
+
+    /// The one hop: run the command on the I/O pool, come back to this event loop with the
+    /// finished reply.
+    private func dispatch(_ command: NBDCommand, cookie: UInt64, context: ChannelHandlerContext) {
+        let bytes = command.payloadBytes
+        inFlight += 1
+        inFlightBytes += bytes
+        let session = self.session
+        let logger = self.logger
+        pool.runIfActive(eventLoop: context.eventLoop) {
+            session.export.perform(command, cookie: cookie, session: session, logger: logger)
+        }.assumeIsolated().whenComplete { result in
+            self.inFlight -= 1
+            self.inFlightBytes -= bytes
+            switch result {
+            case .success(let reply):
+                self.count(command, reply: reply)
+                if case .closed = self.state {} else {
+                    context.writeAndFlush(self.wrapOutboundOut(reply.bytes), promise: nil)
+                }
+            case .failure:
+                // The pool stopped before running the request: only happens while shutting down.
+                self.reject(NBDRequestHeader(type: .read, cookie: cookie, offset: 0, length: 0),
+                            NBDRejection(error: .shutdown, message: "server is shutting down"), context: context)
+            }
+            self.completed(context: context)
+        }
+    }
+
+    private func count(_ command: NBDCommand, reply: NBDReply) {
+        if reply.error != nil {
+            stats.failed += 1
+            return
+        }
+        switch command {
+        case .read(_, let length, _): stats.bytesRead += Int(length)
+        case .write(_, let data, _): stats.bytesWritten += data.readableBytes
+        default: break
+        }
+    }
+
+    private func completed(context: ChannelHandlerContext) {
+        switch state {
+        case .serving:
+            resume(context: context)
+        case .draining:
+            if inFlight == 0 {
+                state = .closed
+                context.close(promise: nil)
+            }
+        case .closed:
+            break
+        }
+    }
+
+    /// Picks up where backpressure stopped: decode what is buffered, then read more.
+    private func resume(context: ChannelHandlerContext) {
+        guard case .serving = state, !isSaturated(context) else { return }
+        processBuffer(context: context)
+        if readHeld, case .serving = state, !isSaturated(context) {
+            readHeld = false
+            context.read()
+        }
+    }
+
+    private func beginDraining(context: ChannelHandlerContext, reason: String?) {
+        if let reason, stats.closeReason == nil { stats.closeReason = reason }
+        state = .draining
+        if inFlight == 0 {
+            state = .closed
+            context.close(promise: nil)
+        }
+    }
+}
