@@ -1,0 +1,121 @@
+import Foundation
+import XCTest
+@testable import Strata
+
+/// Strata writes, QEMU checks and reads; QEMU writes, Strata reads.
+final class EngineInteropTests: XCTestCase {
+    struct Config { var cs = 65536; var refbits = 16; var ext = false; var zstd = false; var compat = 3 }
+
+    /// Applies random writes, zero writes and discards to `img` and to `model` alike.
+    func randomOps(_ img: any BlockDevice, model: inout [UInt8], seed: UInt64, count: Int, cs: Int) throws {
+        var rng = SeededRandom(seed: seed)
+        let size = model.count
+        for i in 0..<count {
+            let off = Int(rng.next() % UInt64(size))
+            let len = min(size - off, Int(rng.next() % UInt64(3 * cs)) + 1)
+            switch rng.next() % 10 {
+            case 0...5:
+                let byte = UInt8(truncatingIfNeeded: i &+ 1)
+                let data = [UInt8](repeating: byte, count: len)
+                try data.withUnsafeBytes { try img.write($0, at: UInt64(off), fua: false) }
+                model.replaceSubrange(off..<off + len, with: data)
+            case 6...7:
+                try img.writeZeroes(at: UInt64(off), length: UInt64(len), mayUnmap: rng.next() % 2 == 0, fua: false)
+                model.replaceSubrange(off..<off + len, with: repeatElement(0, count: len))
+            default:
+                try img.discard(at: UInt64(off), length: UInt64(len))
+                // Whole clusters read as zero afterwards; partial ones keep their data.
+                let first = (off + cs - 1) / cs * cs
+                let last = (off + len) == size ? size : (off + len) / cs * cs
+                if last > first { model.replaceSubrange(first..<last, with: repeatElement(0, count: last - first)) }
+            }
+            if i % 97 == 0 { try img.flush() }
+        }
+    }
+
+    func testStrataImagesPassQemuCheckAndReadBack() throws {
+        try requireTool("qemu-img", package: "qemu-utils")
+        let dir = try tempDir(self)
+        let configs: [Config] = [
+            Config(), Config(cs: 4096), Config(cs: 512), Config(cs: 2 << 20),
+            Config(refbits: 1), Config(refbits: 2), Config(refbits: 4), Config(refbits: 8),
+            Config(refbits: 32), Config(refbits: 64), Config(cs: 512, refbits: 64),
+            Config(ext: true), Config(cs: 16384, ext: true), Config(zstd: true), Config(compat: 2),
+        ]
+        for (n, c) in configs.enumerated() {
+            let path = "\(dir)/img\(n).qcow2"
+            var o = CreateOptions(size: 12 << 20 + 3 * 512)
+            o.clusterSize = c.cs
+            o.refcountBits = c.refbits
+            o.extendedL2 = c.ext
+            o.compressionType = c.zstd ? .zstd : .zlib
+            o.version = UInt32(c.compat)
+            try Qcow2Image.create(path: path, options: o)
+            try assertQemuCheckClean(path)
+            let img = try Qcow2Image(path: path, options: OpenOptions(writable: true))
+            var model = [UInt8](repeating: 0, count: Int(img.size))
+            try randomOps(img, model: &model, seed: UInt64(n) + 1, count: 300, cs: c.cs)
+            XCTAssertEqual(try readAll(img), model, "strata reads back its own writes, config \(c)")
+            try img.close()
+            try assertQemuCheckClean(path)
+            XCTAssertEqual(try qemuRaw(path, dir: dir), model, "qemu-img reads what strata wrote, config \(c)")
+        }
+    }
+
+    func testQemuImagesReadIdentically() throws {
+        try requireTool("qemu-img", package: "qemu-utils")
+        try requireTool("qemu-io", package: "qemu-utils")
+        let dir = try tempDir(self)
+        let opts = ["cluster_size=512", "cluster_size=4096", "cluster_size=65536", "cluster_size=2M",
+                    "refcount_bits=1", "refcount_bits=8", "refcount_bits=64", "extended_l2=on",
+                    "compat=0.10", "compression_type=zstd", "extended_l2=on,cluster_size=16k"]
+        for (n, o) in opts.enumerated() {
+            let path = "\(dir)/q\(n).qcow2"
+            XCTAssertEqual(try runTool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", o, path, "9M"]).status, 0)
+            var cmds: [String] = []
+            var rng = SeededRandom(seed: UInt64(n) + 100)
+            for i in 0..<60 {
+                let off = rng.next() % (9 << 20 - 70000)
+                let len = rng.next() % 70000 + 1
+                switch i % 4 {
+                case 0, 1: cmds += ["-c", "write -P \(i % 250 + 1) \(off) \(len)"]
+                case 2: cmds += ["-c", "write -z \(off / 512 * 512) \(len / 512 * 512 + 512)"]
+                default: cmds += ["-c", "discard \(off / 512 * 512) \(len / 512 * 512 + 512)"]
+                }
+            }
+            let r = try runTool(["qemu-io", "-f", "qcow2", path] + cmds)
+            XCTAssertEqual(r.status, 0, r.err)
+            let img = try Qcow2Image(path: path, options: OpenOptions(writable: false))
+            XCTAssertEqual(try readAll(img), try qemuRaw(path, dir: dir), "strata reads qemu's \(o) image")
+            try img.close()
+        }
+    }
+
+    func testQemuCompressedImagesRead() throws {
+        try requireTool("qemu-img", package: "qemu-utils")
+        let dir = try tempDir(self)
+        let raw = "\(dir)/src.raw"
+        var bytes = [UInt8](repeating: 0, count: 4 << 20)
+        var rng = SeededRandom(seed: 7)
+        for i in stride(from: 0, to: bytes.count, by: 512) where rng.next() % 3 != 0 {
+            let v = UInt8(truncatingIfNeeded: rng.next() % 4)  // compressible
+            for j in i..<i + 512 { bytes[j] = v &+ UInt8(truncatingIfNeeded: j % 7) }
+        }
+        try Data(bytes).write(to: URL(fileURLWithPath: raw))
+        for ct in ["zlib", "zstd"] {
+            for cs in ["4k", "64k", "1M"] {
+                let out = "\(dir)/c-\(ct)-\(cs).qcow2"
+                let r = try runTool(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=\(ct),cluster_size=\(cs)", raw, out])
+                XCTAssertEqual(r.status, 0, r.err)
+                let img = try Qcow2Image(path: out, options: OpenOptions(writable: true))
+                XCTAssertEqual(try readAll(img), bytes, "compressed \(ct) \(cs)")
+                // Overwrite parts of compressed clusters: copy-on-write out of the compressed data.
+                var model = bytes
+                try randomOps(img, model: &model, seed: 9, count: 100, cs: Int(img.preferredBlockSize))
+                try img.close()
+                try assertQemuCheckClean(out)
+                XCTAssertEqual(try qemuRaw(out, dir: dir), model)
+            }
+        }
+    }
+}

@@ -1,0 +1,66 @@
+import Foundation
+import XCTest
+@testable import Strata
+
+/// Runs an external program and returns (exit status, stdout, stderr).
+@discardableResult
+func runTool(_ args: [String], input: Data? = nil) throws -> (status: Int32, out: String, err: String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    p.arguments = args
+    let o = Pipe(), e = Pipe()
+    p.standardOutput = o
+    p.standardError = e
+    try p.run()
+    let od = o.fileHandleForReading.readDataToEndOfFile()
+    let ed = e.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: od, as: UTF8.self), String(decoding: ed, as: UTF8.self))
+}
+
+/// Fails the test (instead of skipping) when a peer tool is missing.
+func requireTool(_ name: String, package: String) throws {
+    let r = try runTool(["sh", "-c", "command -v \(name)"])
+    if r.status != 0 { XCTFail("\(name) is not installed: install the Debian package \(package)"); throw XCTSkip("missing \(name)") }
+}
+
+/// A fresh temporary folder, removed when the test ends.
+func tempDir(_ test: XCTestCase) throws -> String {
+    let dir = NSTemporaryDirectory() + "strata-test-" + UUID().uuidString
+    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    test.addTeardownBlock { try? FileManager.default.removeItem(atPath: dir) }
+    return dir
+}
+
+/// A deterministic generator (SplitMix64) so failures replay.
+struct SeededRandom: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9e37_79b9_7f4a_7c15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        return z ^ (z >> 31)
+    }
+}
+
+func readAll(_ dev: any BlockDevice) throws -> [UInt8] {
+    var b = [UInt8](repeating: 0, count: Int(dev.size))
+    try b.withUnsafeMutableBytes { try dev.read(into: $0, at: 0) }
+    return b
+}
+
+func qemuRaw(_ path: String, dir: String, format: String = "qcow2") throws -> [UInt8] {
+    let out = dir + "/qemu-raw-\(UUID().uuidString).raw"
+    let r = try runTool(["qemu-img", "convert", "-U", "-f", format, "-O", "raw", path, out])
+    XCTAssertEqual(r.status, 0, r.err)
+    defer { try? FileManager.default.removeItem(atPath: out) }
+    return [UInt8](try Data(contentsOf: URL(fileURLWithPath: out)))
+}
+
+/// `qemu-img check` must report no errors and no leaks (exit 0).
+func assertQemuCheckClean(_ path: String, file: StaticString = #filePath, line: UInt = #line) throws {
+    let r = try runTool(["qemu-img", "check", path])
+    XCTAssertEqual(r.status, 0, "qemu-img check \(path):\n\(r.out)\(r.err)", file: file, line: line)
+}
