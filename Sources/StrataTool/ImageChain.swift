@@ -1,0 +1,57 @@
+import Strata
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One image of an open backing chain, top first, as `info --backing-chain` and `map` see it.
+struct ChainLayer {
+    /// The open image (the top one is the device the user opened).
+    let device: any BlockDevice
+    let format: ImageFormat
+    /// The name qemu-img would print: the top as given, a backing file as its recorded name
+    /// joined to the directory of the image that names it (qemu's `path_combine`).
+    let displayName: String
+    /// The layer as a qcow2 image (nil for raw).
+    var qcow2: Qcow2Image? { device as? Qcow2Image }
+}
+
+/// Opening images for the commands, and walking their backing chains.
+enum ImageChain {
+    /// Opens a user-named image read-only (`-U` skips locking) or writable.
+    static func open(_ path: String, format: ImageFormat?, writable: Bool = false,
+                     forceShare: Bool = false) throws -> any BlockDevice {
+        try openImage(path: path, options: OpenOptions(writable: writable, format: format, forceShare: forceShare && !writable))
+    }
+
+    /// The chain below `top` (included), following `Qcow2Image.backing`.
+    static func layers(of top: any BlockDevice, name: String) -> [ChainLayer] {
+        var out: [ChainLayer] = []
+        var device: (any BlockDevice)? = top
+        var displayName = name
+        while let d = device, out.count <= Limits.maxBackingChainDepth {
+            let q = d as? Qcow2Image
+            out.append(ChainLayer(device: d, format: q == nil ? .raw : .qcow2, displayName: displayName))
+            guard let q, let backing = q.backing else { break }
+            displayName = combine(displayName, q.backingFileName ?? q.backingFilePath ?? "")
+            device = backing
+        }
+        return out
+    }
+
+    /// qemu's `path_combine`: an absolute `name` stays as it is; a relative one is taken
+    /// relative to the directory of `base` (as `base` was spelled: "top.qcow2" + "base.qcow2"
+    /// is "base.qcow2", "dir/top.qcow2" + "base.qcow2" is "dir/base.qcow2").
+    static func combine(_ base: String, _ name: String) -> String {
+        if name.hasPrefix("/") { return name }
+        guard let slash = base.lastIndex(of: "/") else { return name }
+        return String(base[...slash]) + name
+    }
+
+    /// Bytes the file occupies on its file system (`st_blocks * 512`), qemu's "actual-size".
+    static func allocatedBytes(_ path: String) -> UInt64? {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        return UInt64(st.st_blocks) * 512
+    }
+}

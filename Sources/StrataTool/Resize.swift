@@ -1,0 +1,82 @@
+import ArgumentParser
+import Strata
+
+/// `strata resize [-f FMT] [--shrink] [-q] FILE [+|-]SIZE`
+struct Resize: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Grow or shrink an image's virtual size.",
+        discussion: """
+            SIZE is absolute, or relative with + or - (a leading '-' may need '--' before it, \
+            as in qemu-img: 'strata resize --shrink disk.qcow2 -- -1G'). Shrinking needs \
+            --shrink and deletes everything past the new end.
+            """)
+
+    @OptionGroup var format: FormatOption
+
+    @Flag(name: .customLong("shrink"), help: "Allow the image to get smaller (data past the new end is lost).")
+    var shrink = false
+
+    @OptionGroup var quiet: QuietOption
+
+    @Argument(help: "The image file.")
+    var file: String
+
+    @Argument(parsing: .allUnrecognized, help: ArgumentHelp("New size, or +SIZE / -SIZE relative to the current one.", valueName: "size"))
+    var sizeArguments: [String] = []
+
+    /// The one size argument, parsed.
+    func change() throws -> SizeParser.Change {
+        let args = sizeArguments.filter { $0 != "--" }
+        guard args.count == 1 else {
+            throw ValidationError(args.isEmpty ? "missing expected argument '<size>'" : "unexpected arguments: \(args.dropFirst().joined(separator: " "))")
+        }
+        guard let c = SizeParser.parseChange(args[0]) else { throw CLIError.badSize(args[0], what: "size") }
+        return c
+    }
+
+    mutating func validate() throws { _ = try change() }
+
+    func run() throws {
+        let device = try ImageChain.open(file, format: format.format, writable: true)
+        var closed = false
+        defer { if !closed { try? device.close() } }
+        let current = device.size
+        guard let newSize = try change().apply(to: current), newSize > 0 else {
+            throw CLIError.refused("\(file): the new size must be positive (the image is \(current) bytes)")
+        }
+        if newSize < current, !shrink {
+            throw CLIError.refused("\(file): shrinking from \(current) to \(newSize) bytes deletes the data past the new end; use --shrink to do it")
+        }
+        guard newSize <= Limits.maxVirtualSize else {
+            throw CLIError.refused("\(file): \(newSize) bytes is above the largest virtual size, \(Limits.maxVirtualSize) bytes")
+        }
+        switch device {
+        case let q as Qcow2Image:
+            guard newSize % 512 == 0 else {
+                throw CLIError.refused("\(file): the new size must be a multiple of 512 (got \(newSize))")
+            }
+            try resizeQcow2(q, to: newSize, from: current)
+        case let r as RawImage:
+            try withFile(file) { try r.storage.setLength(newSize) }
+        default:
+            throw CLIError.refused("\(file): this kind of image cannot be resized")
+        }
+        closed = true
+        try device.close()
+        if !quiet.quiet { print("Image resized.") }
+    }
+
+    /// Grows, or shrinks. The engine shrinks only when nothing is allocated past the new end;
+    /// qemu-img frees that data, and so do we (the user said --shrink): discard the whole
+    /// clusters past the end, then shrink again.
+    private func resizeQcow2(_ q: Qcow2Image, to newSize: UInt64, from current: UInt64) throws {
+        do {
+            try q.resize(to: newSize)
+        } catch StrataError.cannotShrink {
+            let cluster = q.header.clusterSize
+            let start = (newSize + cluster - 1) / cluster * cluster
+            if start < current { try q.discard(at: start, length: current - start) }
+            try q.resize(to: newSize)
+        }
+    }
+}
