@@ -1,0 +1,68 @@
+import Foundation
+import XCTest
+
+@testable import StrataNBD
+
+/// The Python scripts in Tests/nbd, each against an in-process server: libnbd as the client
+/// (structured reads, block status, errors, multi-conn, simple replies, option haggling) and a
+/// raw-socket client for what libnbd will not send.
+final class LibnbdScriptTests: XCTestCase {
+    private let M = 1 << 20
+
+    func testStructuredReadsBlockStatusAndWritesOnABackedQcow2() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/base.qcow2", size: "8M")
+        try Peer.expectSuccess("qemu-io", ["-f", "qcow2", "\(dir)/base.qcow2", "-c", "write -P 1 0 64k"])
+        try makeQcow2("\(dir)/top.qcow2", size: "8M", options: ["backing_file=\(dir)/base.qcow2", "backing_fmt=qcow2"])
+        try Peer.expectSuccess("qemu-io", ["-f", "qcow2", "\(dir)/top.qcow2", "-c", "write -P 2 1M 64k"])
+        let server = try TestServer(dir: dir, exports: [TestExport(name: "top", path: "\(dir)/top.qcow2")])
+        try Peer.python("structured_reads.py", [server.uri("top")])
+        try server.stop()
+        try Peer.expectSuccess("qemu-img", ["check", "\(dir)/top.qcow2"])
+    }
+
+    func testEveryRefusedRequestGetsTheProtocolsErrorCode() throws {
+        let dir = try makeTempDir(self)
+        try makeRaw("\(dir)/rw.raw", size: 64 * M)
+        try makeQcow2("\(dir)/ro.qcow2", size: "64M")
+        let server = try TestServer(dir: dir, exports: [
+            TestExport(name: "rw", path: "\(dir)/rw.raw"),
+            TestExport(name: "ro", path: "\(dir)/ro.qcow2", readOnly: true),
+        ])
+        try Peer.python("errors.py", [server.uri("rw"), server.uri("ro"), "\(64 * M)"])
+    }
+
+    func testWritesOnOneConnectionAreVisibleOnAllAfterFlushOrFUA() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/mc.qcow2", size: "16M")
+        let server = try TestServer(dir: dir, exports: [TestExport(name: "mc", path: "\(dir)/mc.qcow2")])
+        try Peer.python("multiconn.py", [server.uri("mc"), "4"])
+    }
+
+    func testClientWithoutStructuredRepliesGetsSimpleReplies() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/s.qcow2", size: "8M")
+        let server = try TestServer(dir: dir, exports: [TestExport(name: "s", path: "\(dir)/s.qcow2")])
+        try Peer.python("simple_replies.py", [server.uri("s")])
+    }
+
+    func testOptionListInfoMetaContextsAndGo() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/a.qcow2", size: "8M")
+        try makeRaw("\(dir)/b.raw", size: 3 * M)
+        try makeQcow2("\(dir)/c.qcow2", size: "1G")
+        let server = try TestServer(dir: dir, exports: [
+            TestExport(name: "a", path: "\(dir)/a.qcow2", description: "test image"),
+            TestExport(name: "b", path: "\(dir)/b.raw", readOnly: true, description: "test image"),
+            TestExport(name: "c d", path: "\(dir)/c.qcow2", description: "test image"),
+        ])
+        try Peer.python("list_exports.py", [server.socket, "test image", "a=\(8 * M)", "b=\(3 * M)", "c d=\(1 << 30)"])
+    }
+
+    func testRawProtocolViolationsAndPipelining() throws {
+        let dir = try makeTempDir(self)
+        try makeRaw("\(dir)/raw.raw", size: 4 * M)
+        let server = try TestServer(dir: dir, exports: [TestExport(name: "raw", path: "\(dir)/raw.raw")])
+        try Peer.python("raw_protocol.py", [server.socket, "raw", "\(4 * M)"], timeout: 120)
+    }
+}
