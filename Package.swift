@@ -36,6 +36,7 @@ let package = Package(
         .testTarget(name: "StrataTests", dependencies: ["Strata"]),
         .testTarget(name: "StrataNBDTests", dependencies: ["StrataNBD", "Strata"]),
         .testTarget(name: "InteropTests", dependencies: ["Strata"]),
+        .testTarget(name: "StrataToolTests", dependencies: ["Strata"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -19,11 +19,19 @@ struct Info: ParsableCommand {
     var file: String
 
     func run() throws {
-        let device = try ImageChain.open(file, format: format.format, forceShare: share.forceShare)
-        defer { try? device.close() }
-        var layers = ImageChain.layers(of: device, name: file)
-        if !backingChain { layers = Array(layers.prefix(1)) }
-        let infos = layers.map(ImageInfo.init(layer:))
+        let infos: [ImageInfo]
+        do {
+            let device = try ImageChain.open(file, format: format.format, forceShare: share.forceShare)
+            defer { try? device.close() }
+            var layers = ImageChain.layers(of: device, name: file)
+            if !backingChain { layers = Array(layers.prefix(1)) }
+            infos = layers.map(ImageInfo.init(layer:))
+        } catch {
+            // Like qemu-img, describe the image even when its backing file cannot be opened.
+            guard !backingChain, Self.isBackingFailure(error, top: file),
+                  let info = try? ImageInfo(headerOf: file), info.backingFilename != nil else { throw error }
+            infos = [info]
+        }
         switch output.output {
         case .json:
             let value: JSONValue = backingChain ? .array(infos.map(\.json)) : infos[0].json
@@ -31,6 +39,15 @@ struct Info: ParsableCommand {
         case .human:
             print(infos.map(\.human).joined(separator: "\n"), terminator: "")
         }
+    }
+}
+
+extension Info {
+    /// True when opening failed because of the backing chain, not the image itself.
+    static func isBackingFailure(_ error: Error, top: String) -> Bool {
+        guard let e = error as? StrataError else { return false }
+        if case .backingFormatUnknown = e { return true }
+        return !e.description.hasPrefix(top + ":")
     }
 }
 
@@ -61,6 +78,34 @@ struct ImageInfo {
             backingFilename = q.backingFileName
             fullBackingFilename = q.backingFileName.map { ImageChain.combine(layer.displayName, $0) }
             backingFormat = q.backingFormat
+        }
+    }
+
+    /// Reads the header of a qcow2 image alone, without its backing chain (for an image whose
+    /// backing file is missing). Read-only; no lock is taken, as with `-U`.
+    init(headerOf path: String) throws {
+        let file = try FileStorage(path: path, mode: .readOnly)
+        defer { file.close() }
+        let length = try withFile(path) { try file.length() }
+        var first = [UInt8](repeating: 0, count: Int(min(length, 2 << 20)))
+        try withFile(path) { _ = try first.withUnsafeMutableBytes { try file.read(into: $0, at: 0) } }
+        let h = try Qcow2Header.decode(first, path: path, fileSize: length)
+        let extStart = Int(h.version == 2 ? Qcow2Header.v2Length : h.headerLength)
+        let extLimit = Int(h.backingFileOffset != 0 ? min(h.backingFileOffset, h.clusterSize) : h.clusterSize)
+        let ext = try HeaderExtensions.decode(first, start: extStart, limit: min(extLimit, first.count), path: path)
+        filename = path
+        format = .qcow2
+        virtualSize = h.size
+        actualSize = ImageChain.allocatedBytes(path)
+        qcow2 = h
+        clusterSize = h.clusterSize
+        dirty = h.incompatibleFeatures.contains(.dirty)
+        let nameStart = Int(h.backingFileOffset), nameEnd = nameStart + Int(h.backingFileSize)
+        if h.backingFileOffset != 0, nameEnd <= first.count {
+            let name = String(decoding: first[nameStart..<nameEnd], as: UTF8.self)
+            backingFilename = name
+            fullBackingFilename = ImageChain.combine(path, name)
+            backingFormat = ext.backingFormat.flatMap(ImageFormat.init(rawValue:))
         }
     }
 
