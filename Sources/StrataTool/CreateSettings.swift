@@ -1,5 +1,9 @@
 import Strata
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// What a new image will look like: the format, the `-o` options after validation, the size
 /// and the backing file. Shared by `create` and `convert`; knows qemu-img's option names, its
 /// rules (which options need compat=1.1, legal cluster sizes, refcount widths) and its
@@ -162,8 +166,15 @@ struct CreateSettings {
         return o
     }
 
-    /// Makes the image file (an existing file is overwritten, as qemu-img does).
+    /// Makes the image file (an existing file is overwritten, as qemu-img does, unless another
+    /// process has it open: an existing file is first opened with the write lock, which is
+    /// held until the new image is written).
     func create(path: String) throws {
+        var guardLock: RawImage?
+        if access(path, F_OK) == 0 {
+            guardLock = try RawImage(path: path, writable: true)
+        }
+        defer { (guardLock?.storage as? FileStorage)?.close() }
         switch format {
         case .qcow2:
             try Qcow2Image.create(path: path, options: qcow2Options)

@@ -125,4 +125,29 @@ final class CreateResizeIOTests: ToolTestCase {
         assertUserError(try strata("nosuchcommand"), mentions: ["nosuchcommand"])
         XCTAssertEqual(try strata("--help").status, 0)
     }
+
+    func testImagesInUseAreRefusedNotClobbered() throws {
+        guard let nbd = Self.which("qemu-nbd") else { return XCTFail("qemu-nbd not found: install qemu-utils") }
+        ok(try qemuImg("create", "-q", "-f", "qcow2", "busy.qcow2", "1M"), "create")
+        ok(try qemuIO("-c", "write -P 3 0 64k", "busy.qcow2"), "fill")
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: nbd)
+        server.arguments = ["-k", path("nbd.sock"), "-f", "qcow2", path("busy.qcow2")]
+        try server.run()
+        defer { server.terminate(); server.waitUntilExit() }
+        for _ in 0..<100 where !FileManager.default.fileExists(atPath: path("nbd.sock")) { usleep(20_000) }
+
+        assertUserError(try strata("info", "busy.qcow2"), mentions: ["busy.qcow2", "lock"])
+        ok(try strata("info", "-U", "busy.qcow2"), "info -U on an image in use")
+        assertUserError(try strata("io", "-c", "write 0 512", "busy.qcow2"), mentions: ["busy.qcow2", "lock"])
+        assertUserError(try strata("resize", "busy.qcow2", "+1M"), mentions: ["busy.qcow2", "lock"])
+        let create = try strata("create", "-q", "-f", "qcow2", "busy.qcow2", "2M")
+        XCTAssertEqual(create.status, 1, "create over an image in use must fail")
+        XCTAssertTrue(create.stderr.contains("lock"), create.stderr)
+        server.terminate()
+        server.waitUntilExit()
+        XCTAssertEqual(try qemuImg("check", "busy.qcow2").status, 0)
+        ok(try qemuIO("-c", "read -P 3 0 64k", "busy.qcow2"), "data survived")
+        XCTAssertEqual(try virtualSize("busy.qcow2"), 1 << 20)
+    }
 }
