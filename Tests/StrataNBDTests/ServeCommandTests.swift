@@ -1,0 +1,212 @@
+import Foundation
+import XCTest
+
+/// A program running in the background whose stdout is collected line by line.
+final class Spawned {
+    let process = Process()
+    private let lock = NSLock()
+    private var collected = Data()
+    private let errPath: String
+
+    init(_ executable: String, _ arguments: [String], stderrPath: String) throws {
+        errPath = stderrPath
+        FileManager.default.createFile(atPath: stderrPath, contents: nil)
+        let out = Pipe()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        process.standardOutput = out
+        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: stderrPath))
+        process.standardInput = FileHandle.nullDevice
+        out.fileHandleForReading.readabilityHandler = { [weak self] h in
+            let d = h.availableData
+            guard let self else { return }
+            self.lock.withLock { self.collected.append(d) }
+        }
+        try process.run()
+    }
+
+    /// Everything printed on stdout so far, as lines.
+    var lines: [String] {
+        lock.withLock { String(decoding: collected, as: UTF8.self) }.split(separator: "\n").map(String.init)
+    }
+
+    var stderr: String { (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "" }
+
+    /// Waits until stdout has at least `count` lines (or the program exits, or time runs out).
+    func waitForLines(_ count: Int, timeout: TimeInterval = 20) -> [String] {
+        let deadline = Date().addingTimeInterval(timeout)
+        while lines.count < count && process.isRunning && Date() < deadline { usleep(5_000) }
+        usleep(20_000)
+        return lines
+    }
+
+    /// Waits for the program to exit on its own; nil if it is still running after `timeout`.
+    func waitForExit(timeout: TimeInterval = 20) -> Int32? {
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(5_000) }
+        if process.isRunning { return nil }
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    /// Sends `signal` and waits for the exit status.
+    func stop(_ signal: Int32 = SIGTERM, timeout: TimeInterval = 20) -> Int32? {
+        if process.isRunning { kill(process.processIdentifier, signal) }
+        return waitForExit(timeout: timeout)
+    }
+
+    deinit {
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+}
+
+/// `strata serve` as a user runs it: the built binary, its output, signals and exit codes.
+final class ServeCommandTests: XCTestCase {
+    /// The `strata` binary built next to this test bundle.
+    private func strata(file: StaticString = #filePath, line: UInt = #line) throws -> String {
+        let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
+        let path = URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("strata").path
+        guard FileManager.default.isExecutableFile(atPath: path) else {
+            XCTFail("the strata binary is not built at \(path): run 'swift build' first", file: file, line: line)
+            throw Peer.PeerMissing(name: "strata")
+        }
+        let help = try Peer.run(path, ["serve", "--help"])
+        guard help.status == 0 else {
+            XCTFail("'strata serve' is not available (is Serve registered in StrataCommand?):\n\(help.transcript)", file: file, line: line)
+            throw Peer.PeerMissing(name: "strata serve")
+        }
+        return path
+    }
+
+    private func serve(_ dir: String, _ arguments: [String]) throws -> Spawned {
+        try Spawned(try strata(), ["serve"] + arguments, stderrPath: "\(dir)/serve-\(UUID().uuidString.prefix(6)).log")
+    }
+
+    func testPrintsOneURIPerExportAndStopsCleanlyOnSIGTERMWithWritesInFlight() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/disk.qcow2", size: "64M")
+        try makeRaw("\(dir)/extra.img", size: 1 << 20)
+        let sock = "\(dir)/s.sock"
+        let server = try serve(dir, ["--socket", sock, "\(dir)/disk.qcow2", "--export", "second=\(dir)/extra.img"])
+        let uris = server.waitForLines(2)
+        XCTAssertEqual(uris, ["nbd+unix:///disk?socket=\(sock)", "nbd+unix:///second?socket=\(sock)"], server.stderr)
+        guard uris.count == 2 else { return }
+        try Peer.expectSuccess("nbdinfo", ["--size", uris[1]])
+
+        // A client queues 512 writes of 64 KiB; SIGTERM arrives while they are in flight.
+        let client = try Spawned(try Peer.path("python3"), [Peer.helpersDirectory + "/shutdown_client.py", uris[0], "512"],
+                                 stderrPath: "\(dir)/client.log")
+        XCTAssertEqual(client.waitForLines(1).first, "submitted", client.stderr)
+        XCTAssertEqual(server.stop(SIGTERM), 0, "clean exit on SIGTERM:\n\(server.stderr)")
+        XCTAssertEqual(client.waitForExit(), 0, client.stderr)
+        let ackedLine = client.waitForLines(2).last ?? ""
+        XCTAssertTrue(ackedLine.hasPrefix("acked:"), "client output: \(client.lines) \(client.stderr)")
+        let acked = ackedLine.split(separator: " ").dropFirst().compactMap { Int($0) }
+        print("shutdown test: \(acked.count) of 512 writes acknowledged before the server stopped")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: sock), "socket removed on exit")
+        XCTAssertTrue(server.stderr.contains("received signal 15"), server.stderr)
+        XCTAssertTrue(server.stderr.contains("server stopped"), server.stderr)
+
+        // The image is clean (flushed, closed, unlocked) and holds every acknowledged write.
+        try Peer.expectSuccess("qemu-img", ["check", "\(dir)/disk.qcow2"])
+        let reads = acked.flatMap { ["-c", "read -P \($0 % 250 + 1) \($0 * 65536) 64k"] }
+        if !reads.isEmpty {
+            let r = try Peer.expectSuccess("qemu-io", ["-f", "qcow2", "\(dir)/disk.qcow2"] + reads)
+            XCTAssertFalse(r.out.contains("Pattern verification failed"), "an acknowledged write was lost:\n\(r.out)")
+        }
+    }
+
+    func testOnceExitsAfterTheFirstClientDisconnects() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/once.qcow2", size: "8M")
+        let server = try serve(dir, ["--once", "--socket", "\(dir)/o.sock", "\(dir)/once.qcow2"])
+        let uri = try XCTUnwrap(server.waitForLines(1).first, server.stderr)
+        // Listing does not enter transmission, so it does not count as the client.
+        try Peer.expectSuccess("nbdinfo", ["--list", uri])
+        XCTAssertTrue(server.process.isRunning, "still serving after a list-only client")
+        try Peer.expectSuccess("qemu-io", ["-f", "raw", uri, "-c", "write -P 3 0 64k"])
+        XCTAssertEqual(server.waitForExit(), 0, "exits by itself after the client:\n\(server.stderr)")
+        try Peer.expectSuccess("qemu-img", ["check", "\(dir)/once.qcow2"])
+        let r = try Peer.expectSuccess("qemu-io", ["-f", "qcow2", "-r", "\(dir)/once.qcow2", "-c", "read -P 3 0 64k"])
+        XCTAssertFalse(r.out.contains("failed"), r.out)
+    }
+
+    func testTCPWithAPickedPortAndSIGINT() throws {
+        let dir = try makeTempDir(self)
+        try makeRaw("\(dir)/tcp.raw", size: 2 << 20)
+        let server = try serve(dir, ["--bind", "127.0.0.1", "--port", "0", "\(dir)/tcp.raw"])
+        let uri = try XCTUnwrap(server.waitForLines(1).first, server.stderr)
+        XCTAssertTrue(uri.hasPrefix("nbd://127.0.0.1:") && uri.hasSuffix("/tcp"), uri)
+        XCTAssertFalse(uri.hasPrefix("nbd://127.0.0.1:0/"), "the real port is printed")
+        try Peer.expectSuccess("qemu-io", ["-f", "raw", uri, "-c", "write -P 7 4k 8k", "-c", "read -P 7 4k 8k"])
+        let info = try Peer.expectSuccess("nbdinfo", ["--size", uri])
+        XCTAssertEqual(info.out.trimmingCharacters(in: .whitespacesAndNewlines), "\(2 << 20)")
+        XCTAssertEqual(server.stop(SIGINT), 0, server.stderr)
+    }
+
+    func testDefaultAddressIsLocalhostOnTheNBDPort() throws {
+        let dir = try makeTempDir(self)
+        try makeRaw("\(dir)/default.raw", size: 1 << 20)
+        let server = try serve(dir, ["\(dir)/default.raw"])
+        let uri = server.waitForLines(1).first
+        XCTAssertEqual(uri, "nbd://127.0.0.1:10809/default",
+                       "listens on 127.0.0.1:10809 by default (fails if another server holds that port):\n\(server.stderr)")
+        if uri != nil { try Peer.expectSuccess("nbdinfo", ["--size", "nbd://127.0.0.1/default"]) }
+        XCTAssertEqual(server.stop(), 0, server.stderr)
+    }
+
+    func testReadOnlyDescriptionPidFileAndVerboseTracing() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/ro.qcow2", size: "8M")
+        let pidFile = "\(dir)/serve.pid"
+        let server = try serve(dir, ["-r", "-D", "golden image", "--pid-file", pidFile, "--verbose",
+                                     "--socket", "\(dir)/r.sock", "\(dir)/ro.qcow2"])
+        let uri = try XCTUnwrap(server.waitForLines(1).first, server.stderr)
+        let pid = try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        XCTAssertEqual(pid, "\(server.process.processIdentifier)")
+        let info = try Peer.expectSuccess("nbdinfo", ["--json", uri])
+        XCTAssertTrue(info.out.contains("\"is_read_only\": true"), info.out)
+        XCTAssertTrue(info.out.contains("\"description\": \"golden image\""), info.out)
+        let write = try Peer.run(try Peer.path("qemu-io"), ["-f", "raw", uri, "-c", "write 0 512"])
+        XCTAssertNotEqual(write.status, 0, "qemu-io refuses to write to a read-only export")
+        // A read-only open takes only the shared lock: qemu-img can read the image meanwhile.
+        try Peer.expectSuccess("qemu-img", ["info", "\(dir)/ro.qcow2"])
+        XCTAssertEqual(server.stop(), 0, server.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: pidFile), "pid file removed on exit")
+        XCTAssertTrue(server.stderr.contains("connection 1 opened"), server.stderr)
+        XCTAssertTrue(server.stderr.contains("connection 1 closed"), server.stderr)
+        XCTAssertTrue(server.stderr.contains("request"), "--verbose traces requests:\n\(server.stderr)")
+    }
+
+    func testRefusesBadArgumentsAndUnopenableImages() throws {
+        let dir = try makeTempDir(self)
+        let strata = try strata()
+        try makeQcow2("\(dir)/a.qcow2", size: "1M")
+        let cases: [([String], String)] = [
+            (["serve"], "nothing to serve"),
+            (["serve", "--socket", "\(dir)/x.sock", "--port", "1", "\(dir)/a.qcow2"], "--socket cannot be combined"),
+            (["serve", "--cache", "fast", "\(dir)/a.qcow2"], "unknown cache mode"),
+            (["serve", "--discard", "maybe", "\(dir)/a.qcow2"], "unknown discard mode"),
+            (["serve", "-f", "vmdk", "\(dir)/a.qcow2"], "unknown format"),
+            (["serve", "--export", "noequals", "\(dir)/a.qcow2"], "NAME=FILE"),
+            (["serve", "\(dir)/a.qcow2", "--export", "a=\(dir)/a.qcow2"], "used twice"),
+            (["serve", "--socket", "\(dir)/y.sock", "\(dir)/missing.qcow2"], "missing.qcow2"),
+        ]
+        for (args, message) in cases {
+            let r = try Peer.run(strata, args, timeout: 20)
+            XCTAssertNotEqual(r.status, 0, "\(args) must fail")
+            XCTAssertTrue(r.err.contains(message), "\(args): expected '\(message)' in:\n\(r.err)")
+        }
+
+        // A second server cannot take the write lock of an image already served.
+        let first = try serve(dir, ["--socket", "\(dir)/1.sock", "\(dir)/a.qcow2"])
+        XCTAssertEqual(first.waitForLines(1).count, 1, first.stderr)
+        let second = try Peer.run(strata, ["serve", "--socket", "\(dir)/2.sock", "\(dir)/a.qcow2"], timeout: 20)
+        XCTAssertNotEqual(second.status, 0)
+        XCTAssertTrue(second.err.contains("lock"), second.err)
+        XCTAssertEqual(first.stop(), 0, first.stderr)
+    }
+}
