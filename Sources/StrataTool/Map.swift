@@ -124,7 +124,9 @@ struct MapEntry: Equatable {
             for ext in extents {
                 let s = max(ext.offset, pos), e = min(ext.offset + ext.length, end)
                 guard e > s else { continue }
-                let data = !ext.status.contains(.hole), zero = ext.status.contains(.zero)
+                // qemu-img's "data" is false for anything known to read as zeroes (a zero
+                // cluster keeps its host offset but is not data).
+                let zero = ext.status.contains(.zero), data = !ext.status.contains(.hole) && !zero
                 if ext.depth >= 1, Int(ext.depth) <= layers.count {
                     let i = Int(ext.depth) - 1
                     let raw = layers[i].format == .raw

@@ -129,4 +129,15 @@ final class InfoMapTests: ToolTestCase {
         XCTAssertEqual(ours.stdout, theirs.stdout)
         XCTAssertEqual(ours.stderrLines.count, 1)
     }
+
+    /// A zero cluster that keeps its host cluster (`write -z`) next to one that dropped it
+    /// (`write -z -u`): qemu-img shows an offset for the first only, and no data for either.
+    func testMapZeroClustersKeepOnlyTheirOwnHostOffsets() throws {
+        ok(try qemuImg("create", "-q", "-f", "qcow2", "z.qcow2", "4M"), "create")
+        ok(try qemuIO("-c", "write -P 1 0 256k", "-c", "write -z 0 64k", "-c", "write -z -u 64k 64k", "z.qcow2"), "fill")
+        let ours = ok(try strata("map", "--output", "json", "z.qcow2"), "strata map")
+        let theirs = ok(try qemuImg("map", "--output", "json", "z.qcow2"), "qemu-img map")
+        XCTAssertEqual(ours.stdout, theirs.stdout)
+        XCTAssertEqual(try strata("map", "z.qcow2").stdout, try qemuImg("map", "z.qcow2").stdout)
+    }
 }
