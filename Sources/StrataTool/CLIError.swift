@@ -81,6 +81,12 @@ func report(_ error: Error, failureCode: Int32, subcommand: String = "") -> Int3
         .split(separator: "\n", omittingEmptySubsequences: true)
         .first.map(String.init) ?? "\(error)"
     let trimmed = message.hasPrefix("Error: ") ? String(message.dropFirst(7)) : message
+    // Usage mistakes (exit code 64 inside the parser) get a pointer to the help; our own
+    // errors thrown from validate() (the parser's plain failure code) speak for themselves.
+    guard code == .validationFailure else {
+        printError("strata: \(trimmed)")
+        return failureCode
+    }
     let known = StrataCommand.configuration.subcommands.map { $0._commandName }
     let help = known.contains(subcommand) ? "strata \(subcommand) --help" : "strata --help"
     printError("strata: \(trimmed) (see '\(help)')")

@@ -19,7 +19,7 @@ enum SizeParser {
 
     /// Parses an unsigned size; nil when the text is not one (or overflows 64 bits).
     static func parse(_ text: String) -> UInt64? {
-        var s = Substring(text)
+        var s = Substring(text).drop { $0 == " " || $0 == "\t" }
         guard !s.isEmpty else { return nil }
         if s.hasPrefix("0x") || s.hasPrefix("0X") {
             s = s.dropFirst(2)
