@@ -44,7 +44,9 @@ build() {
             find "$out" -path "$out/Fuzz*.build" -prune -o -path '*.build/*.o' -print0
             find "$out/$module.build" -name '*.o' -print0)
         echo "run.sh: linking bin/$target (${#objects[@]} objects)" >&2
-        swiftc -sanitize=fuzzer,address "${objects[@]}" -lz -llz4 -lzstd -o "$HERE/bin/$target"
+        # (gold warns once per ASan helper symbol that it "cannot export local symbol": noise.)
+        swiftc -sanitize=fuzzer,address "${objects[@]}" -lz -llz4 -lzstd -o "$HERE/bin/$target" \
+            2> >(grep -v "Cannot export local symbol" >&2)
     done
 }
 

@@ -45,6 +45,27 @@ enum Fixture {
     }
 }
 
+/// The client's bytes, handed to the decoders a piece at a time as socket reads would be.
+private final class ClientStream {
+    private var input: ByteBuffer
+    private let piece: Int
+    /// What has arrived and not been consumed yet.
+    var buffer = ByteBuffer()
+
+    init(_ bytes: UnsafeBufferPointer<UInt8>, piece: Int) {
+        input = ByteBuffer(bytes: bytes)
+        self.piece = piece
+    }
+
+    /// Appends the next piece; false at the end of the input.
+    func feed() -> Bool {
+        guard input.readableBytes > 0 else { return false }
+        var slice = input.readSlice(length: min(piece, input.readableBytes))!
+        buffer.writeBuffer(&slice)
+        return true
+    }
+}
+
 /// Most requests one input may carry, so that a long input of tiny requests cannot stall.
 private let maxRequests = 4096
 
@@ -52,40 +73,31 @@ private let maxRequests = 4096
 public func fuzzNBD(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     guard size >= 1 else { return 0 }
     let control = data[0]
-    let piece = Int(control & 0x3F) + 1
-    var input = ByteBuffer(bytes: UnsafeBufferPointer(start: data + 1, count: size - 1))
+    let stream = ClientStream(UnsafeBufferPointer(start: data + 1, count: size - 1), piece: Int(control & 0x3F) + 1)
     let catalog = Fixture.catalog()
     defer { for e in catalog.exports { try? e.device.close() } }
-
-    var buffer = ByteBuffer()
-    func feed() -> Bool {
-        guard input.readableBytes > 0 else { return false }
-        var slice = input.readSlice(length: min(piece, input.readableBytes))!
-        buffer.writeBuffer(&slice)
-        return true
-    }
 
     let session: NBDSession
     if control & 0x80 != 0 {
         session = NBDSession(export: catalog.exports[0], structuredReplies: true, metaContexts: NBDMetaContext.allCases)
     } else {
-        guard let s = handshake(catalog: catalog, buffer: &buffer, feed: feed) else { return 0 }
+        guard let s = handshake(catalog: catalog, stream) else { return 0 }
         session = s
     }
-    transmission(session: session, buffer: &buffer, feed: feed)
+    transmission(session: session, stream)
     return 0
 }
 
 /// Runs the handshake until it hands over to transmission (returning the session) or ends.
-private func handshake(catalog: ExportCatalog, buffer: inout ByteBuffer, feed: () -> Bool) -> NBDSession? {
+private func handshake(catalog: ExportCatalog, _ stream: ClientStream) -> NBDSession? {
     var decoder = HandshakeDecoder()
     var machine = HandshakeStateMachine(catalog: catalog)
     var out = ByteBuffer()
     ReplyEncoder.writeGreeting(flags: HandshakeStateMachine.greetingFlags, into: &out)
-    while feed() {
+    while stream.feed() {
         while !machine.isFinished {
             let message: NBDHandshakeMessage?
-            do { message = try decoder.decode(buffer: &buffer) } catch { return nil }
+            do { message = try decoder.decode(buffer: &stream.buffer) } catch { return nil }
             guard let message else { break }
             out.clear()
             switch machine.receive(message) {
@@ -112,13 +124,13 @@ private func handshake(catalog: ExportCatalog, buffer: inout ByteBuffer, feed: (
 
 /// Decodes, validates and performs requests until the input ends, a protocol error closes
 /// the stream, or the client disconnects.
-private func transmission(session: NBDSession, buffer: inout ByteBuffer, feed: () -> Bool) {
+private func transmission(session: NBDSession, _ stream: ClientStream) {
     var decoder = RequestDecoder()
     var requests = 0
     repeat {
         while true {
             let request: NBDRequest?
-            do { request = try decoder.decode(buffer: &buffer) } catch { return }
+            do { request = try decoder.decode(buffer: &stream.buffer) } catch { return }
             guard let request else { break }
             requests += 1
             if requests > maxRequests { return }
@@ -131,7 +143,7 @@ private func transmission(session: NBDSession, buffer: inout ByteBuffer, feed: (
                 _ = session.export.perform(command, cookie: request.header.cookie, session: session, logger: Fixture.logger)
             }
         }
-    } while feed()
+    } while stream.feed()
     // End of input: what a closed connection would do with a partial request.
-    _ = try? decoder.decodeLast(buffer: &buffer, seenEOF: true)
+    _ = try? decoder.decodeLast(buffer: &stream.buffer, seenEOF: true)
 }
