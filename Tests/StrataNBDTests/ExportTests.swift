@@ -57,6 +57,7 @@ final class ExportTests: XCTestCase {
         let reply = perform(.read(offset: 0, length: 16384, dontFragment: false), on: Export(name: "d", device: device))
         let chunks = Chunk.parse(reply.bytes)
         XCTAssertEqual(chunks.map(\.type), [2, 1, 2])  // hole, data, hole
+        guard chunks.count == 3 else { return }
         XCTAssertEqual(chunks.map(\.isDone), [false, false, true])
         XCTAssertTrue(chunks.allSatisfy { $0.cookie == 0x42 })
         XCTAssertEqual(chunks[0].u64(0), 0)
@@ -73,6 +74,7 @@ final class ExportTests: XCTestCase {
         device.extents = [BlockExtent(offset: 0, length: 8192, status: [.hole, .zero], depth: 0)]
         let chunks = Chunk.parse(perform(.read(offset: 0, length: 8192, dontFragment: true), on: Export(name: "d", device: device)).bytes)
         XCTAssertEqual(chunks.map(\.type), [1])
+        guard chunks.count == 1 else { return }
         XCTAssertEqual(chunks[0].payload.count, 8 + 8192)
         XCTAssertTrue(chunks[0].isDone)
     }
@@ -95,6 +97,7 @@ final class ExportTests: XCTestCase {
         XCTAssertEqual(structured.error, .io)
         let chunks = Chunk.parse(structured.bytes)
         XCTAssertEqual(chunks.map(\.type), [0x8001])  // NBD_REPLY_TYPE_ERROR, and nothing else
+        guard chunks.count == 1 else { return }
         XCTAssertTrue(chunks[0].isDone)
         XCTAssertEqual(chunks[0].u32(0), 5)
         let message = String(decoding: chunks[0].payload[6...], as: UTF8.self)
@@ -164,6 +167,9 @@ final class ExportTests: XCTestCase {
         let chunks = Chunk.parse(perform(.blockStatus(offset: 0, length: 1 << 20, requestOne: false), on: export,
                                          contexts: [.baseAllocation, .allocationDepth]).bytes)
         XCTAssertEqual(chunks.map(\.type), [5, 5])
+        guard chunks.count == 2, chunks[0].payload.count == 4 + 3 * 8, chunks[1].payload.count == 4 + 3 * 8 else {
+            return XCTFail("expected two chunks of three descriptors")
+        }
         XCTAssertEqual(chunks.map(\.isDone), [false, true])
         // base:allocation: id 1, then (length, flags) pairs.
         XCTAssertEqual(chunks[0].u32(0), 1)
@@ -176,6 +182,7 @@ final class ExportTests: XCTestCase {
         let one = Chunk.parse(perform(.blockStatus(offset: 0, length: 4096, requestOne: true), on: export,
                                       contexts: [.baseAllocation]).bytes)
         XCTAssertEqual(one.count, 1)
+        guard one.count == 1 else { return }
         XCTAssertEqual(one[0].payload.count, 4 + 8, "REQ_ONE: exactly one descriptor")
         XCTAssertEqual(one[0].u32(4), 4096, "never longer than the request")
     }

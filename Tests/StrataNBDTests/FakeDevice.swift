@@ -13,6 +13,9 @@ final class FakeDevice: BlockDevice, @unchecked Sendable {
     private var _extents: [BlockExtent]?
     private var _failure: StrataError?
     private var _calls: [String] = []
+    /// Writes wait while the gate is closed (to hold requests in flight).
+    private let gate = NSCondition()
+    private var gateClosed = false
 
     let size: UInt64
     let isReadOnly: Bool
@@ -51,7 +54,17 @@ final class FakeDevice: BlockDevice, @unchecked Sendable {
         try record("read \(offset) \(buffer.count)")
         lock.withLock { bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<Int(offset) + buffer.count])) } }
     }
+    /// Stalls every write until ``openGate()``.
+    func closeGate() { gate.withLock { gateClosed = true } }
+    func openGate() {
+        gate.withLock {
+            gateClosed = false
+            gate.broadcast()
+        }
+    }
+
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+        gate.withLock { while gateClosed { gate.wait() } }
         try record("write \(offset) \(buffer.count)\(fua ? " fua" : "")")
         lock.withLock { bytes.replaceSubrange(Int(offset)..<Int(offset) + buffer.count, with: buffer) }
     }

@@ -66,3 +66,39 @@ final class LibnbdScriptTests: XCTestCase {
         try Peer.python("raw_protocol.py", [server.socket, "raw", "\(4 * M)"], timeout: 120)
     }
 }
+
+/// Backpressure, observed from outside: with the image stalled, the bytes a client manages to
+/// push into the server stay bounded by the in-flight caps (plus socket buffers) instead of
+/// the server swallowing everything it is sent.
+final class BackpressureTests: XCTestCase {
+    private func run(count: Int, size: Int, maxAccepted: Int) throws {
+        let dir = try makeTempDir(self)
+        let device = FakeDevice(size: 8 << 20)
+        device.closeGate()
+        let server = try TestServer(dir: dir, catalog: ExportCatalog([Export(name: "gated", device: device)]))
+        let client = try Spawned(try Peer.path("python3"),
+                                 [Peer.helpersDirectory + "/backpressure.py", server.socket, "gated", "\(count)", "\(size)"],
+                                 stderrPath: "\(dir)/client.log")
+        let accepted = client.waitForLines(1).first.flatMap { Int($0.split(separator: " ").last ?? "") }
+        device.openGate()
+        client.send("go")
+        XCTAssertEqual(client.waitForExit(timeout: 60), 0, "\(client.lines)\n\(client.stderr)")
+        let total = count * (size + 28)
+        let got = try XCTUnwrap(accepted, "no 'accepted' line: \(client.lines) \(client.stderr)")
+        XCTAssertLessThan(got, maxAccepted, "the server kept reading while \(count) writes were stalled (\(got) of \(total) bytes taken)")
+        XCTAssertTrue(client.lines.contains("replied \(count)"), "\(client.lines)")
+        print("backpressure: \(got) of \(total) bytes taken while stalled")
+        try server.stop()
+    }
+
+    /// 1000 writes of 16 KiB: the request cap (64 in flight) stops reading long before 16 MiB.
+    func testInFlightRequestCapStopsReading() throws {
+        try run(count: 1000, size: 16 << 10, maxAccepted: 6 << 20)
+    }
+
+    /// 60 writes of 4 MiB (under the request cap): the byte cap (128 MiB in flight) stops
+    /// reading well before 240 MiB.
+    func testInFlightByteCapStopsReading() throws {
+        try run(count: 60, size: 4 << 20, maxAccepted: NBDLimits.maxInFlightBytes + (12 << 20))
+    }
+}

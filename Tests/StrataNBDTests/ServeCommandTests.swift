@@ -7,6 +7,7 @@ final class Spawned {
     private let lock = NSLock()
     private var collected = Data()
     private let errPath: String
+    private let input = Pipe()
 
     init(_ executable: String, _ arguments: [String], stderrPath: String) throws {
         errPath = stderrPath
@@ -16,7 +17,7 @@ final class Spawned {
         process.arguments = arguments
         process.standardOutput = out
         process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: stderrPath))
-        process.standardInput = FileHandle.nullDevice
+        process.standardInput = input
         out.fileHandleForReading.readabilityHandler = { [weak self] h in
             let d = h.availableData
             guard let self else { return }
@@ -31,6 +32,11 @@ final class Spawned {
     }
 
     var stderr: String { (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "" }
+
+    /// Writes a line to the program's stdin.
+    func send(_ line: String) {
+        input.fileHandleForWriting.write(Data((line + "\n").utf8))
+    }
 
     /// Waits until stdout has at least `count` lines (or the program exits, or time runs out).
     func waitForLines(_ count: Int, timeout: TimeInterval = 20) -> [String] {
