@@ -66,48 +66,57 @@ struct Compare: ParsableCommand {
         throw Self.differ
     }
 
-    /// First differing byte in `[0, end)`, skipping ranges both images report as zeroes.
+    /// One run of block status: `[start, end)`, known to read as zeroes or not.
+    private struct Run {
+        var start: UInt64
+        var end: UInt64
+        var zero: Bool
+    }
+
+    private func runs(_ device: any BlockDevice, name: String, from start: UInt64, to end: UInt64) throws -> [Run] {
+        var out: [Run] = []
+        try DataScan.ranges(of: device, from: start, to: end, name: name) { o, l, z in
+            out.append(Run(start: o, end: o + l, zero: z))
+        }
+        return out
+    }
+
+    /// First differing byte in `[0, end)`. Walks both images' block status side by side (a
+    /// window of 1 GiB at a time) and reads only where at least one of them may hold data.
     private func firstMismatch(_ a: any BlockDevice, _ b: any BlockDevice, upTo end: UInt64, bar: ProgressBar) throws -> UInt64? {
+        let chunk = UInt64(DataScan.chunkSize)
         let bufA = ChunkBuffer(count: DataScan.chunkSize), bufB = ChunkBuffer(count: DataScan.chunkSize)
-        var found: UInt64?
-        var zeroInB: [(UInt64, UInt64)] = []   // B's known-zero runs for the current window
         var pos: UInt64 = 0
-        while pos < end, found == nil {
+        while pos < end {
             let windowEnd = min(end, pos + (1 << 30))
-            zeroInB.removeAll(keepingCapacity: true)
-            try DataScan.ranges(of: b, from: pos, to: windowEnd, name: second) { o, l, z in
-                if z { zeroInB.append((o, o + l)) }
-            }
-            try DataScan.ranges(of: a, from: pos, to: windowEnd, name: first) { o, l, zeroA in
-                guard found == nil else { return }
-                var x = o
-                let e = o + l
-                while x < e, found == nil {
-                    // How far B is known zero from x (0 when it is not).
-                    let zb = zeroInB.first { $0.0 <= x && x < $0.1 }
-                    if zeroA, let zb {
-                        let skip = min(e, zb.1)
-                        bar.advance(by: skip - x)
-                        x = skip
-                        continue
-                    }
-                    var n = min(e - x, UInt64(DataScan.chunkSize) - x % UInt64(DataScan.chunkSize))
-                    if zeroA, let nextZero = zeroInB.first(where: { $0.0 > x })?.0 { n = min(n, nextZero - x) }
-                    if !zeroA, let zb { n = min(n, zb.1 - x) }
-                    let pa = bufA.prefix(Int(n)), pb = bufB.prefix(Int(n))
+            let ra = try runs(a, name: first, from: pos, to: windowEnd)
+            let rb = try runs(b, name: second, from: pos, to: windowEnd)
+            var i = 0, j = 0
+            var x = pos
+            while x < windowEnd, i < ra.count, j < rb.count {
+                if ra[i].end <= x { i += 1; continue }
+                if rb[j].end <= x { j += 1; continue }
+                let segmentEnd = min(ra[i].end, rb[j].end)
+                if ra[i].zero && rb[j].zero {
+                    bar.advance(by: segmentEnd - x)
+                    x = segmentEnd
+                    continue
+                }
+                while x < segmentEnd {
+                    let n = Int(min(segmentEnd - x, chunk - x % chunk))
+                    let pa = bufA.prefix(n), pb = bufB.prefix(n)
                     try a.read(into: pa, at: x)
                     try b.read(into: pb, at: x)
                     if let d = DataScan.firstDifference(UnsafeRawBufferPointer(pa), UnsafeRawBufferPointer(pb)) {
-                        found = x + UInt64(d)
-                        return
+                        return x + UInt64(d)
                     }
-                    bar.advance(by: n)
-                    x += n
+                    bar.advance(by: UInt64(n))
+                    x += UInt64(n)
                 }
             }
             pos = windowEnd
         }
-        return found
+        return nil
     }
 
     /// First non-zero byte of `device` in `[start, size)`.

@@ -100,6 +100,8 @@ enum DataScan {
             for ext in extents {
                 let s = max(ext.offset, pos), e = min(ext.offset + ext.length, end)
                 guard e > s else { continue }
+                // A gap in the answer is treated as data that must be read.
+                if s > pos { try body(pos, s - pos, false) }
                 try body(s, e - s, ext.status.contains(.zero))
                 pos = e
                 advanced = true
