@@ -57,6 +57,26 @@ final class CreateResizeIOTests: ToolTestCase {
         XCTAssertEqual(try virtualSize("d.raw"), 1536 << 10)
     }
 
+    /// Shrinking an overlay and growing it again must not bring the backing file's bytes back
+    /// (qemu-img zero-fills the whole new area when the backing file reaches into it).
+    func testGrowingOverALongerBackingFileReadsZeroes() throws {
+        ok(try qemuImg("create", "-q", "-f", "qcow2", "long.qcow2", "8M"), "create backing")
+        ok(try qemuIO("-c", "write -P 1 0 8M", "long.qcow2"), "fill backing")
+        for tool in ["strata", "qemu"] {
+            let img = "\(tool).qcow2"
+            ok(try qemuImg("create", "-q", "-f", "qcow2", "-b", "long.qcow2", "-F", "qcow2", img), "create overlay")
+            let program = tool == "strata" ? Self.strataBinary! : Self.qemuImg!
+            ok(try run(program, ["resize", "--shrink", img, "4M"]), "\(tool) shrink")
+            ok(try run(program, ["resize", img, "10M"]), "\(tool) grow")
+        }
+        let verify = try qemuIO("-c", "read -P 1 0 4M", "-c", "read -P 0 4M 6M", "strata.qcow2")
+        XCTAssertEqual(verify.status, 0)
+        XCTAssertFalse(verify.stdout.contains("Pattern verification failed"), verify.stdout)
+        XCTAssertEqual(try qemuImg("map", "--output", "json", "strata.qcow2").stdout,
+                       try qemuImg("map", "--output", "json", "qemu.qcow2").stdout.replacingOccurrences(of: "qemu.qcow2", with: "strata.qcow2"))
+        XCTAssertEqual(try qemuImg("check", "strata.qcow2").status, 0)
+    }
+
     func testIOWritesWhatQemuIOReadsAndPrintsTheSameFirstLines() throws {
         ok(try qemuImg("create", "-q", "-f", "qcow2", "io.qcow2", "4M"), "create")
         let ours = ok(try strata("io", "-c", "write -P 0x5a 0 64k", "-c", "write 64k 512", "-c", "write -z -u 1M 128k",

@@ -133,7 +133,7 @@ class ToolTestCase: XCTestCase {
 
     func write(_ name: String, _ bytes: [UInt8], at offset: UInt64 = 0) throws {
         let url = dir.appendingPathComponent(name)
-        if !FileManager.default.fileExists(atPath: url.path) { FileManager.default.createFile(atPath: url.path, contents: nil) }
+        if !FileManager.default.fileExists(atPath: url.path) { _ = FileManager.default.createFile(atPath: url.path, contents: nil) }
         let h = try FileHandle(forWritingTo: url)
         defer { try? h.close() }
         try h.seek(toOffset: offset)
@@ -142,7 +142,7 @@ class ToolTestCase: XCTestCase {
 
     func truncate(_ name: String, to size: UInt64) throws {
         let url = dir.appendingPathComponent(name)
-        if !FileManager.default.fileExists(atPath: url.path) { FileManager.default.createFile(atPath: url.path, contents: nil) }
+        if !FileManager.default.fileExists(atPath: url.path) { _ = FileManager.default.createFile(atPath: url.path, contents: nil) }
         let h = try FileHandle(forWritingTo: url)
         defer { try? h.close() }
         try h.truncate(atOffset: size)
