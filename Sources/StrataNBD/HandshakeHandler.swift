@@ -16,13 +16,16 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private let pool: NIOThreadPool
     private let logger: Logger
     private let stats: ConnectionStats
+    private let timeLimit: TimeAmount
     private var timeout: Scheduled<Void>?
 
-    init(catalog: ExportCatalog, pool: NIOThreadPool, logger: Logger, stats: ConnectionStats) {
+    init(catalog: ExportCatalog, pool: NIOThreadPool, logger: Logger, stats: ConnectionStats,
+         timeout: TimeAmount = .seconds(NBDLimits.handshakeTimeoutSeconds)) {
         self.machine = HandshakeStateMachine(catalog: catalog)
         self.pool = pool
         self.logger = logger
         self.stats = stats
+        self.timeLimit = timeout
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -30,7 +33,7 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
         ReplyEncoder.writeGreeting(flags: HandshakeStateMachine.greetingFlags, into: &greeting)
         context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        timeout = context.eventLoop.scheduleTask(in: .seconds(NBDLimits.handshakeTimeoutSeconds)) {
+        timeout = context.eventLoop.scheduleTask(in: timeLimit) {
             let (handler, context) = loopBound.value
             handler.close(context: context, because: NBDProtocolError.handshakeTimeout)
         }

@@ -47,7 +47,8 @@ public enum NBDLimits {
     /// Extents per block status chunk. The protocol says servers should not send more than
     /// 2^20; we stop earlier and let the client ask again from where the reply ended.
     public static let maxBlockStatusExtents = 1 << 16
-    /// Seconds a connection may spend in the handshake before it is dropped.
+    /// Seconds a connection may spend in the handshake before it is dropped (the default of
+    /// ``NBDServer/Configuration/handshakeTimeout``).
     public static let handshakeTimeoutSeconds: Int64 = 30
 }
 
@@ -379,7 +380,7 @@ public enum NBDProtocolError: Error, Equatable, CustomStringConvertible {
     case badRequestMagic(UInt32)
     /// The connection ended in the middle of a message.
     case truncatedMessage(phase: String, bytesLeft: Int)
-    /// The handshake took longer than ``NBDLimits/handshakeTimeoutSeconds``.
+    /// The handshake took longer than the server allows.
     case handshakeTimeout
 
     public var description: String {
@@ -392,7 +393,7 @@ public enum NBDProtocolError: Error, Equatable, CustomStringConvertible {
         case .unknownExport(let n): return "NBD_OPT_EXPORT_NAME asked for unknown export '\(n)'"
         case .badRequestMagic(let m): return "bad request magic 0x\(String(m, radix: 16))"
         case .truncatedMessage(let p, let n): return "connection closed in the middle of a \(p) message (\(n) bytes buffered)"
-        case .handshakeTimeout: return "handshake not finished within \(NBDLimits.handshakeTimeoutSeconds) s"
+        case .handshakeTimeout: return "handshake not finished in time"
         }
     }
 }

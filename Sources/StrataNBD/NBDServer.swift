@@ -40,6 +40,8 @@ public final class NBDServer: Sendable {
         public var ioThreads = 16
         /// Event loop threads (sockets, framing, replies).
         public var eventLoopThreads = System.coreCount
+        /// How long a connection may take to finish the handshake before it is dropped.
+        public var handshakeTimeout = TimeAmount.seconds(NBDLimits.handshakeTimeoutSeconds)
 
         public init(address: Address = .tcp(host: "127.0.0.1", port: 10809)) {
             self.address = address
@@ -208,7 +210,8 @@ public final class NBDServer: Sendable {
         var connectionLogger = logger
         connectionLogger[metadataKey: "conn"] = "\(id)"
         connectionLogger.info("connection \(id) opened from \(peer)")
-        let handshake = HandshakeHandler(catalog: catalog, pool: pool, logger: connectionLogger, stats: stats)
+        let handshake = HandshakeHandler(catalog: catalog, pool: pool, logger: connectionLogger, stats: stats,
+                                         timeout: configuration.handshakeTimeout)
         try channel.pipeline.syncOperations.addHandler(handshake)
         channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
             connectionLogger.info("\(stats.summary)")

@@ -91,7 +91,8 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         while let request = try? decoder.decode(buffer: &buffer) {
             if request.header.type == .disconnect { break }
             stats.requests += 1
-            reject(request.header, NBDRejection(error: .shutdown, message: "server is shutting down"), context: context)
+            reject("\(request.header.type)", cookie: request.header.cookie,
+                   NBDRejection(error: .shutdown, message: "server is shutting down"), context: context)
         }
         beginDraining(context: context, reason: "server shutting down")
     }
@@ -153,7 +154,7 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         ])
         switch RequestValidator.validate(request, session: session) {
         case .failure(let rejection):
-            reject(h, rejection, context: context)
+            reject("\(h.type)", cookie: h.cookie, rejection, context: context)
         case .success(.disconnect):
             beginDraining(context: context, reason: nil)
         case .success(let command):
@@ -161,10 +162,10 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    private func reject(_ header: NBDRequestHeader, _ rejection: NBDRejection, context: ChannelHandlerContext) {
+    private func reject(_ command: String, cookie: UInt64, _ rejection: NBDRejection, context: ChannelHandlerContext) {
         stats.rejected += 1
-        logger.info("connection \(stats.id): refused \(header.type) (cookie \(header.cookie)) with \(rejection.error): \(rejection.message)")
-        let reply = session.export.errorReply(rejection.error, rejection.message, cookie: header.cookie, session: session)
+        logger.info("connection \(stats.id): refused \(command) (cookie \(cookie)) with \(rejection.error): \(rejection.message)")
+        let reply = session.export.errorReply(rejection.error, rejection.message, cookie: cookie, session: session)
         context.writeAndFlush(wrapOutboundOut(reply.bytes), promise: nil)
     }
 
@@ -189,7 +190,7 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 }
             case .failure:
                 // The pool stopped before running the request: only happens while shutting down.
-                self.reject(NBDRequestHeader(type: .read, cookie: cookie, offset: 0, length: 0),
+                self.reject(command.name, cookie: cookie,
                             NBDRejection(error: .shutdown, message: "server is shutting down"), context: context)
             }
             self.completed(context: context)

@@ -102,3 +102,45 @@ final class BackpressureTests: XCTestCase {
         try run(count: 60, size: 4 << 20, maxAccepted: NBDLimits.maxInFlightBytes + (12 << 20))
     }
 }
+
+/// Concurrency inside a connection and limits across connections.
+final class ConnectionLimitTests: XCTestCase {
+    /// A read sent after a stalled write is answered before it: requests run concurrently and
+    /// replies go out as they complete.
+    func testRepliesComeInCompletionOrder() throws {
+        let dir = try makeTempDir(self)
+        let device = FakeDevice(size: 1 << 20)
+        device.closeGate()
+        let server = try TestServer(dir: dir, catalog: ExportCatalog([Export(name: "gated", device: device)]))
+        let client = try Spawned(try Peer.path("python3"),
+                                 [Peer.helpersDirectory + "/connection_limits.py", "out-of-order", server.socket, "gated"],
+                                 stderrPath: "\(dir)/client.log")
+        let first = client.waitForLines(1, timeout: 10).first
+        device.openGate()
+        client.send("go")
+        XCTAssertEqual(client.waitForExit(), 0, "\(client.lines)\n\(client.stderr)")
+        XCTAssertEqual(first, "read answered first")
+        XCTAssertEqual(Array(device.contents[0..<4096]), [UInt8](repeating: 0x77, count: 4096))
+        try server.stop()
+    }
+
+    func testConnectionsPastTheLimitWaitForAFreeSlot() throws {
+        let dir = try makeTempDir(self)
+        try makeRaw("\(dir)/one.raw", size: 1 << 20)
+        let server = try TestServer(dir: dir, exports: [TestExport(name: "one", path: "\(dir)/one.raw")]) {
+            $0.maxConnections = 1
+        }
+        try Peer.python("connection_limits.py", ["max-connections", server.socket])
+        try Peer.expectSuccess("nbdinfo", ["--size", server.uri("one")])
+    }
+
+    func testSilentClientsAreDroppedAfterTheHandshakeTimeout() throws {
+        let dir = try makeTempDir(self)
+        try makeRaw("\(dir)/t.raw", size: 1 << 20)
+        let server = try TestServer(dir: dir, exports: [TestExport(name: "t", path: "\(dir)/t.raw")]) {
+            $0.handshakeTimeout = .seconds(1)
+        }
+        try Peer.python("connection_limits.py", ["handshake-timeout", server.socket, "1"])
+        try Peer.expectSuccess("nbdinfo", ["--size", server.uri("t")])
+    }
+}

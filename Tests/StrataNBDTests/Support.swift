@@ -135,22 +135,25 @@ final class TestServer {
     let socket: String
     private var stopped = false
 
-    convenience init(dir: String, exports: [TestExport], once: Bool = false) throws {
+    convenience init(dir: String, exports: [TestExport], once: Bool = false,
+                     configure: (inout NBDServer.Configuration) -> Void = { _ in }) throws {
         var opened: [Export] = []
         for e in exports {
             let device = try openImage(path: e.path, options: OpenOptions(writable: !e.readOnly))
             opened.append(Export(name: e.name, description: e.description, device: device, readOnly: e.readOnly,
                                  discard: e.discard))
         }
-        try self.init(dir: dir, catalog: ExportCatalog(opened), once: once)
+        try self.init(dir: dir, catalog: ExportCatalog(opened), once: once, configure: configure)
     }
 
-    init(dir: String, catalog: ExportCatalog, once: Bool = false) throws {
+    init(dir: String, catalog: ExportCatalog, once: Bool = false,
+         configure: (inout NBDServer.Configuration) -> Void = { _ in }) throws {
         socket = dir + "/nbd.sock"
         var config = NBDServer.Configuration(address: .unix(path: socket))
         config.once = once
         config.eventLoopThreads = 2
         config.ioThreads = 8
+        configure(&config)
         server = NBDServer(catalog: catalog, configuration: config, logger: testLogger())
         try server.start()
     }
