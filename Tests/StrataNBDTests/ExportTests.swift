@@ -38,7 +38,8 @@ struct Chunk: Equatable {
 
 /// The export's side of each command: which device calls it makes and the exact reply bytes.
 final class ExportTests: XCTestCase {
-    private let logger = testLogger()
+    private let logs = CapturedLogs()
+    private lazy var logger = logs.logger()
 
     private func perform(_ command: NBDCommand, on export: Export, structured: Bool = true,
                          contexts: [NBDMetaContext] = []) -> NBDReply {
@@ -103,6 +104,8 @@ final class ExportTests: XCTestCase {
         let message = String(decoding: chunks[0].payload[6...], as: UTF8.self)
         XCTAssertTrue(message.contains("READ"), message)
         XCTAssertFalse(message.contains("/img"), "host paths stay in the server log")
+        XCTAssertEqual(logs.lines, ["error READ failed on export 'd': /img: pread failed at offset 0: Input/output error (sent EIO)"],
+                       "the real cause is logged before the narrow code goes out")
 
         device.failure = .noSpace(path: "/img")
         var simple = perform(.write(offset: 0, data: ByteBuffer(bytes: [1]), fua: false), on: export, structured: false).bytes
@@ -218,5 +221,30 @@ final class ExportTests: XCTestCase {
         XCTAssertEqual(Export(name: "a", device: FakeDevice(size: 512, preferredBlockSize: 65536)).preferredBlockSize, 65536)
         XCTAssertEqual(Export(name: "b", device: FakeDevice(size: 512, preferredBlockSize: 1)).preferredBlockSize, 512)
         XCTAssertEqual(Export(name: "c", device: FakeDevice(size: 512, preferredBlockSize: 3000)).preferredBlockSize, 4096)
+    }
+
+    func testOneImageNamedTwiceIsOpenedOnce() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/shared.qcow2", size: "1M")
+        try FileManager.default.createSymbolicLink(atPath: "\(dir)/link.qcow2", withDestinationPath: "\(dir)/shared.qcow2")
+        // A second writable open would fail on the image lock; a shared device does not.
+        let catalog = try ExportCatalog.open([.init(name: "a", path: "\(dir)/shared.qcow2"),
+                                              .init(name: "b", path: "\(dir)/link.qcow2")],
+                                             options: OpenOptions(writable: true), discard: .unmap, description: nil)
+        XCTAssertTrue(catalog.exports[0].device === catalog.exports[1].device)
+        XCTAssertTrue(catalog.lookup("")?.name == "a", "the first export is the default")
+        XCTAssertNil(catalog.lookup("c"))
+        try catalog.exports[0].device.close()
+    }
+
+    func testAFailedOpenLeavesNoImageLocked() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/ok.qcow2", size: "1M")
+        XCTAssertThrowsError(try ExportCatalog.open([.init(name: "ok", path: "\(dir)/ok.qcow2"),
+                                                     .init(name: "missing", path: "\(dir)/missing.qcow2")],
+                                                    options: OpenOptions(writable: true), discard: .unmap, description: nil))
+        // The first image's lock was released: it opens again for writing.
+        let again = try openImage(path: "\(dir)/ok.qcow2", options: OpenOptions(writable: true))
+        try again.close()
     }
 }

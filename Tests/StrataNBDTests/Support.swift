@@ -129,6 +129,35 @@ struct TestExport {
     var description: String? = nil
 }
 
+/// A log handler that keeps messages in memory, so tests can check what was logged.
+final class CapturedLogs: @unchecked Sendable {
+    private let lock = NSLock()
+    private var _lines: [String] = []
+    var lines: [String] { lock.withLock { _lines } }
+    func append(_ line: String) { lock.withLock { _lines.append(line) } }
+
+    /// A logger writing into this capture.
+    func logger(level: Logger.Level = .trace) -> Logger {
+        var logger = Logger(label: "strata.nbd.capture") { _ in Handler(sink: self) }
+        logger.logLevel = level
+        return logger
+    }
+
+    struct Handler: LogHandler {
+        let sink: CapturedLogs
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .trace
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+        func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String,
+                 file: String, function: String, line: UInt) {
+            sink.append("\(level) \(message)")
+        }
+    }
+}
+
 /// An in-process NBD server on a Unix socket in its own directory, serving image files.
 final class TestServer {
     let server: NBDServer
