@@ -190,6 +190,23 @@ check(c.reply(OPT_ABORT)[0] == REP_ACK, "ABORT: ACK")
 check(c.closed_by_server(), "ABORT closes")
 print("ok: option errors", flush=True)
 
+# --- Requests pipelined right behind NBD_OPT_GO, in the same packet, are served.
+
+c = Conn()
+c.greeting()
+c.send(struct.pack(">QII", IHAVEOPT, OPT_GO, 4 + len(export) + 2) + struct.pack(">I", len(export)) + export + b"\0\0"
+       + struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, 31, 0, 16)
+       + struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_FLUSH, 32, 0, 0))
+while True:
+    rtype, _ = c.reply(OPT_GO)
+    if rtype == REP_ACK:
+        break
+check(c.simple_reply() == (31, 0) and len(c.recv(16)) == 16, "read sent with GO answered")
+check(c.simple_reply() == (32, 0), "flush sent with GO answered")
+c.request(CMD_DISC, 0)
+check(c.closed_by_server(), "closed after DISC")
+print("ok: requests pipelined behind GO", flush=True)
+
 # --- NBD_OPT_EXPORT_NAME, with and without the 124 zero bytes.
 
 for client_flags, zeroes in ((1, 124), (3, 0)):
