@@ -1,13 +1,6 @@
 import Logging
 import NIOCore
 
-/// Events the server sends down a connection's pipeline.
-public enum NBDServerEvent: Sendable {
-    /// The server is stopping: finish what is in flight, answer anything already received
-    /// with `NBD_ESHUTDOWN`, then close.
-    case shutdown
-}
-
 /// What one connection did, for the single log line written when it closes.
 /// Lives on the connection's event loop; only its handlers touch it.
 final class ConnectionStats {

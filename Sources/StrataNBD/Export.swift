@@ -247,15 +247,16 @@ extension Export {
     /// True when every byte of the range reads as zero (and, with `needAllocated`, none of it
     /// is a hole).
     private func alreadyZero(offset: UInt64, length: UInt64, needAllocated: Bool) throws -> Bool {
-        let extents = try device.blockStatus(at: offset, length: length)
-        var covered = offset
-        for e in extents {
-            guard e.offset <= covered else { return false }  // a gap: unknown, so not zero
-            guard e.status.contains(.zero), !(needAllocated && e.status.contains(.hole)) else { return false }
-            covered = max(covered, e.offset + e.length)
-            if covered >= offset + length { return true }
+        var zero = true
+        forEachPiece(of: try device.blockStatus(at: offset, length: length), offset: offset, length: length) { _, e in
+            // A gap is unknown content, so not zero.
+            guard let e, e.status.contains(.zero), !(needAllocated && e.status.contains(.hole)) else {
+                zero = false
+                return false
+            }
+            return true
         }
-        return false
+        return zero
     }
 
     /// One `NBD_REPLY_TYPE_BLOCK_STATUS` chunk per negotiated context, the last one marked done.
@@ -281,35 +282,51 @@ struct NBDReply: Sendable {
     var error: NBDErrno? = nil
 }
 
+/// Lays the engine's extents over the range `[offset, offset+length)`, calling `body` for
+/// each consecutive piece in order: the extent covering it, or nil for a gap the engine did not
+/// describe (including any tail). Pieces never fall outside the range and are never empty.
+/// `body` returns false to stop early.
+func forEachPiece(of extents: [BlockExtent], offset: UInt64, length: UInt64,
+                  _ body: (_ length: UInt64, _ extent: BlockExtent?) -> Bool) {
+    let end = offset + length
+    var cursor = offset
+    for e in extents where cursor < end {
+        let eEnd = e.offset &+ e.length
+        guard eEnd > cursor, e.length > 0 else { continue }
+        if e.offset > cursor {
+            let gap = min(e.offset, end) - cursor
+            guard body(gap, nil) else { return }
+            cursor += gap
+            if cursor == end { return }
+        }
+        let piece = min(eEnd, end) - cursor
+        guard body(piece, e) else { return }
+        cursor += piece
+    }
+    if cursor < end { _ = body(end - cursor, nil) }
+}
+
 /// A piece of a structured read: data to send, or a run that reads as zeroes.
 struct ContentRun: Equatable {
     var offset: UInt64
     var length: UInt64
     var isZero: Bool
 
-    /// Lays the image's extents over `[offset, offset+length)`: neighbours of the same kind
-    /// merge, gaps and anything not known to be zero count as data, and nothing falls outside
-    /// the request.
+    /// The runs of a read: neighbours of the same kind merge, and gaps or anything not known
+    /// to read as zeroes count as data.
     static func plan(_ extents: [BlockExtent], offset: UInt64, length: UInt64) -> [ContentRun] {
-        let end = offset + length
         var runs: [ContentRun] = []
         var cursor = offset
-        func add(_ len: UInt64, zero: Bool) {
-            guard len > 0 else { return }
+        forEachPiece(of: extents, offset: offset, length: length) { len, extent in
+            let zero = extent?.status.contains(.zero) ?? false
             if let last = runs.last, last.isZero == zero {
                 runs[runs.count - 1].length += len
             } else {
                 runs.append(ContentRun(offset: cursor, length: len, isZero: zero))
             }
             cursor += len
+            return true
         }
-        for e in extents where cursor < end {
-            let eEnd = e.offset &+ e.length
-            guard eEnd > cursor, e.length > 0 else { continue }
-            if e.offset > cursor { add(min(e.offset, end) - cursor, zero: false) }
-            add(min(eEnd, end) - cursor, zero: e.status.contains(.zero))
-        }
-        if cursor < end { add(end - cursor, zero: false) }
         return runs
     }
 }
@@ -319,8 +336,10 @@ struct BlockStatusDescriptor: Equatable {
     var length: UInt32
     var flags: UInt32
 
-    /// The flags `context` defines for an extent.
-    static func flags(of extent: BlockExtent, in context: NBDMetaContext) -> UInt32 {
+    /// The flags `context` defines for an extent; 0 ("allocated, contents unknown", always
+    /// safe) where the engine said nothing.
+    static func flags(of extent: BlockExtent?, in context: NBDMetaContext) -> UInt32 {
+        guard let extent else { return 0 }
         switch context {
         case .baseAllocation: return UInt32(extent.status.intersection([.hole, .zero]).rawValue)
         case .allocationDepth: return extent.depth
@@ -329,31 +348,21 @@ struct BlockStatusDescriptor: Equatable {
 
     /// The descriptors for one context: contiguous from `offset`, neighbours with equal flags
     /// merged, cut at the end of the request, at most ``NBDLimits/maxBlockStatusExtents``
-    /// (or one, with `NBD_CMD_FLAG_REQ_ONE`). A gap in the engine's answer is reported as
-    /// status 0 ("allocated, contents unknown"), which is always safe. Never empty.
+    /// (or one, with `NBD_CMD_FLAG_REQ_ONE`). Never empty.
     static func plan(_ extents: [BlockExtent], context: NBDMetaContext, offset: UInt64, length: UInt64,
                      requestOne: Bool) -> [BlockStatusDescriptor] {
-        let end = offset + length
         let limit = requestOne ? 1 : NBDLimits.maxBlockStatusExtents
         var out: [BlockStatusDescriptor] = []
-        var cursor = offset
-        func add(_ len: UInt64, _ flags: UInt32) {
-            guard len > 0 else { return }
+        forEachPiece(of: extents, offset: offset, length: length) { len, extent in
+            let flags = flags(of: extent, in: context)
             if let last = out.last, last.flags == flags {
                 out[out.count - 1].length += UInt32(len)
             } else {
-                guard out.count < limit else { cursor = end; return }
+                guard out.count < limit else { return false }
                 out.append(BlockStatusDescriptor(length: UInt32(len), flags: flags))
             }
-            cursor += len
+            return true
         }
-        for e in extents where cursor < end {
-            let eEnd = e.offset &+ e.length
-            guard eEnd > cursor, e.length > 0 else { continue }
-            if e.offset > cursor { add(min(e.offset, end) - cursor, 0) }
-            add(min(eEnd, end) - cursor, flags(of: e, in: context))
-        }
-        if out.isEmpty { out.append(BlockStatusDescriptor(length: UInt32(length), flags: 0)) }
         return out
     }
 }

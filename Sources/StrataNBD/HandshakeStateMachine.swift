@@ -1,7 +1,7 @@
 import NIOCore
 
 /// What the handshake settled, carried into the transmission phase.
-public struct NBDSession: Sendable {
+public struct NBDSession: Sendable, Equatable {
     /// The export the client chose.
     public let export: Export
     /// Whether the client negotiated `NBD_OPT_STRUCTURED_REPLY`.
@@ -16,6 +16,11 @@ public struct NBDSession: Sendable {
         self.export = export
         self.structuredReplies = structuredReplies
         self.metaContexts = metaContexts
+    }
+
+    /// Sessions are equal when they serve the same export object with the same settings.
+    public static func == (a: NBDSession, b: NBDSession) -> Bool {
+        a.export === b.export && a.structuredReplies == b.structuredReplies && a.metaContexts == b.metaContexts
     }
 }
 
@@ -42,20 +47,6 @@ struct HandshakeStateMachine {
         case enterTransmissionAfterExportName(NBDSession, zeroes: Bool)
         /// The client broke the protocol: drop the connection.
         case close(NBDProtocolError)
-
-        static func == (a: Action, b: Action) -> Bool {
-            switch (a, b) {
-            case (.none, .none): return true
-            case (.send(let x), .send(let y)), (.sendAndClose(let x), .sendAndClose(let y)): return x == y
-            case (.enterTransmission(let s, let x), .enterTransmission(let t, let y)):
-                return s.export === t.export && s.structuredReplies == t.structuredReplies
-                    && s.metaContexts == t.metaContexts && x == y
-            case (.enterTransmissionAfterExportName(let s, let x), .enterTransmissionAfterExportName(let t, let y)):
-                return s.export === t.export && s.structuredReplies == t.structuredReplies && x == y
-            case (.close(let x), .close(let y)): return x == y
-            default: return false
-            }
-        }
     }
 
     private enum State {

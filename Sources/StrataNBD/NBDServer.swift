@@ -22,9 +22,17 @@ import Synchronization
 ///    lock released); the event loops stop; the Unix socket file is removed.
 public final class NBDServer: Sendable {
     /// Where to listen.
-    public enum Address: Sendable, Equatable {
+    public enum Address: Sendable, Equatable, CustomStringConvertible {
         case unix(path: String)
         case tcp(host: String, port: Int)
+
+        /// `PATH`, `HOST:PORT` or `[V6HOST]:PORT`.
+        public var description: String {
+            switch self {
+            case .unix(let path): return path
+            case .tcp(let host, let port): return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+            }
+        }
     }
 
     /// Server settings.
@@ -113,7 +121,7 @@ public final class NBDServer: Sendable {
         boundAddress.withLock { $0 = channel.localAddress }
         connections.withLock { $0.serverChannel = channel }
         channel.closeFuture.whenComplete { [self] _ in checkDrained() }
-        logger.info("listening on \(describe(configuration.address, bound: channel.localAddress)), exports: \(catalog.exports.map { "'\($0.name)'" }.joined(separator: ", "))")
+        logger.info("listening on \(boundDescription), exports: \(catalog.exports.map { "'\($0.name)'" }.joined(separator: ", "))")
     }
 
     /// The NBD URIs clients can use, one per export (the first export is also the default,
@@ -250,10 +258,11 @@ public final class NBDServer: Sendable {
 
     // MARK: URIs
 
-    private func describe(_ address: Address, bound: SocketAddress?) -> String {
-        switch address {
-        case .unix(let path): return "unix socket \(path)"
-        case .tcp(let host, let port): return "tcp \(host):\(bound?.port ?? port)"
+    /// The address as bound (the real port when 0 was asked for).
+    private var boundDescription: String {
+        switch configuration.address {
+        case .unix: return "unix socket \(configuration.address)"
+        case .tcp(let host, let port): return "tcp \(Address.tcp(host: host, port: localAddress?.port ?? port))"
         }
     }
 
@@ -281,4 +290,11 @@ public final class NBDServer: Sendable {
         }
         return out
     }
+}
+
+/// Events the server sends down a connection's pipeline.
+public enum NBDServerEvent: Sendable {
+    /// The server is stopping: finish what is in flight, answer anything already received
+    /// with `NBD_ESHUTDOWN`, then close.
+    case shutdown
 }

@@ -184,7 +184,7 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
             self.inFlightBytes -= bytes
             switch result {
             case .success(let reply):
-                self.count(command, reply: reply)
+                self.record(command, reply: reply)
                 if case .closed = self.state {} else {
                     context.writeAndFlush(self.wrapOutboundOut(reply.bytes), promise: nil)
                 }
@@ -197,7 +197,7 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    private func count(_ command: NBDCommand, reply: NBDReply) {
+    private func record(_ command: NBDCommand, reply: NBDReply) {
         if reply.error != nil {
             stats.failed += 1
             return

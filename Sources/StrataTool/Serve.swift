@@ -110,13 +110,6 @@ struct Serve: ParsableCommand {
         return String(base[..<dot])
     }
 
-    static func describe(_ address: NBDServer.Address) -> String {
-        switch address {
-        case .unix(let path): return path
-        case .tcp(let host, let port): return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
-        }
-    }
-
     func run() throws {
         var logger = Logger(label: "strata.serve", factory: { StreamLogHandler.standardError(label: $0) })
         logger.logLevel = verbose ? .trace : .info
@@ -141,7 +134,7 @@ struct Serve: ParsableCommand {
         } catch {
             for export in catalog.exports { try? export.device.close() }
             fflush(stdout)
-            fputs("strata: cannot listen on \(Self.describe(config.address)): \(error)\n", stderr)
+            fputs("strata: cannot listen on \(config.address): \(error)\n", stderr)
             throw ExitCode.failure
         }
         server.installSignalHandlers()
