@@ -74,8 +74,8 @@ public final class NBDServer: Sendable {
     private let group: MultiThreadedEventLoopGroup
     private let pool: NIOThreadPool
     private let connections = Mutex(Connections())
-    /// Fulfilled once the listener is closed and every connection is gone.
-    private let drained: EventLoopPromise<Void>
+    /// Signalled once the listener is closed and every connection is gone.
+    private let drained = DispatchSemaphore(value: 0)
     private let boundAddress = Mutex<SocketAddress?>(nil)
     private let signalSources = Mutex<[DispatchSourceSignal]>([])
 
@@ -86,7 +86,6 @@ public final class NBDServer: Sendable {
         self.logger = logger
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopThreads))
         self.pool = NIOThreadPool(numberOfThreads: max(1, configuration.ioThreads))
-        self.drained = group.next().makePromise(of: Void.self)
     }
 
     /// The address actually bound (with the real port when 0 was asked for).
@@ -150,7 +149,7 @@ public final class NBDServer: Sendable {
     /// closes every image, stops the event loops, removes the Unix socket. Throws the first
     /// error from closing an image (each one is logged).
     public func wait() throws {
-        try drained.futureResult.wait()
+        drained.wait()
         try? pool.syncShutdownGracefully()
         var firstError: Error?
         var closed = Set<ObjectIdentifier>()
@@ -253,7 +252,7 @@ public final class NBDServer: Sendable {
             c.drainedSignalled = true
             return true
         }
-        if done { drained.succeed(()) }
+        if done { drained.signal() }
     }
 
     // MARK: URIs

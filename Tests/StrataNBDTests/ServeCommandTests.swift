@@ -214,5 +214,18 @@ final class ServeCommandTests: XCTestCase {
         XCTAssertNotEqual(second.status, 0)
         XCTAssertTrue(second.err.contains("lock"), second.err)
         XCTAssertEqual(first.stop(), 0, first.stderr)
+
+        // A port already taken: a one-line error and status 1, and the image is released.
+        try makeRaw("\(dir)/p.raw", size: 1 << 20)
+        let holder = try serve(dir, ["--port", "0", "\(dir)/p.raw"])
+        let uri = try XCTUnwrap(holder.waitForLines(1).first, holder.stderr)
+        let port = try XCTUnwrap(uri.split(separator: ":").last?.split(separator: "/").first.map(String.init))
+        let busy = try Peer.run(strata, ["serve", "--port", port, "\(dir)/a.qcow2"], timeout: 20,
+                                environment: ["SWIFT_BACKTRACE": "enable=no"])
+        XCTAssertEqual(busy.status, 1, busy.transcript)
+        XCTAssertTrue(busy.err.hasPrefix("strata: cannot listen on 127.0.0.1:\(port)"), busy.err)
+        XCTAssertEqual(busy.err.split(separator: "\n").count, 1, "one line:\n\(busy.err)")
+        XCTAssertEqual(holder.stop(), 0, holder.stderr)
+        try Peer.expectSuccess("qemu-img", ["check", "\(dir)/a.qcow2"])
     }
 }
