@@ -38,11 +38,18 @@ build() {
     mkdir -p "$HERE/bin"
     for target in "${ALL_TARGETS[@]}"; do
         local module; module=$(module_of "$target")
-        # Every object SwiftPM built, except the other fuzz targets' (each defines the entry point).
-        local objects=()
-        while IFS= read -r -d '' o; do objects+=("$o"); done < <(
-            find "$out" -path "$out/Fuzz*.build" -prune -o -path '*.build/*.o' -print0
-            find "$out/$module.build" -name '*.o' -print0)
+        # Every object SwiftPM built, except the other fuzz targets' (each defines the entry
+        # point). A Swift target's objects are named after its current source list (objects of
+        # files since deleted or renamed stay behind in the folder); a C target's are globbed.
+        local objects=() dir
+        for dir in "$out"/*.build; do
+            case $(basename "$dir") in Fuzz*) [[ $(basename "$dir") == "$module.build" ]] || continue ;; esac
+            if [[ -f "$dir/sources" ]]; then
+                while IFS= read -r src; do objects+=("$dir/$(basename "$src").o"); done < "$dir/sources"
+            else
+                while IFS= read -r -d '' o; do objects+=("$o"); done < <(find "$dir" -maxdepth 1 -name '*.o' -print0)
+            fi
+        done
         echo "run.sh: linking bin/$target (${#objects[@]} objects)" >&2
         # (gold warns once per ASan helper symbol that it "cannot export local symbol": noise.)
         swiftc -sanitize=fuzzer,address "${objects[@]}" -lz -llz4 -lzstd -o "$HERE/bin/$target" \
