@@ -71,9 +71,10 @@ public final class FileStorage: BlockStorage {
         self.name = path
     }
 
-    /// Creates a file (truncating an existing one).
+    /// Opens a file for writing, creating it if missing. An existing file keeps its contents:
+    /// the caller truncates it once it holds the image lock.
     public init(creating path: String) throws {
-        let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         if fd < 0 { throw StrataError.openFailed(path: path, errno: errno) }
         self.fd = fd
         self.name = path
@@ -130,7 +131,7 @@ public final class MemoryStorage: BlockStorage {
                 throw SystemCallError(op: "pwrite", errno: EFBIG, offset: offset)
             }
             let end = Int(offset) + buffer.count
-            if end > b.count { b.append(contentsOf: repeatElement(0, count: end - b.count)) }
+            if end > b.count { b.append(contentsOf: [UInt8](repeating: 0, count: end - b.count)) }
             if buffer.count > 0 { b.withUnsafeMutableBytes { ($0.baseAddress! + Int(offset)).copyMemory(from: buffer.baseAddress!, byteCount: buffer.count) } }
         }
     }
@@ -139,14 +140,14 @@ public final class MemoryStorage: BlockStorage {
     public func setLength(_ length: UInt64) throws {
         guard length <= Limits.maxMemoryStorage else { throw SystemCallError(op: "ftruncate", errno: EFBIG, offset: length) }
         bytes.withLock { b in
-            if Int(length) < b.count { b.removeLast(b.count - Int(length)) } else { b.append(contentsOf: repeatElement(0, count: Int(length) - b.count)) }
+            if Int(length) < b.count { b.removeLast(b.count - Int(length)) } else { b.append(contentsOf: [UInt8](repeating: 0, count: Int(length) - b.count)) }
         }
     }
     public func punchHole(at offset: UInt64, length: UInt64) throws {
         bytes.withLock { b in
             let s = Int(clamping: min(offset, UInt64(b.count)))
             let e = Int(clamping: min(offset &+ length, UInt64(b.count)))
-            if s < e { for i in s..<e { b[i] = 0 } }
+            if s < e { b.withUnsafeMutableBytes { _ = memset($0.baseAddress! + s, 0, e - s) } }
         }
     }
 }

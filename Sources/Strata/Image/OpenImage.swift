@@ -33,6 +33,10 @@ public struct OpenOptions: Sendable {
     /// Bytes of refcount blocks kept in memory; nil = a quarter of the L2 cache, at least 4 clusters.
     public var refcountCacheBytes: Int?
 
+    /// Open the image alone, without its backing chain (reads of unallocated ranges then
+    /// return zeroes); for inspecting an image whose backing file is missing.
+    public var noBacking: Bool = false
+
     public init(writable: Bool = false, format: ImageFormat? = nil, cache: CacheMode = .writeback,
                 forceShare: Bool = false, backingFormat: ImageFormat? = nil,
                 l2CacheBytes: Int? = nil, refcountCacheBytes: Int? = nil) {

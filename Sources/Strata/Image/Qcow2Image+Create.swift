@@ -27,6 +27,10 @@ extension Qcow2Image {
     public static func create(path: String, options: CreateOptions) throws {
         let storage = try FileStorage(creating: path)
         defer { storage.close() }
+        // Never truncate an image another process (qemu-nbd, QEMU, strata serve) has open.
+        let lock = try ImageLock(file: storage, writable: true)
+        _ = consume lock
+        do { try storage.setLength(0) } catch let e as SystemCallError { throw StrataError.io(path: path, e) }
         try create(storage: storage, path: path, options: options)
     }
 
@@ -151,9 +155,11 @@ extension Qcow2Image {
             try shrink(to: newSize)
         } else if newSize > oldSize {
             try grow(to: newSize)
-            // Bytes of the old last cluster past the old end may hold stale data: zero them.
-            let tail = min(alignUp(oldSize, clusterSize), newSize)
-            if tail > oldSize { try writeZeroes(at: oldSize, length: tail - oldSize, mayUnmap: false, fua: false) }
+            // The new area reads as zeroes, like QEMU's: bytes of the old last cluster past the
+            // old end may hold stale data, and a longer backing file must not show through.
+            var zeroEnd = min(alignUp(oldSize, clusterSize), newSize)
+            if let backing { zeroEnd = max(zeroEnd, min(newSize, backing.size)) }
+            if zeroEnd > oldSize { try writeZeroes(at: oldSize, length: zeroEnd - oldSize, mayUnmap: false, fua: false) }
         }
         try flushNow()
     }

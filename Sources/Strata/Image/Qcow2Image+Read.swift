@@ -2,7 +2,7 @@
 enum Source: Equatable {
     /// Uncompressed data at this host offset.
     case data(UInt64)
-    /// Zeroes; `preallocated` when the entry keeps a host cluster.
+    /// Zeroes; `preallocated` is the host offset (of this byte) when the entry keeps a host cluster, else 0.
     case zero(preallocated: UInt64)
     /// Not in this image: the backing file, or zeroes.
     case backing
@@ -38,13 +38,13 @@ extension Qcow2Image {
             case 1:
                 try md.checkHost(host, "L2 entry for guest offset \(g << clusterBits)")
                 source = .data(host + inCluster)
-            case 2: source = .zero(preallocated: host)
+            case 2: source = .zero(preallocated: host != 0 ? host + inCluster : 0)
             default: source = .backing
             }
         } else {
             switch e.mapping(clusterBits: md.header.clusterBits, extended: false) {
             case .unallocated: source = .backing
-            case .zero(let host): source = .zero(preallocated: host)
+            case .zero(let host): source = .zero(preallocated: host != 0 ? host + inCluster : 0)
             case .data(let host, _):
                 try md.checkHost(host, "L2 entry for guest offset \(g << clusterBits)")
                 source = .data(host + inCluster)
@@ -64,7 +64,8 @@ extension Qcow2Image {
             let (next, n) = try segment(guest + length, limit: limit - length)
             switch (source, next) {
             case (.data(let a), .data(let b)) where b == a + length: break
-            case (.zero, .zero), (.backing, .backing): break
+            case (.zero(let a), .zero(let b)) where (a == 0 && b == 0) || (a != 0 && b == a + length): break
+            case (.backing, .backing): break
             default: return (source, length)
             }
             length += n
@@ -165,7 +166,7 @@ extension Qcow2Image {
                 add(BlockExtent(offset: guest, length: n, status: [], depth: 1, hostOffset: host))
             case .zero(let pre):
                 add(BlockExtent(offset: guest, length: n, status: pre != 0 ? [.zero] : [.hole, .zero], depth: 1,
-                                hostOffset: pre != 0 ? pre + (guest & (clusterSize - 1)) : nil))
+                                hostOffset: pre != 0 ? pre : nil))
             case .compressed:
                 add(BlockExtent(offset: guest, length: n, status: [], depth: 1, compressed: true))
             case .backing:

@@ -104,10 +104,14 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
                 backingFormat = fmt
             } else if let f = options.backingFormat {
                 backingFormat = f
+            } else if options.noBacking {
+                backingFormat = nil
             } else {
                 throw StrataError.backingFormatUnknown(path: path, backing: name)
             }
-            backing = try BackingChain.open(resolved, format: backingFormat!, chain: chain + [path], options: options)
+            if !options.noBacking {
+                backing = try BackingChain.open(resolved, format: backingFormat!, chain: chain + [path], options: options)
+            }
         }
 
         // L1 and refcount tables (sizes were bounded by the header decoder).

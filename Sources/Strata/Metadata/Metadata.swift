@@ -81,8 +81,12 @@ final class Metadata {
 
     // MARK: L2 tables
 
-    private func loadTable(_ offset: UInt64, into cache: inout TableCache) throws -> Table {
+    /// A table from the cache, read on a miss after checking that it lies inside the file
+    /// and clear of the header and the L1/refcount tables (which it will be written over).
+    private func loadTable(_ offset: UInt64, into cache: inout TableCache, what: @autoclosure () -> String) throws -> Table {
         if let t = cache.get(offset) { return t }
+        try checkHost(offset, what())
+        try checkOverlap(offset, clusterSize)
         let t = Table(offset: offset, size: Int(clusterSize))
         _ = try io { try storage.read(into: t.buf, at: offset) }
         cache.insert(t)
@@ -95,8 +99,7 @@ final class Metadata {
         if e.hasReservedBits { throw corrupt("L1 entry \(i) has reserved bits set (0x\(String(e.raw, radix: 16)))") }
         let off = e.l2Offset
         if off == 0 { return nil }
-        try checkHost(off, "L1 entry \(i)")
-        return try loadTable(off, into: &l2Cache)
+        return try loadTable(off, into: &l2Cache, what: "L1 entry \(i)")
     }
 
     /// The L2 table for L1 index `i`, allocated or copied so it may be modified
@@ -186,8 +189,7 @@ final class Metadata {
         guard ti < UInt64(refTable.count) else { return 0 }
         let off = refTable[Int(ti)] & ~UInt64(511)
         if off == 0 { return 0 }
-        try checkHost(off, "refcount table entry \(ti)")
-        let b = try loadTable(off, into: &refCache)
+        let b = try loadTable(off, into: &refCache, what: "refcount table entry \(ti)")
         return RefcountCodec.get(UnsafeRawBufferPointer(b.buf), index: Int(c % refBlockEntries), order: refOrder)
     }
 
@@ -197,7 +199,7 @@ final class Metadata {
         guard ti < refTable.count, refTable[ti] != 0 else {
             throw corrupt("no refcount block covers host cluster \(c)")
         }
-        let b = try loadTable(refTable[ti] & ~UInt64(511), into: &refCache)
+        let b = try loadTable(refTable[ti] & ~UInt64(511), into: &refCache, what: "refcount table entry \(ti)")
         RefcountCodec.set(b.buf, index: Int(c % refBlockEntries), order: refOrder, value: v)
         refCache.markDirty(b)
     }
