@@ -118,4 +118,41 @@ final class EngineInteropTests: XCTestCase {
             }
         }
     }
+
+    /// raw base ← qcow2 (relative backing name) ← qcow2 ← qcow2: each layer written by qemu-io;
+    /// strata reads the top like qemu-img does, then writes through the chain.
+    func testDeepChainWithRawBase() throws {
+        try requireTool("qemu-io", package: "qemu-utils")
+        let dir = try tempDir(self)
+        let base = "\(dir)/base.raw"
+        XCTAssertEqual(try runTool(["qemu-img", "create", "-q", "-f", "raw", base, "6M"]).status, 0)
+        XCTAssertEqual(try runTool(["qemu-io", "-f", "raw", base, "-c", "write -P 1 0 6M"]).status, 0)
+        var below = (path: base, fmt: "raw")
+        var rng = SeededRandom(seed: 5)
+        for (n, cs) in ["2M", "4k", "64k"].enumerated() {
+            let path = "\(dir)/layer\(n).qcow2"
+            // Relative backing names resolve against the overlay's folder.
+            let name = (below.path as NSString).lastPathComponent
+            let size = n == 2 ? "8M" : "6M"  // the top is larger than its backing
+            let r = try runTool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=\(cs)", "-b", name, "-F", below.fmt, path, size])
+            XCTAssertEqual(r.status, 0, r.err)
+            var cmds: [String] = []
+            for i in 0..<(n == 0 ? 2 : 12) {
+                let off = rng.next() % (6 << 20 - 100_000), len = rng.next() % 30_000 + 1
+                cmds += ["-c", i % 5 == 4 ? "write -z \(off) \(len)" : "write -P \(n * 50 + i + 2) \(off) \(len)"]
+            }
+            XCTAssertEqual(try runTool(["qemu-io", "-f", "qcow2", path] + cmds).status, 0)
+            below = (path, "qcow2")
+        }
+        let top = below.path
+        let img = try Qcow2Image(path: top, options: OpenOptions(writable: true))
+        XCTAssertEqual(try readAll(img), try qemuRaw(top, dir: dir), "strata reads a 3-deep chain like qemu-img")
+        let depths = Set(try img.blockStatus(at: 0, length: img.size).map(\.depth))
+        XCTAssertEqual(depths, [0, 1, 2, 3, 4], "allocation depth covers every layer and the hole past the base")
+        var model = try readAll(img)
+        try randomOps(img, model: &model, seed: 11, count: 200, cs: 65536)
+        try img.close()
+        try assertQemuCheckClean(top)
+        XCTAssertEqual(try qemuRaw(top, dir: dir), model)
+    }
 }

@@ -79,7 +79,8 @@ public final class RawImage: BlockDevice {
     }
 }
 
-/// Allocation status of a raw file via SEEK_DATA/SEEK_HOLE.
+/// Allocation status of a raw file via SEEK_DATA/SEEK_HOLE. Every byte of a raw file belongs
+/// to it (depth 1, like QEMU's raw driver); file holes read as zero.
 enum RawExtents {
     static func scan(_ storage: any BlockStorage, offset: UInt64, length: UInt64) throws -> [BlockExtent] {
         let end = offset + length
@@ -92,12 +93,12 @@ enum RawExtents {
             let data = lseek(file.fd, off_t(pos), SEEK_DATA_WHENCE)
             if data < 0 {
                 // ENXIO: no data from here on; anything else: say "data" to be safe.
-                if errno == ENXIO { out.append(BlockExtent(offset: pos, length: end - pos, status: [.hole, .zero], depth: 0)); break }
+                if errno == ENXIO { out.append(BlockExtent(offset: pos, length: end - pos, status: [.hole, .zero], depth: 1, hostOffset: pos)); break }
                 out.append(BlockExtent(offset: pos, length: end - pos, status: [], depth: 1, hostOffset: pos)); break
             }
             let dataStart = min(UInt64(data), end)
             if dataStart > pos {
-                out.append(BlockExtent(offset: pos, length: dataStart - pos, status: [.hole, .zero], depth: 0))
+                out.append(BlockExtent(offset: pos, length: dataStart - pos, status: [.hole, .zero], depth: 1, hostOffset: pos))
                 pos = dataStart
                 continue
             }
