@@ -45,9 +45,10 @@ build() {
         for dir in "$out"/*.build; do
             case $(basename "$dir") in Fuzz*) [[ $(basename "$dir") == "$module.build" ]] || continue ;; esac
             if [[ -f "$dir/sources" ]]; then
-                while IFS= read -r src; do objects+=("$dir/$(basename "$src").o"); done < "$dir/sources"
+                # (a path with spaces is written in single quotes)
+                while IFS= read -r src; do src=${src#\'}; src=${src%\'}; objects+=("$dir/$(basename "$src").o"); done < "$dir/sources"
             else
-                while IFS= read -r -d '' o; do objects+=("$o"); done < <(find "$dir" -maxdepth 1 -name '*.o' -print0)
+                while IFS= read -r -d '' o; do objects+=("$o"); done < <(find "$dir" -name '*.o' -print0)
             fi
         done
         echo "run.sh: linking bin/$target (${#objects[@]} objects)" >&2
