@@ -74,23 +74,24 @@ extension Qcow2Image {
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        var pos = 0
+        // One lock acquisition per run of same-source bytes (one for a typical request), and
+        // none held during the data I/O.
         lock.lock()
         do { try checkRange(offset, UInt64(buffer.count), write: false) } catch { lock.unlock(); throw error }
         let token = beginIO()
-        lock.unlock()
         defer { endIO(token) }
+        var pos = 0
         while pos < buffer.count {
             let guest = offset + UInt64(pos)
-            lock.lock()
             let r: (Source, UInt64)
             do { r = try run(guest, limit: UInt64(buffer.count - pos)) } catch { lock.unlock(); throw error }
             lock.unlock()
             let (source, n) = r
-            let out = UnsafeMutableRawBufferPointer(rebasing: buffer[pos..<pos + Int(n)])
-            try readSource(source, guest: guest, into: out)
+            try readSource(source, guest: guest, into: UnsafeMutableRawBufferPointer(rebasing: buffer[pos..<pos + Int(n)]))
             pos += Int(n)
+            if pos < buffer.count { lock.lock() }
         }
+        if buffer.isEmpty { lock.unlock() }
     }
 
     /// Fills `out` with the bytes a read at `guest` returns, given their source.

@@ -63,9 +63,10 @@ final class Metadata {
     }
 
     /// A host cluster offset read from a table must be aligned and inside the file.
-    func checkHost(_ host: UInt64, _ what: String) throws {
+    @inline(__always)
+    func checkHost(_ host: UInt64, _ what: @autoclosure () -> String) throws {
         guard host % clusterSize == 0, host != 0, host / clusterSize < hostEnd else {
-            throw corrupt("\(what) points to host offset \(host), which is \(host % clusterSize != 0 ? "not cluster aligned" : "past the end of the file")")
+            throw corrupt("\(what()) points to host offset \(host), which is \(host % clusterSize != 0 ? "not cluster aligned" : "past the end of the file")")
         }
     }
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Strata needs, skipping those already present.
+# Usage: scripts/deps.sh [build|test]   (build: libraries to compile; test: + QEMU and NBD clients)
+set -euo pipefail
+want=(liblz4-dev libzstd-dev zlib1g-dev pkg-config)
+if [ "${1:-test}" = test ]; then
+  want+=(qemu-utils libnbd-bin python3-libnbd fio nbdkit)
+fi
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "Installing: ${missing[*]}" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+# The Swift toolchain lives in /opt/swift on our machines.
+if ! command -v swift >/dev/null && [ -x /opt/swift/usr/bin/swift ]; then
+  echo "export PATH=\"/opt/swift/usr/bin:\$PATH\""
+fi
