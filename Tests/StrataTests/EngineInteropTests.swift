@@ -155,4 +155,25 @@ final class EngineInteropTests: XCTestCase {
         try assertQemuCheckClean(top)
         XCTAssertEqual(try qemuRaw(top, dir: dir), model)
     }
+
+    /// cache=none: aligned guest data bypasses the page cache through an O_DIRECT descriptor.
+    func testCacheNoneUsesDirectIO() throws {
+        let dir = try tempDir(self)
+        let path = "\(dir)/direct.qcow2"
+        try Qcow2Image.create(path: path, options: CreateOptions(size: 16 << 20))
+        let img = try Qcow2Image(path: path, options: OpenOptions(writable: true, cache: .none))
+        XCTAssertGreaterThanOrEqual((img.storage as! FileStorage).directFD, 0)
+        // Aligned buffers take the direct descriptor; unaligned ones the buffered one.
+        let aligned = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { aligned.deallocate() }
+        aligned.initializeMemory(as: UInt8.self, repeating: 0x3c)
+        try img.write(UnsafeRawBufferPointer(aligned), at: 1 << 20, fua: false)
+        var model = [UInt8](repeating: 0, count: 16 << 20)
+        for i in (1 << 20)..<(2 << 20) { model[i] = 0x3c }
+        try randomOps(img, model: &model, seed: 21, count: 150, cs: 65536)
+        XCTAssertEqual(try readAll(img), model)
+        try img.close()
+        try assertQemuCheckClean(path)
+        XCTAssertEqual(try qemuRaw(path, dir: dir), model)
+    }
 }

@@ -43,8 +43,7 @@ extension BlockStorage {
 /// How a file is opened.
 public struct OpenMode: Sendable, Equatable {
     public var writable: Bool
-    /// Bypass the host page cache (O_DIRECT). Buffers and offsets must then be aligned,
-    /// which the engine guarantees only for cluster-aligned data I/O; use with care.
+    /// Bypass the host page cache (O_DIRECT) for aligned transfers (see ``FileStorage``).
     public var direct: Bool = false
     public init(writable: Bool, direct: Bool = false) {
         self.writable = writable
@@ -55,20 +54,42 @@ public struct OpenMode: Sendable, Equatable {
 }
 
 /// A regular file, through pread/pwrite/fdatasync/fallocate.
+///
+/// With `OpenMode.direct`, a second descriptor opened with O_DIRECT carries every transfer
+/// whose buffer, offset and length are 4 KiB aligned (cluster-aligned guest data); the rest
+/// (metadata, partial clusters) goes through the page cache. Linux keeps the two coherent.
 public final class FileStorage: BlockStorage {
     public let fd: Int32
+    /// The O_DIRECT descriptor, or -1.
+    let directFD: Int32
     public let name: String
     private let closed = Atomic<Bool>(false)
+    static let directAlignment = 4096
 
     /// Opens an existing file.
     public init(path: String, mode: OpenMode) throws {
-        var flags = mode.writable ? O_RDWR : O_RDONLY
-        flags |= O_CLOEXEC
-        if mode.direct { flags |= O_DIRECT_FLAG }
+        let flags = (mode.writable ? O_RDWR : O_RDONLY) | O_CLOEXEC
         let fd = open(path, flags)
         if fd < 0 { throw StrataError.openFailed(path: path, errno: errno) }
+        var dfd: Int32 = -1
+        if mode.direct {
+            dfd = open(path, flags | O_DIRECT_FLAG)
+            if dfd < 0 {
+                let e = errno
+                Glibc.close(fd)
+                throw StrataError.openFailed(path: path, errno: e)
+            }
+        }
         self.fd = fd
+        self.directFD = dfd
         self.name = path
+    }
+
+    @inline(__always)
+    private func descriptor(_ base: UnsafeRawPointer?, _ count: Int, _ offset: UInt64) -> Int32 {
+        let a = Self.directAlignment
+        if directFD >= 0, count > 0, count % a == 0, Int(offset) % a == 0, Int(bitPattern: base) % a == 0 { return directFD }
+        return fd
     }
 
     /// Opens a file for writing, creating it if missing. An existing file keeps its contents:
@@ -77,25 +98,29 @@ public final class FileStorage: BlockStorage {
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         if fd < 0 { throw StrataError.openFailed(path: path, errno: errno) }
         self.fd = fd
+        self.directFD = -1
         self.name = path
     }
 
     deinit { close() }
 
-    /// Closes the descriptor (which also drops its OFD locks). Idempotent.
+    /// Closes the descriptors (which also drops their OFD locks). Idempotent.
     public func close() {
-        if !closed.exchange(true, ordering: .acquiringAndReleasing) { _ = Glibc.close(fd) }
+        if !closed.exchange(true, ordering: .acquiringAndReleasing) {
+            _ = Glibc.close(fd)
+            if directFD >= 0 { _ = Glibc.close(directFD) }
+        }
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
-        let n = try Syscalls.preadFully(fd, buffer, offset)
+        let n = try Syscalls.preadFully(descriptor(buffer.baseAddress, buffer.count, offset), buffer, offset)
         if n < buffer.count {
             (buffer.baseAddress! + n).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - n)
         }
         return n
     }
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        try Syscalls.pwriteFully(fd, buffer, offset)
+        try Syscalls.pwriteFully(descriptor(buffer.baseAddress, buffer.count, offset), buffer, offset)
     }
     public func sync() throws { try Syscalls.fdatasync(fd) }
     public func length() throws -> UInt64 { try Syscalls.size(fd) }

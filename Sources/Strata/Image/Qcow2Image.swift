@@ -52,7 +52,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     }
 
     convenience init(path: String, options: OpenOptions, chain: [String]) throws {
-        let file = try FileStorage(path: path, mode: OpenMode(writable: options.writable, direct: false))
+        let file = try FileStorage(path: path, mode: OpenMode(writable: options.writable, direct: options.cache == .none))
         let lock = options.forceShare && !options.writable ? nil : try ImageLock(file: file, writable: options.writable)
         try self.init(storage: file, path: path, options: options, chain: chain, imageLock: lock)
     }
