@@ -68,11 +68,8 @@ struct Resize: ParsableCommand {
 
     /// Grows, or shrinks. The engine shrinks only when nothing is allocated past the new end;
     /// qemu-img frees that data, and so do we (the user said --shrink): discard the whole
-    /// clusters past the end, then shrink again.
-    ///
-    /// Growing over a backing file that is longer than the old size must not let the backing
-    /// file's bytes show through the new area: like qemu-img, the whole new area is then
-    /// written as zeroes.
+    /// clusters past the end, then shrink again. (Growing zero-fills the new area in the
+    /// engine, so a longer backing file never shows through.)
     private func resizeQcow2(_ q: Qcow2Image, to newSize: UInt64, from current: UInt64) throws {
         do {
             try q.resize(to: newSize)
@@ -81,9 +78,6 @@ struct Resize: ParsableCommand {
             let start = (newSize + cluster - 1) / cluster * cluster
             if start < current { try q.discard(at: start, length: current - start) }
             try q.resize(to: newSize)
-        }
-        if newSize > current, let backing = q.backing, backing.size > current {
-            try q.writeZeroes(at: current, length: newSize - current, mayUnmap: true, fua: false)
         }
     }
 }

@@ -156,9 +156,10 @@ extension Qcow2Image {
         } else if newSize > oldSize {
             try grow(to: newSize)
             // The new area reads as zeroes, like QEMU's: bytes of the old last cluster past the
-            // old end may hold stale data, and a longer backing file must not show through.
+            // old end may hold stale data, and a longer backing file must not show through
+            // (then, as QEMU does, the whole new area is marked zero).
             var zeroEnd = min(alignUp(oldSize, clusterSize), newSize)
-            if let backing { zeroEnd = max(zeroEnd, min(newSize, backing.size)) }
+            if let backing, backing.size > oldSize { zeroEnd = newSize }
             if zeroEnd > oldSize { try writeZeroes(at: oldSize, length: zeroEnd - oldSize, mayUnmap: false, fua: false) }
         }
         try flushNow()
