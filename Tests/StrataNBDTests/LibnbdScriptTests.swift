@@ -77,7 +77,7 @@ final class BackpressureTests: XCTestCase {
         device.closeGate()
         let server = try TestServer(dir: dir, catalog: ExportCatalog([Export(name: "gated", device: device)]))
         let client = try Spawned(try Peer.path("python3"),
-                                 [Peer.helpersDirectory + "/backpressure.py", server.socket, "gated", "\(count)", "\(size)"],
+                                 Peer.scriptArguments("backpressure.py", [server.socket, "gated", "\(count)", "\(size)"]),
                                  stderrPath: "\(dir)/client.log")
         let accepted = client.waitForLines(1).first.flatMap { Int($0.split(separator: " ").last ?? "") }
         device.openGate()
@@ -113,7 +113,7 @@ final class ConnectionLimitTests: XCTestCase {
         device.closeGate()
         let server = try TestServer(dir: dir, catalog: ExportCatalog([Export(name: "gated", device: device)]))
         let client = try Spawned(try Peer.path("python3"),
-                                 [Peer.helpersDirectory + "/connection_limits.py", "out-of-order", server.socket, "gated"],
+                                 Peer.scriptArguments("connection_limits.py", ["out-of-order", server.socket, "gated"]),
                                  stderrPath: "\(dir)/client.log")
         let first = client.waitForLines(1, timeout: 10).first
         device.openGate()

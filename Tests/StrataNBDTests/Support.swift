@@ -92,9 +92,15 @@ enum Peer {
     static func python(_ script: String, _ arguments: [String], timeout: TimeInterval = 120,
                        file: StaticString = #filePath, line: UInt = #line) throws -> ToolResult {
         let py = try path("python3", file: file, line: line)
-        let r = try run(py, [helpersDirectory + "/" + script] + arguments, timeout: timeout)
+        let r = try run(py, scriptArguments(script, arguments), timeout: timeout)
         XCTAssertEqual(r.status, 0, "\(script) failed:\n\(r.transcript)", file: file, line: line)
         return r
+    }
+
+    /// The interpreter arguments that run one of the Tests/nbd helpers (`-B`: leave no
+    /// `__pycache__` in the source tree).
+    static func scriptArguments(_ script: String, _ arguments: [String]) -> [String] {
+        ["-B", helpersDirectory + "/" + script] + arguments
     }
 
     /// Tests/nbd, next to this test target.
