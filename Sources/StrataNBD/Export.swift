@@ -145,7 +145,6 @@ extension Export {
                 try data.withUnsafeReadableBytes { try device.write($0, at: offset, fua: fua) }
 
             case .writeZeroes(let offset, let length, let noHole, let fua, let fast):
-                let mayUnmap = !noHole && discard == .unmap
                 if fast {
                     // Fast only when nothing has to be written: the range already reads as
                     // zeroes (and is allocated, if the client wants no holes).
@@ -154,7 +153,8 @@ extension Export {
                                           cookie: cookie, session: session)
                     }
                 } else {
-                    try device.writeZeroes(at: offset, length: UInt64(length), mayUnmap: mayUnmap, fua: fua)
+                    try device.writeZeroes(at: offset, length: UInt64(length), mayUnmap: !noHole && discard == .unmap,
+                                           fua: fua)
                 }
 
             case .trim(let offset, let length, let fua):
@@ -186,8 +186,8 @@ extension Export {
             let code = NBDErrno(mapping: error)
             logger.error("\(command.name) failed on export '\(name)': \(error) (sent \(code))",
                          metadata: ["cookie": "\(cookie)"])
-            return errorReply(code, "\(command.name) \(command.rangeDescription) failed: \(code)",
-                              cookie: cookie, session: session)
+            let what = command.rangeDescription.isEmpty ? command.name : "\(command.name) \(command.rangeDescription)"
+            return errorReply(code, "\(what) failed: \(code)", cookie: cookie, session: session)
         }
     }
 
