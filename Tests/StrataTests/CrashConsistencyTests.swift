@@ -40,14 +40,14 @@ final class CrashConsistencyTests: XCTestCase {
             case 0...4:
                 let data = [UInt8](repeating: UInt8(truncatingIfNeeded: i + 1), count: len)
                 try data.withUnsafeBytes { try img.write($0, at: UInt64(off), fua: false) }
-                model.replaceSubrange(off..<off + len, with: data)
+                fill(&model, off..<off + len, UInt8(truncatingIfNeeded: i + 1))
             case 5:
                 try img.writeZeroes(at: UInt64(off), length: UInt64(len), mayUnmap: true, fua: false)
-                model.replaceSubrange(off..<off + len, with: repeatElement(0, count: len))
+                fill(&model, off..<off + len, 0)
             default:
                 try img.discard(at: UInt64(off), length: UInt64(len))
                 let first = (off + cs - 1) / cs * cs, last = (off + len) / cs * cs
-                if last > first { model.replaceSubrange(first..<last, with: repeatElement(0, count: last - first)) }
+                if last > first { fill(&model, first..<last, 0) }
             }
             opsAfter[opsAfter.count - 1].append(Op(offset: off, length: len))
             if rng.next() % 25 == 0 {

@@ -18,16 +18,16 @@ final class EngineInteropTests: XCTestCase {
                 let byte = UInt8(truncatingIfNeeded: i &+ 1)
                 let data = [UInt8](repeating: byte, count: len)
                 try data.withUnsafeBytes { try img.write($0, at: UInt64(off), fua: false) }
-                model.replaceSubrange(off..<off + len, with: data)
+                fill(&model, off..<off + len, byte)
             case 6...7:
                 try img.writeZeroes(at: UInt64(off), length: UInt64(len), mayUnmap: rng.next() % 2 == 0, fua: false)
-                model.replaceSubrange(off..<off + len, with: repeatElement(0, count: len))
+                fill(&model, off..<off + len, 0)
             default:
                 try img.discard(at: UInt64(off), length: UInt64(len))
                 // Whole clusters read as zero afterwards; partial ones keep their data.
                 let first = (off + cs - 1) / cs * cs
                 let last = (off + len) == size ? size : (off + len) / cs * cs
-                if last > first { model.replaceSubrange(first..<last, with: repeatElement(0, count: last - first)) }
+                if last > first { fill(&model, first..<last, 0) }
             }
             if i % 97 == 0 { try img.flush() }
         }
@@ -52,6 +52,12 @@ final class EngineInteropTests: XCTestCase {
             o.version = UInt32(c.compat)
             try Qcow2Image.create(path: path, options: o)
             try assertQemuCheckClean(path)
+            // qemu-img info agrees on every field with the same image made by qemu-img.
+            let twin = "\(dir)/twin\(n).qcow2"
+            let qopts = "cluster_size=\(c.cs),refcount_bits=\(c.refbits),extended_l2=\(c.ext ? "on" : "off"),compression_type=\(c.zstd ? "zstd" : "zlib"),compat=\(c.compat == 2 ? "0.10" : "1.1")"
+            let qc = try runTool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", qopts, twin, "\(12 << 20 + 3 * 512)"])
+            XCTAssertEqual(qc.status, 0, qc.err)
+            XCTAssertEqual(try qemuInfo(path), try qemuInfo(twin), "qemu-img info of strata's and qemu's image, config \(c)")
             let img = try Qcow2Image(path: path, options: OpenOptions(writable: true))
             var model = [UInt8](repeating: 0, count: Int(img.size))
             try randomOps(img, model: &model, seed: UInt64(n) + 1, count: 300, cs: c.cs)
@@ -175,5 +181,13 @@ final class EngineInteropTests: XCTestCase {
         try img.close()
         try assertQemuCheckClean(path)
         XCTAssertEqual(try qemuRaw(path, dir: dir), model)
+    }
+
+    /// `qemu-img info --output json` without the fields that name or measure the file itself.
+    func qemuInfo(_ path: String) throws -> NSDictionary {
+        let r = try runTool(["qemu-img", "info", "-U", "--output", "json", path])
+        XCTAssertEqual(r.status, 0, r.err)
+        let d = try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as! [String: Any]
+        return d.filter { !["filename", "actual-size"].contains($0.key) } as NSDictionary
     }
 }

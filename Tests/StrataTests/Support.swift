@@ -64,3 +64,21 @@ func assertQemuCheckClean(_ path: String, file: StaticString = #filePath, line: 
     let r = try runTool(["qemu-img", "check", path])
     XCTAssertEqual(r.status, 0, "qemu-img check \(path):\n\(r.out)\(r.err)", file: file, line: line)
 }
+
+/// Runs a program and returns its standard output bytes.
+func runToolData(_ args: [String]) throws -> [UInt8] {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    p.arguments = args
+    let o = Pipe()
+    p.standardOutput = o
+    try p.run()
+    let d = o.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return [UInt8](d)
+}
+
+/// Sets a byte range of a model disk (memset: quick in debug builds too).
+func fill(_ model: inout [UInt8], _ range: Range<Int>, _ byte: UInt8) {
+    model.withUnsafeMutableBytes { _ = memset($0.baseAddress! + range.lowerBound, Int32(byte), range.count) }
+}

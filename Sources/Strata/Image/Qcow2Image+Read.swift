@@ -100,7 +100,7 @@ extension Qcow2Image {
         case .data(let host):
             _ = try wrapIO { try storage.read(into: out, at: host) }
         case .zero:
-            out.initializeMemory(as: UInt8.self, repeating: 0)
+            out.zero()
         case .backing:
             try readBacking(guest: guest, into: out)
         case .compressed(let host, let sectors, let g):
@@ -115,14 +115,14 @@ extension Qcow2Image {
     /// Reads from the backing file; past its end (or with none), zeroes.
     func readBacking(guest: UInt64, into out: UnsafeMutableRawBufferPointer) throws {
         guard let backing else {
-            out.initializeMemory(as: UInt8.self, repeating: 0)
+            out.zero()
             return
         }
         let bsize = backing.size
         let avail = guest < bsize ? Int(min(UInt64(out.count), bsize - guest)) : 0
         if avail > 0 { try backing.read(into: UnsafeMutableRawBufferPointer(rebasing: out[0..<avail]), at: guest) }
         if avail < out.count {
-            UnsafeMutableRawBufferPointer(rebasing: out[avail...]).initializeMemory(as: UInt8.self, repeating: 0)
+            UnsafeMutableRawBufferPointer(rebasing: out[avail...]).zero()
         }
     }
 

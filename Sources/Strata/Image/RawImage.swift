@@ -118,7 +118,7 @@ final class ZeroBuffer: Sendable {
     nonisolated(unsafe) let pointer: UnsafeRawBufferPointer
     private init() {
         let p = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 4096)
-        p.initializeMemory(as: UInt8.self, repeating: 0)
+        p.zero()
         pointer = UnsafeRawBufferPointer(p)
     }
     func write(to storage: any BlockStorage, at offset: UInt64, length: UInt64) throws {

@@ -7,11 +7,11 @@ final class Table {
     init(offset: UInt64, size: Int) {
         self.offset = offset
         buf = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
-        buf.initializeMemory(as: UInt8.self, repeating: 0)
+        buf.zero()
     }
     deinit { buf.deallocate() }
     /// A copy of the bytes, for writing out while the table may change again.
-    func snapshot() -> [UInt8] { Array(UnsafeRawBufferPointer(buf)) }
+    func snapshot() -> [UInt8] { UnsafeRawBufferPointer(buf).bytes() }
 }
 
 /// A bounded cache of tables keyed by host offset, LRU among clean tables.
