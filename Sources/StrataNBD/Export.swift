@@ -145,9 +145,10 @@ extension Export {
                 try data.withUnsafeReadableBytes { try device.write($0, at: offset, fua: fua) }
 
             case .writeZeroes(let offset, let length, let noHole, let fua, let fast):
-                if fast {
-                    // Fast only when nothing has to be written: the range already reads as
-                    // zeroes (and is allocated, if the client wants no holes).
+                if fast && !device.zeroingIsCheap(at: offset, length: UInt64(length)) {
+                    // Fast only when nothing has to be written: the engine can zero the range
+                    // through metadata alone, or it already reads as zeroes (and is allocated,
+                    // if the client wants no holes).
                     guard try alreadyZero(offset: offset, length: UInt64(length), needAllocated: noHole) else {
                         return errorReply(.notSupported, "fast zeroing is not possible for this range",
                                           cookie: cookie, session: session)

@@ -64,4 +64,11 @@ public protocol BlockDevice: AnyObject, Sendable {
     func blockStatus(at offset: UInt64, length: UInt64) throws -> [BlockExtent]
     /// Flushes and releases the device (dirty state written, locks dropped). Idempotent.
     func close() throws
+    /// Whether ``writeZeroes(at:length:mayUnmap:fua:)`` on this range changes only metadata
+    /// (no zero data is written): NBD's FAST_ZERO asks for exactly this.
+    func zeroingIsCheap(at offset: UInt64, length: UInt64) -> Bool
+}
+
+extension BlockDevice {
+    public func zeroingIsCheap(at offset: UInt64, length: UInt64) -> Bool { false }
 }

@@ -55,7 +55,7 @@ public func openImage(path: String, options: OpenOptions = OpenOptions()) throws
     let format = try options.format ?? probeFormat(path: path)
     switch format {
     case .raw:
-        return try RawImage(path: path, writable: options.writable, forceShare: options.forceShare)
+        return try RawImage(path: path, writable: options.writable, forceShare: options.forceShare, cache: options.cache)
     case .qcow2:
         return try Qcow2Image(path: path, options: options)
     }

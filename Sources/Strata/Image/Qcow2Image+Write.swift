@@ -307,6 +307,15 @@ extension Qcow2Image {
         if cache == .writethrough { try flushNow() }
     }
 
+    /// Zeroing is metadata-only on v3 images for whole clusters (whole subclusters with
+    /// extended L2), the disk's partial last cluster included.
+    public func zeroingIsCheap(at offset: UInt64, length: UInt64) -> Bool {
+        let (v3, size) = lock.withLock { (md.header.version >= 3, md.header.size) }
+        let unit = geometry.subclusterSize
+        let end = offset + length
+        return v3 && !isReadOnly && offset % unit == 0 && (end % unit == 0 || end == size)
+    }
+
     /// Calls `body` for each cluster piece of a range: (guest cluster, byte range in it,
     /// whether it covers the whole cluster or the disk's partial last cluster).
     func forEachPiece(_ offset: UInt64, _ length: UInt64, _ body: (UInt64, Range<UInt64>, Bool) throws -> Void) throws {

@@ -11,14 +11,16 @@ public final class RawImage: BlockDevice {
     public var preferredBlockSize: Int { 4096 }
     public var supportsDiscard: Bool { !isReadOnly }
     private let lock: ImageLock?
+    private let cache: CacheMode
 
     /// Opens a raw file. Writable opens take QEMU-compatible image locks.
-    public init(path: String, writable: Bool, forceShare: Bool = false) throws {
-        let file = try FileStorage(path: path, mode: writable ? .readWrite : .readOnly)
+    public init(path: String, writable: Bool, forceShare: Bool = false, cache: CacheMode = .writeback) throws {
+        let file = try FileStorage(path: path, mode: OpenMode(writable: writable, direct: cache == .none))
         self.lock = forceShare && !writable ? nil : try ImageLock(file: file, writable: writable)
         self.storage = file
         self.size = try file.length()
         self.isReadOnly = !writable
+        self.cache = cache
     }
 
     /// Wraps storage that is already open (tests, in-memory images).
@@ -27,6 +29,7 @@ public final class RawImage: BlockDevice {
         self.size = try storage.length()
         self.isReadOnly = !writable
         self.lock = nil
+        self.cache = .writeback
     }
 
     private func check(_ offset: UInt64, _ length: UInt64) throws {
@@ -46,21 +49,23 @@ public final class RawImage: BlockDevice {
         try check(offset, UInt64(buffer.count))
         try wrap {
             try storage.write(buffer, at: offset)
-            if fua { try storage.sync() }
+            if fua || cache == .writethrough { try storage.sync() }
         }
     }
     public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool) throws {
         try check(offset, length)
         try wrap {
             try ZeroBuffer.shared.write(to: storage, at: offset, length: length)
-            if fua { try storage.sync() }
+            if fua || cache == .writethrough { try storage.sync() }
         }
     }
     public func discard(at offset: UInt64, length: UInt64) throws {
         try check(offset, length)
         try wrap { try storage.punchHole(at: offset, length: length) }
     }
-    public func flush() throws { if !isReadOnly { try wrap { try storage.sync() } } }
+    public func flush() throws {
+        if !isReadOnly && cache != .unsafe { try wrap { try storage.sync() } }
+    }
     public func blockStatus(at offset: UInt64, length: UInt64) throws -> [BlockExtent] {
         guard offset <= size, length <= size - offset else {
             throw StrataError.outOfRange(offset: offset, length: length, size: size)
@@ -68,7 +73,7 @@ public final class RawImage: BlockDevice {
         return try wrap { try RawExtents.scan(storage, offset: offset, length: length) }
     }
     public func close() throws {
-        try flush()
+        if !isReadOnly { try wrap { try storage.sync() } }
         (storage as? FileStorage)?.close()
     }
 
