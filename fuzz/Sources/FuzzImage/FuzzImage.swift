@@ -5,8 +5,11 @@ import Strata
 /// 1. Open it read-only; ask block status over the start and the end of the disk; read every
 ///    extent that holds data (compressed clusters included) up to a budget, plus the first and
 ///    last clusters of the disk.
-/// 2. Open a copy writable; write, write zeroes and discard at a few offsets picked from the
+/// 2. Open a copy writable; eight writes, write zeroes and discard at offsets picked from the
 ///    input; flush; close; reopen the result read-only and read the written ranges back.
+///
+/// For half of the inputs the table caches are as small as the engine allows, so evictions
+/// and write-backs of dirty tables happen in the middle of operations.
 ///
 /// Errors are fine (hostile input must be refused, not obeyed); a crash, a hang or a huge
 /// allocation is a bug. Every count the image controls is bounded here by a named budget, so
@@ -56,9 +59,17 @@ private func readData(_ disk: any BlockDevice, from offset: UInt64, _ budget: in
     }
 }
 
+/// Open options; for half of the inputs (the last byte odd) with the smallest table caches the
+/// engine allows (4 tables each), so that tables are evicted and dirty ones written back in
+/// the middle of an operation.
+private func options(_ bytes: [UInt8], writable: Bool) -> OpenOptions {
+    let tiny = (bytes.last ?? 0) & 1 == 1
+    return OpenOptions(writable: writable, format: .qcow2, forceShare: !writable,
+                       l2CacheBytes: tiny ? 1 : nil, refcountCacheBytes: tiny ? 1 : nil)
+}
+
 private func readAll(_ bytes: [UInt8]) {
-    guard let disk = try? Qcow2Image(storage: MemoryStorage(bytes: bytes),
-                                     options: OpenOptions(writable: false, format: .qcow2, forceShare: true)) else { return }
+    guard let disk = try? Qcow2Image(storage: MemoryStorage(bytes: bytes), options: options(bytes, writable: false)) else { return }
     defer { try? disk.close() }
     var budget = Budget.readBytes
     let size = disk.size
@@ -83,16 +94,16 @@ private func writeSome(_ bytes: [UInt8]) {
     let storage = MemoryStorage(bytes: bytes)
     var written: [(UInt64, UInt64, UInt8)] = []
     do {
-        let disk = try Qcow2Image(storage: storage, options: OpenOptions(writable: true, format: .qcow2))
+        let disk = try Qcow2Image(storage: storage, options: options(bytes, writable: true))
         defer { try? disk.close() }
         let size = disk.size
         let cluster = UInt64(max(disk.preferredBlockSize, 512))
-        let pattern = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<4096])
-        for (i, length) in [UInt64(4096), 512, 4096].enumerated() where size >= length {
+        let pattern = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<8192])
+        for (i, length) in [UInt64(4096), 512, 4096, 1536, 512, 8192, 700, 4096].enumerated() where size >= length {
             let at = i == 0 ? 0 : offset(bytes, i, size: size, length: length)
             let fill = UInt8(0xA0 + i)
             pattern.initializeMemory(as: UInt8.self, repeating: fill)
-            if (try? disk.write(UnsafeRawBufferPointer(rebasing: pattern[0..<Int(length)]), at: at, fua: i == 2)) != nil {
+            if (try? disk.write(UnsafeRawBufferPointer(rebasing: pattern[0..<Int(length)]), at: at, fua: i % 4 == 2)) != nil {
                 written.append((at, length, fill))
             }
         }
@@ -109,7 +120,7 @@ private func writeSome(_ bytes: [UInt8]) {
     // Reopen what the engine left behind and read the writes back. (Contents are not compared:
     // a hostile image may map two guest clusters to one host cluster.)
     guard let again = try? Qcow2Image(storage: MemoryStorage(bytes: storage.contents),
-                                      options: OpenOptions(writable: false, format: .qcow2, forceShare: true)) else { return }
+                                      options: options(bytes, writable: false)) else { return }
     defer { try? again.close() }
     var budget = Budget.readBytes
     for (at, length, _) in written { read(again, at, length, &budget) }
