@@ -183,6 +183,35 @@ final class EngineInteropTests: XCTestCase {
         XCTAssertEqual(try qemuRaw(path, dir: dir), model)
     }
 
+    /// Growing past the L1 table's clusters moves the table; shrinking is refused while data
+    /// lies past the new end and allowed after it is discarded.
+    func testResizeMovesL1AndShrinks() throws {
+        try requireTool("qemu-img", package: "qemu-utils")
+        let dir = try tempDir(self)
+        let path = "\(dir)/grow.qcow2"
+        var o = CreateOptions(size: 1 << 30)
+        o.clusterSize = 4096
+        try Qcow2Image.create(path: path, options: o)
+        let img = try Qcow2Image(path: path, options: OpenOptions(writable: true))
+        let a = [UInt8](repeating: 0x11, count: 8192)
+        try a.withUnsafeBytes { try img.write($0, at: 1 << 29, fua: false) }
+        let oldL1 = img.header.l1TableOffset
+        try img.resize(to: 64 << 30)
+        XCTAssertNotEqual(img.header.l1TableOffset, oldL1, "the L1 table moved")
+        XCTAssertEqual(img.header.l1Size, 32768)
+        try a.withUnsafeBytes { try img.write($0, at: (64 << 30) - 8192, fua: false) }
+        XCTAssertThrowsError(try img.resize(to: 32 << 30)) { XCTAssertTrue("\($0)".contains("allocated"), "\($0)") }
+        try img.discard(at: 32 << 30, length: 32 << 30)
+        try img.resize(to: 32 << 30)
+        try img.close()
+        try assertQemuCheckClean(path)
+        let info = try runTool(["qemu-img", "info", "--output", "json", path])
+        XCTAssertTrue(info.out.contains("\"virtual-size\": \(32 << 30)"), info.out)
+        let io = try runTool(["qemu-io", "-f", "qcow2", path, "-c", "read -P 17 \(1 << 29) 8192", "-c", "read -P 0 \((32 << 30) - 8192) 8192"])
+        XCTAssertEqual(io.status, 0)
+        XCTAssertFalse(io.out.contains("verification failed"), io.out)
+    }
+
     /// `qemu-img info --output json` without the fields that name or measure the file itself.
     func qemuInfo(_ path: String) throws -> NSDictionary {
         let r = try runTool(["qemu-img", "info", "-U", "--output", "json", path])

@@ -50,5 +50,12 @@ extension UnsafeRawBufferPointer {
     }
 }
 
+/// A table of 64-bit entries (L1, refcount table) as big-endian bytes, zero-padded to `size`.
+func encodeTable(_ entries: [UInt64], size: Int? = nil) -> [UInt8] {
+    var b = [UInt8](repeating: 0, count: size ?? entries.count * 8)
+    for (i, v) in entries.enumerated() { b.put64(v, i * 8) }
+    return b
+}
+
 @inline(__always) func alignUp(_ v: UInt64, _ a: UInt64) -> UInt64 { (v &+ a &- 1) & ~(a &- 1) }
 @inline(__always) func divUp(_ v: UInt64, _ d: UInt64) -> UInt64 { (v &+ d &- 1) / d }

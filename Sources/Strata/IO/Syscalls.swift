@@ -69,15 +69,10 @@ enum Syscalls {
         c_fallocate(fd, 0x02 | 0x01, off_t(offset), off_t(length)) == 0
     }
 
-    /// Takes or tests an OFD byte-range lock, the kind QEMU uses for image locking.
+    /// Takes an OFD byte-range lock (shared or exclusive), without waiting.
     /// Returns false when another open file description holds a conflicting lock.
     static func ofdLock(_ fd: Int32, exclusive: Bool, start: UInt64, length: UInt64) throws(SystemCallError) -> Bool {
-        var fl = flock()
-        fl.l_type = Int16(exclusive ? F_WRLCK : F_RDLCK)
-        fl.l_whence = Int16(SEEK_SET)
-        fl.l_start = off_t(start)
-        fl.l_len = off_t(length)
-        fl.l_pid = 0
+        var fl = lockRange(exclusive, start, length)
         let F_OFD_SETLK: Int32 = 37
         if fcntl(fd, F_OFD_SETLK, &fl) == 0 { return true }
         if errno == EAGAIN || errno == EACCES { return false }
@@ -86,15 +81,20 @@ enum Syscalls {
 
     /// Tests whether an OFD lock could be taken, without taking it.
     static func ofdTest(_ fd: Int32, exclusive: Bool, start: UInt64, length: UInt64) throws(SystemCallError) -> Bool {
+        var fl = lockRange(exclusive, start, length)
+        let F_OFD_GETLK: Int32 = 36
+        if fcntl(fd, F_OFD_GETLK, &fl) != 0 { throw SystemCallError(op: "fcntl(F_OFD_GETLK)", errno: errno, offset: start) }
+        return fl.l_type == Int16(F_UNLCK)
+    }
+
+    private static func lockRange(_ exclusive: Bool, _ start: UInt64, _ length: UInt64) -> flock {
         var fl = flock()
         fl.l_type = Int16(exclusive ? F_WRLCK : F_RDLCK)
         fl.l_whence = Int16(SEEK_SET)
         fl.l_start = off_t(start)
         fl.l_len = off_t(length)
         fl.l_pid = 0
-        let F_OFD_GETLK: Int32 = 36
-        if fcntl(fd, F_OFD_GETLK, &fl) != 0 { throw SystemCallError(op: "fcntl(F_OFD_GETLK)", errno: errno, offset: start) }
-        return fl.l_type == Int16(F_UNLCK)
+        return fl
     }
 }
 

@@ -126,8 +126,7 @@ extension Qcow2Image {
             first += extBytes
         }
 
-        var refTable = [UInt8](repeating: 0, count: Int(rtClusters * cs))
-        for i in 0..<rbClusters { refTable.put64((1 + rtClusters + i) * cs, Int(i) * 8) }
+        let refTable = encodeTable((0..<rbClusters).map { (1 + rtClusters + $0) * cs }, size: Int(rtClusters * cs))
         var refBlocks = [UInt8](repeating: 0, count: Int(rbClusters * cs))
         refBlocks.withUnsafeMutableBytes { b in
             for c in 0..<Int(total) { RefcountCodec.set(b, index: c, order: h.refcountOrder, value: 1) }
@@ -180,9 +179,7 @@ extension Qcow2Image {
                 md.l1Dirty = true
                 md.headerDirty = true
                 // The new entries must read as zero on disk before the header counts them.
-                var bytes = [UInt8](repeating: 0, count: md.l1.count * 8)
-                for (i, v) in md.l1.enumerated() { bytes.put64(v, i * 8) }
-                try md.io { try storage.writeBytes(bytes, at: md.header.l1TableOffset) }
+                try md.io { try storage.writeBytes(encodeTable(md.l1), at: md.header.l1TableOffset) }
                 return
             }
             // Move the L1 table to new contiguous clusters at the end of the file.
@@ -191,8 +188,7 @@ extension Qcow2Image {
             let oldOffset = md.header.l1TableOffset
             let oldClusters = divUp(current * 8, clusterSize)
             md.l1 += [UInt64](repeating: 0, count: Int(needed - current))
-            var bytes = [UInt8](repeating: 0, count: Int(n * clusterSize))
-            for (i, v) in md.l1.enumerated() { bytes.put64(v, i * 8) }
+            let bytes = encodeTable(md.l1, size: Int(n * clusterSize))
             // The new table must be durable before the header points at it; its refcounts
             // before both. Write refcounts via a normal flush first, then the table, then
             // the header.

@@ -46,9 +46,7 @@ extension Qcow2Image {
         s.refBlocks = md.refCache.dirtyTables.map { ($0, $0.snapshot()) }
         for (t, _) in s.refBlocks { md.refCache.markClean(t) }
         if md.refTableDirty {
-            var b = [UInt8](repeating: 0, count: md.refTable.count * 8)
-            for (i, v) in md.refTable.enumerated() { b.put64(v, i * 8) }
-            s.refTable = b
+            s.refTable = encodeTable(md.refTable)
             md.refTableDirty = false
         }
         s.refTableOffset = md.header.refcountTableOffset
@@ -59,9 +57,7 @@ extension Qcow2Image {
         s.l2 = md.l2Cache.dirtyTables.map { ($0, $0.snapshot()) }
         for (t, _) in s.l2 { md.l2Cache.markClean(t) }
         if md.l1Dirty {
-            var b = [UInt8](repeating: 0, count: md.l1.count * 8)
-            for (i, v) in md.l1.enumerated() { b.put64(v, i * 8) }
-            s.l1 = b
+            s.l1 = encodeTable(md.l1)
             md.l1Dirty = false
         }
         s.l1Offset = md.header.l1TableOffset

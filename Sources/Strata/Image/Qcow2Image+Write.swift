@@ -275,7 +275,7 @@ extension Qcow2Image {
     public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool) throws {
         try writebackIfNeeded()
         try withIO(offset, length, write: true) {
-            try forEachPiece(offset, length) { g, range, whole in
+            try forEachPiece(offset, length, skipUnmapped: backing == nil && mayUnmap && !geometry.extendedL2) { g, range, whole in
                 if try zeroCluster(g, range: range, whole: whole, mayUnmap: mayUnmap) { return }
                 try writeZeroBytes(at: (g << clusterBits) + range.lowerBound, length: UInt64(range.count))
             }
@@ -285,8 +285,9 @@ extension Qcow2Image {
 
     public func discard(at offset: UInt64, length: UInt64) throws {
         try writebackIfNeeded()
+        let v2 = lock.withLock { md.header.version < 3 }
         try withIO(offset, length, write: true) {
-            try forEachPiece(offset, length) { g, _, whole in
+            try forEachPiece(offset, length, skipUnmapped: backing == nil || v2) { g, _, whole in
                 guard whole else { return }  // partial-cluster discards are ignored, like QEMU
                 try lock.withLock {
                     while md.busy.contains(g) { lock.wait() }
@@ -318,11 +319,25 @@ extension Qcow2Image {
 
     /// Calls `body` for each cluster piece of a range: (guest cluster, byte range in it,
     /// whether it covers the whole cluster or the disk's partial last cluster).
-    func forEachPiece(_ offset: UInt64, _ length: UInt64, _ body: (UInt64, Range<UInt64>, Bool) throws -> Void) throws {
+    /// With `skipUnmapped`, whole L2 tables that are not allocated are stepped over (for
+    /// operations that leave unallocated clusters as they are: a discard or unmapping zero
+    /// write without a backing file, so discarding a whole disk takes one step per L2 table).
+    func forEachPiece(_ offset: UInt64, _ length: UInt64, skipUnmapped: Bool = false,
+                      _ body: (UInt64, Range<UInt64>, Bool) throws -> Void) throws {
         let size = lock.withLock { md.header.size }
         var pos = offset
         let end = offset + length
+        let coverage = geometry.l2Coverage
         while pos < end {
+            if skipUnmapped, pos % clusterSize == 0 {
+                let i = Int(pos / coverage)
+                let unmapped = lock.withLock { i >= md.l1.count || L1Entry(raw: md.l1[i]).l2Offset == 0 }
+                let next = (pos / coverage + 1) * coverage
+                if unmapped && next <= end {
+                    pos = next
+                    continue
+                }
+            }
             let g = pos >> clusterBits
             let cStart = g << clusterBits
             let cEnd = min(cStart + clusterSize, end)
