@@ -13,6 +13,9 @@ final class Metadata {
     var l1: [UInt64]
     var l1Dirty = false
     var l2Cache: TableCache
+    /// The L2 table last used for each L1 index: the hot path finds a table here without
+    /// hashing (checked against the L1 entry and the cache's residency).
+    var l2Slots: [Table?] = []
     var refTable: [UInt64]
     var refTableDirty = false
     var refCache: TableCache
@@ -95,12 +98,24 @@ final class Metadata {
     }
 
     /// The L2 table for L1 index `i`, or nil when unallocated.
+    @inline(__always)
     func l2(_ i: Int) throws -> Table? {
+        if i < l2Slots.count, let t = l2Slots[i], t.resident, t.offset == l1[i] & L1Entry.offsetMask {
+            l2Cache.touch(t)
+            return t
+        }
+        return try l2Miss(i)
+    }
+
+    private func l2Miss(_ i: Int) throws -> Table? {
         let e = L1Entry(raw: l1[i])
         if e.hasReservedBits { throw corrupt("L1 entry \(i) has reserved bits set (0x\(String(e.raw, radix: 16)))") }
         let off = e.l2Offset
         if off == 0 { return nil }
-        return try loadTable(off, into: &l2Cache, what: "L1 entry \(i)")
+        let t = try loadTable(off, into: &l2Cache, what: "L1 entry \(i)")
+        if l2Slots.count < l1.count { l2Slots += [Table?](repeating: nil, count: l1.count - l2Slots.count) }
+        l2Slots[i] = t
+        return t
     }
 
     /// The L2 table for L1 index `i`, allocated or copied so it may be modified

@@ -4,6 +4,9 @@ final class Table {
     let buf: UnsafeMutableRawBufferPointer
     var dirty = false
     var lastUse: UInt64 = 0
+    /// False once the cache has dropped the table (a holder of a direct reference must then
+    /// look it up again).
+    var resident = true
     init(offset: UInt64, size: Int) {
         self.offset = offset
         buf = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
@@ -33,6 +36,12 @@ struct TableCache {
         return t
     }
 
+    /// Marks a table the caller already holds as just used.
+    @inline(__always) mutating func touch(_ t: Table) {
+        clock &+= 1
+        t.lastUse = clock
+    }
+
     mutating func insert(_ t: Table) {
         if tables.count >= capacity { evictClean() }
         clock &+= 1
@@ -48,7 +57,10 @@ struct TableCache {
         if t.dirty { t.dirty = false; dirtyCount -= 1 }
     }
     mutating func remove(_ offset: UInt64) {
-        if let t = tables.removeValue(forKey: offset), t.dirty { dirtyCount -= 1 }
+        if let t = tables.removeValue(forKey: offset) {
+            t.resident = false
+            if t.dirty { dirtyCount -= 1 }
+        }
     }
     var needsWriteback: Bool { dirtyCount >= capacity }
     var dirtyTables: [Table] { tables.values.filter(\.dirty).sorted { $0.offset < $1.offset } }
@@ -58,6 +70,9 @@ struct TableCache {
         var clean = tables.values.filter { !$0.dirty }
         guard !clean.isEmpty else { return }
         clean.sort { $0.lastUse < $1.lastUse }
-        for t in clean.prefix(max(1, clean.count / 8)) { tables.removeValue(forKey: t.offset) }
+        for t in clean.prefix(max(1, clean.count / 8)) {
+            tables.removeValue(forKey: t.offset)
+            t.resident = false
+        }
     }
 }
