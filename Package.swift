@@ -33,9 +33,10 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        .testTarget(name: "StrataTests", dependencies: ["Strata"]),
-        .testTarget(name: "StrataNBDTests", dependencies: ["StrataNBD", "Strata"]),
-        .testTarget(name: "InteropTests", dependencies: ["Strata"]),
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "StrataTests", dependencies: ["Strata", "TestSupport"]),
+        .testTarget(name: "StrataNBDTests", dependencies: ["StrataNBD", "Strata", "TestSupport"]),
+        .testTarget(name: "InteropTests", dependencies: ["Strata", "TestSupport"]),
         .testTarget(name: "StrataToolTests", dependencies: ["Strata"]),
     ],
     swiftLanguageModes: [.v5]

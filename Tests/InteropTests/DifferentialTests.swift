@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import TestSupport
 
 /// One seeded sequence of random operations goes through `strata io` on one image and through
 /// `qemu-io` on its twin; `qemu-img compare` must find them identical and `qemu-img check`

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import TestSupport
 
 @testable import StrataNBD
 
@@ -77,7 +78,7 @@ final class PeerToolTests: XCTestCase {
         let dir = try makeTempDir(self)
         let src = "\(dir)/src.raw"
         try makeRaw(src, size: 64 * M)
-        var rng = SplitMix64(seed: 42)
+        var rng = SeededRandom(seed: 42)
         for i in 0..<8 {
             let offset = UInt64(i) * 8 * UInt64(M) + UInt64.random(in: 0..<64, using: &rng) * 4096
             try writeFile(src, at: offset, (0..<(256 << 10)).map { _ in UInt8.random(in: 1...255, using: &rng) })
@@ -131,7 +132,7 @@ final class PeerToolTests: XCTestCase {
         try makeQcow2("\(dir)/img.qcow2", size: "16M")
         try makeRaw("\(dir)/twin.raw", size: size)
         let server = try TestServer(dir: dir, exports: [TestExport(name: "img", path: "\(dir)/img.qcow2")])
-        var rng = SplitMix64(seed: 0xC0FFEE)
+        var rng = SeededRandom(seed: 0xC0FFEE)
         var commands: [String] = []
         for _ in 0..<300 {
             switch UInt8.random(in: 0..<10, using: &rng) {

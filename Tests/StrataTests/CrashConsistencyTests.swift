@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import TestSupport
 @testable import Strata
 
 /// Records every write and sync the engine makes, then rebuilds the file as a crash at many

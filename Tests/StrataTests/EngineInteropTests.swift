@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import TestSupport
 @testable import Strata
 
 /// Strata writes, QEMU checks and reads; QEMU writes, Strata reads.

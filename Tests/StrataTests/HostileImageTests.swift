@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import TestSupport
 @testable import Strata
 
 /// Malformed and hostile images: each gets a clear error, never a crash, a hang or a huge

@@ -32,19 +32,6 @@ func tempDir(_ test: XCTestCase) throws -> String {
     return dir
 }
 
-/// A deterministic generator (SplitMix64) so failures replay.
-struct SeededRandom: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9e37_79b9_7f4a_7c15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
-    }
-}
-
 func readAll(_ dev: any BlockDevice) throws -> [UInt8] {
     var b = [UInt8](repeating: 0, count: Int(dev.size))
     try b.withUnsafeMutableBytes { try dev.read(into: $0, at: 0) }
