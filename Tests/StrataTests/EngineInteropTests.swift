@@ -213,6 +213,27 @@ final class EngineInteropTests: XCTestCase {
         XCTAssertFalse(io.out.contains("verification failed"), io.out)
     }
 
+    /// An image with an internal snapshot (made by qemu-img): strata's writes copy the shared
+    /// L2 table and data clusters, refcounts stay exact, and the snapshot keeps its data.
+    func testWritesNextToAnInternalSnapshot() throws {
+        try requireTool("qemu-io", package: "qemu-utils")
+        let dir = try tempDir(self)
+        let path = "\(dir)/snap.qcow2"
+        XCTAssertEqual(try runTool(["qemu-img", "create", "-q", "-f", "qcow2", path, "8M"]).status, 0)
+        XCTAssertEqual(try runTool(["qemu-io", "-f", "qcow2", path, "-c", "write -P 1 0 4M"]).status, 0)
+        XCTAssertEqual(try runTool(["qemu-img", "snapshot", "-c", "s1", path]).status, 0)
+        let before = try qemuRaw(path, dir: dir)
+        let img = try Qcow2Image(path: path, options: OpenOptions(writable: true))
+        var model = before
+        try randomOps(img, model: &model, seed: 31, count: 150, cs: 65536)
+        try img.close()
+        try assertQemuCheckClean(path)
+        XCTAssertEqual(try qemuRaw(path, dir: dir), model, "the active layer has strata's writes")
+        XCTAssertEqual(try runTool(["qemu-img", "snapshot", "-a", "s1", path]).status, 0)
+        XCTAssertEqual(try qemuRaw(path, dir: dir), before, "the snapshot kept its data")
+        try assertQemuCheckClean(path)
+    }
+
     /// `qemu-img info --output json` without the fields that name or measure the file itself.
     func qemuInfo(_ path: String) throws -> NSDictionary {
         let r = try runTool(["qemu-img", "info", "-U", "--output", "json", path])

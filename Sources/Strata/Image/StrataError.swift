@@ -24,7 +24,6 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
     case outOfRange(offset: UInt64, length: UInt64, size: UInt64)
     case invalidArgument(String)
     case noSpace(path: String)
-    case refcountOverflow(path: String, cluster: UInt64)
     case decompressionFailed(path: String, offset: UInt64)
     case cannotShrink(path: String, size: UInt64, reason: String)
 
@@ -48,7 +47,6 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
         case .outOfRange(let o, let l, let s): return "request at offset \(o) length \(l) is beyond the end of the disk (size \(s))"
         case .invalidArgument(let s): return s
         case .noSpace(let p): return "\(p): no space left on device"
-        case .refcountOverflow(let p, let c): return "\(p): refcount of host cluster at \(c) would overflow"
         case .decompressionFailed(let p, let o): return "\(p): compressed cluster at host offset \(o) does not decompress"
         case .cannotShrink(let p, let s, let r): return "\(p): cannot shrink to \(s): \(r)"
         }

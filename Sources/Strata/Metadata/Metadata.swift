@@ -128,9 +128,10 @@ final class Metadata {
             let new = try allocate(1).host
             let copy = Table(offset: new, size: Int(clusterSize))
             copy.buf.copyMemory(from: UnsafeRawBufferPointer(t.buf))
-            // Every cluster the old table referenced gains a reference through the copy and its
-            // COPIED bits must now be recomputed: clusters stay shared, so clear them.
-            try addReferences(of: copy)
+            // The clusters it maps were already counted once per L1 table that reaches them
+            // (a snapshot raises them all), so their refcounts stay; they remain shared, so
+            // the copy's COPIED bits are cleared.
+            clearCopiedFlags(of: copy)
             l2Cache.insert(copy)
             l2Cache.markDirty(copy)
             l1[i] = L1Entry(l2Offset: new, copied: true).raw
@@ -147,21 +148,12 @@ final class Metadata {
         return t
     }
 
-    /// When a shared L2 table is copied, every cluster it maps is referenced once more.
-    private func addReferences(of t: Table) throws {
+    /// Clears bit 63 of every standard entry of a table copied from a shared one.
+    private func clearCopiedFlags(of t: Table) {
+        let stride = Int(geometry.l2EntryBytes / 8)
         for j in 0..<Int(geometry.l2Entries) {
-            let idx = j * Int(geometry.l2EntryBytes / 8)
-            var raw = t.buf.be64(idx)
-            let entry = L2Entry(raw: raw)
-            switch entry.mapping(clusterBits: header.clusterBits, extended: geometry.extendedL2) {
-            case .data(let host, _), .zero(let host) where host != 0:
-                try increment(host / clusterSize, by: 1)
-                raw &= ~L2Entry.copied
-            case .compressed(let host, let sectors):
-                for c in compressedClusters(host: host, sectors: sectors) { try increment(c, by: 1) }
-            default: break
-            }
-            t.buf.put64(raw, idx)
+            let raw = t.buf.be64(j * stride)
+            if raw & L2Entry.copied != 0 && !L2Entry(raw: raw).isCompressed { t.buf.put64(raw & ~L2Entry.copied, j * stride) }
         }
     }
 
@@ -218,12 +210,6 @@ final class Metadata {
         let b = try loadTable(refTable[ti] & ~UInt64(511), into: &refCache, what: "refcount table entry \(ti)")
         RefcountCodec.set(b.buf, index: Int(c % refBlockEntries), order: refOrder, value: v)
         refCache.markDirty(b)
-    }
-
-    func increment(_ c: UInt64, by n: UInt64) throws {
-        let v = try refcount(c)
-        guard v <= refMax - n else { throw StrataError.refcountOverflow(path: path, cluster: c * clusterSize) }
-        try setRefcount(c, v + n)
     }
 
     /// Records that `count` clusters starting at host offset `host` lose one reference, to be
