@@ -43,8 +43,7 @@ extension Qcow2Image {
 
     private func takeSnapshot() -> Snapshot {
         var s = Snapshot()
-        s.refBlocks = md.refCache.dirtyTables.map { ($0, $0.snapshot()) }
-        for (t, _) in s.refBlocks { md.refCache.markClean(t) }
+        s.refBlocks = md.refCache.takeDirty()
         if md.refTableDirty {
             s.refTable = encodeTable(md.refTable)
             md.refTableDirty = false
@@ -54,8 +53,7 @@ extension Qcow2Image {
             s.header = md.header.encode()
             md.headerDirty = false
         }
-        s.l2 = md.l2Cache.dirtyTables.map { ($0, $0.snapshot()) }
-        for (t, _) in s.l2 { md.l2Cache.markClean(t) }
+        s.l2 = md.l2Cache.takeDirty()
         if md.l1Dirty {
             s.l1 = encodeTable(md.l1)
             md.l1Dirty = false
@@ -114,8 +112,7 @@ extension Qcow2Image {
                 for (c, n) in frees { md.pendingFree[c, default: 0] += n }
                 throw error
             }
-            blocks = md.refCache.dirtyTables.map { ($0, $0.snapshot()) }
-            for (t, _) in blocks { md.refCache.markClean(t) }
+            blocks = md.refCache.takeDirty()
             return z
         }
         do {

@@ -65,6 +65,14 @@ struct TableCache {
     var needsWriteback: Bool { dirtyCount >= capacity }
     var dirtyTables: [Table] { tables.values.filter(\.dirty).sorted { $0.offset < $1.offset } }
 
+    /// Copies of the dirty tables (in offset order), which are marked clean: the caller
+    /// writes the copies, and marks the tables dirty again if that fails.
+    mutating func takeDirty() -> [(Table, [UInt8])] {
+        let taken = dirtyTables.map { ($0, $0.snapshot()) }
+        for (t, _) in taken { markClean(t) }
+        return taken
+    }
+
     private mutating func evictClean() {
         // Drop the least recently used eighth of the clean tables in one pass.
         var clean = tables.values.filter { !$0.dirty }
