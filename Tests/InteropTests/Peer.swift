@@ -1,29 +1,10 @@
 import Foundation
 import XCTest
+import TestSupport
 
 /// Running the built `strata` binary and QEMU's tools.
 enum Peer {
-    struct Result { var status: Int32; var out: String; var err: String }
-
-    static func run(_ args: [String]) throws -> Result {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = args
-        let o = Pipe(), e = Pipe()
-        p.standardOutput = o
-        p.standardError = e
-        try p.run()
-        // Drain stderr on another thread so neither pipe fills up.
-        final class Box: @unchecked Sendable { var data = Data() }
-        let errBox = Box()
-        let g = DispatchGroup()
-        g.enter()
-        DispatchQueue.global().async { errBox.data = e.fileHandleForReading.readDataToEndOfFile(); g.leave() }
-        let od = o.fileHandleForReading.readDataToEndOfFile()
-        g.wait()
-        p.waitUntilExit()
-        return Result(status: p.terminationStatus, out: String(decoding: od, as: UTF8.self), err: String(decoding: errBox.data, as: UTF8.self))
-    }
+    static func run(_ args: [String]) throws -> ProcessResult { try runProcess(args) }
 
     /// Runs and requires exit status 0.
     static func ok(_ args: [String], file: StaticString = #filePath, line: UInt = #line) throws {

@@ -1,21 +1,13 @@
 import Foundation
 import XCTest
+import TestSupport
 @testable import Strata
 
 /// Runs an external program and returns (exit status, stdout, stderr).
 @discardableResult
-func runTool(_ args: [String], input: Data? = nil) throws -> (status: Int32, out: String, err: String) {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    p.arguments = args
-    let o = Pipe(), e = Pipe()
-    p.standardOutput = o
-    p.standardError = e
-    try p.run()
-    let od = o.fileHandleForReading.readDataToEndOfFile()
-    let ed = e.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return (p.terminationStatus, String(decoding: od, as: UTF8.self), String(decoding: ed, as: UTF8.self))
+func runTool(_ args: [String]) throws -> (status: Int32, out: String, err: String) {
+    let r = try runProcess(args)
+    return (r.status, r.out, r.err)
 }
 
 /// Fails the test (instead of skipping) when a peer tool is missing.
