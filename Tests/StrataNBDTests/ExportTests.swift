@@ -117,7 +117,7 @@ final class ExportTests: XCTestCase {
         XCTAssertEqual(NBDErrno(mapping: StrataError.readOnly(path: "x")), .perm)
         XCTAssertEqual(NBDErrno(mapping: StrataError.outOfRange(offset: 1, length: 1, size: 1)), .invalid)
         XCTAssertEqual(NBDErrno(mapping: StrataError.noSpace(path: "x")), .noSpace)
-        XCTAssertEqual(NBDErrno(mapping: StrataError.corruptImage(path: "x", what: "y")), .io)
+        XCTAssertEqual(NBDErrno(mapping: StrataError.corrupt(Corruption(path: "x", kind: .pastEnd, offset: 0, detail: "y"))), .io)
         XCTAssertEqual(NBDErrno(mapping: SystemCallError(op: "pwrite", errno: EDQUOT, offset: 0)), .noSpace)
         XCTAssertEqual(NBDErrno(mapping: SystemCallError(op: "pwrite", errno: EFBIG, offset: 0)), .noSpace)
         XCTAssertEqual(NBDErrno(mapping: SystemCallError(op: "pwrite", errno: EROFS, offset: 0)), .perm)

@@ -29,33 +29,9 @@ extension UnsafeMutableRawBufferPointer {
     }
 }
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
-extension UnsafeMutableRawBufferPointer {
-    /// Fills with zero bytes (memset: fast in every build mode).
-    @inline(__always) func zero() {
-        if let b = baseAddress, count > 0 { memset(b, 0, count) }
-    }
-}
-
-extension UnsafeRawBufferPointer {
-    /// A byte array copy (memcpy).
-    func bytes() -> [UInt8] {
-        [UInt8](unsafeUninitializedCapacity: count) { out, n in
-            if let b = baseAddress, count > 0 { memcpy(out.baseAddress!, b, count) }
-            n = count
-        }
-    }
-}
-
 /// A table of 64-bit entries (L1, refcount table) as big-endian bytes, zero-padded to `size`.
 func encodeTable(_ entries: [UInt64], size: Int? = nil) -> [UInt8] {
     var b = [UInt8](repeating: 0, count: size ?? entries.count * 8)
     for (i, v) in entries.enumerated() { b.put64(v, i * 8) }
     return b
 }
-
-@inline(__always) func alignUp(_ v: UInt64, _ a: UInt64) -> UInt64 { (v &+ a &- 1) & ~(a &- 1) }
-@inline(__always) func divUp(_ v: UInt64, _ d: UInt64) -> UInt64 { (v &+ d &- 1) / d }

@@ -30,7 +30,7 @@ public struct Qcow2Header: Sendable, Equatable {
     public var snapshotsOffset: UInt64 = 0
     public var incompatibleFeatures: IncompatibleFeatures = []
     public var compatibleFeatures: CompatibleFeatures = []
-    public var autoclearFeatures: UInt64 = 0
+    public var autoclearFeatures: AutoclearFeatures = []
     public var refcountOrder: UInt32 = 4
     public var headerLength: UInt32 = Qcow2Header.v3WriteLength
     public var compressionType: CompressionType = .zlib
@@ -48,7 +48,7 @@ public struct Qcow2Header: Sendable, Equatable {
     public static func decode(_ bytes: [UInt8], path: String, fileSize: UInt64) throws -> Qcow2Header {
         func bad(_ f: String, _ v: UInt64, _ r: String) -> StrataError { .invalidHeader(path: path, field: f, value: v, reason: r) }
         guard bytes.count >= 72 else {
-            if bytes.count >= 4, bytes.be32(0) == magic { throw StrataError.corruptImage(path: path, what: "file is truncated (\(bytes.count) bytes, the header needs 72)") }
+            if bytes.count >= 4, bytes.be32(0) == magic { throw StrataError.corrupt(Corruption(path: path, kind: .truncated, offset: 0, detail: "file is truncated (\(bytes.count) bytes, the header needs 72)")) }
             throw StrataError.notQcow2(path: path)
         }
         guard bytes.be32(0) == magic else { throw StrataError.notQcow2(path: path) }
@@ -70,10 +70,10 @@ public struct Qcow2Header: Sendable, Equatable {
             h.headerLength = v2Length
             h.refcountOrder = 4
         } else {
-            guard bytes.count >= Int(v3BaseLength) else { throw StrataError.corruptImage(path: path, what: "file is truncated inside the v3 header") }
+            guard bytes.count >= Int(v3BaseLength) else { throw StrataError.corrupt(Corruption(path: path, kind: .truncated, offset: 0, detail: "file is truncated inside the v3 header")) }
             h.incompatibleFeatures = IncompatibleFeatures(rawValue: bytes.be64(72))
             h.compatibleFeatures = CompatibleFeatures(rawValue: bytes.be64(80))
-            h.autoclearFeatures = bytes.be64(88)
+            h.autoclearFeatures = AutoclearFeatures(rawValue: bytes.be64(88))
             h.refcountOrder = bytes.be32(96)
             h.headerLength = bytes.be32(100)
             guard h.headerLength >= v3BaseLength, h.headerLength % 8 == 0 else {
@@ -162,7 +162,7 @@ public struct Qcow2Header: Sendable, Equatable {
         if version >= 3 {
             b.put64(incompatibleFeatures.rawValue, 72)
             b.put64(compatibleFeatures.rawValue, 80)
-            b.put64(autoclearFeatures, 88)
+            b.put64(autoclearFeatures.rawValue, 88)
             b.put32(refcountOrder, 96)
             b.put32(headerLength, 100)
             if headerLength > Self.v3BaseLength { b[Int(Self.v3BaseLength)] = compressionType.rawValue }
@@ -194,27 +194,20 @@ public struct CompatibleFeatures: OptionSet, Sendable, Hashable {
     public static let lazyRefcounts = CompatibleFeatures(rawValue: 1 << 0)
 }
 
+/// Autoclear feature bits (header bytes 88-95): a writer that does not know a bit clears it,
+/// which tells its owner the extension data went stale.
+public struct AutoclearFeatures: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    /// The bitmaps extension is consistent.
+    public static let bitmaps = AutoclearFeatures(rawValue: 1 << 0)
+    /// The external data file is a valid raw image (needs an external data file).
+    public static let rawExternalData = AutoclearFeatures(rawValue: 1 << 1)
+}
+
 /// Compression method for compressed clusters (header byte 104).
 public enum CompressionType: UInt8, Sendable, CaseIterable {
     case zlib = 0
     case zstd = 1
     public var name: String { self == .zlib ? "zlib" : "zstd" }
-}
-
-/// Derived sizes of an image: entries per table, shifts and masks.
-public struct Geometry: Sendable, Equatable {
-    public let clusterBits: UInt32
-    public let extendedL2: Bool
-    public var clusterSize: UInt64 { 1 << UInt64(clusterBits) }
-    /// Bytes per L2 entry (8, or 16 with extended entries).
-    public var l2EntryBytes: UInt64 { extendedL2 ? 16 : 8 }
-    public var l2Entries: UInt64 { clusterSize / l2EntryBytes }
-    /// Guest bytes one L2 table maps.
-    public var l2Coverage: UInt64 { l2Entries * clusterSize }
-    public var subclusterSize: UInt64 { extendedL2 ? clusterSize / 32 : clusterSize }
-    public init(clusterBits: UInt32, extendedL2: Bool) {
-        self.clusterBits = clusterBits
-        self.extendedL2 = extendedL2
-    }
-    public func l1Entries(forSize size: UInt64) -> UInt64 { divUp(size, l2Coverage) }
 }

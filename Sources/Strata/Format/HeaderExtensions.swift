@@ -11,6 +11,9 @@ public struct HeaderExtensions: Sendable, Equatable {
     public static let dataFileType: UInt32 = 0x4441_5441
 
     public var backingFormat: String?
+    /// The persistent bitmaps extension (its data is valid only while the header's
+    /// autoclear bitmaps bit is set).
+    public var bitmaps: BitmapsExtension?
     /// Leave the feature name table out when encoding (clusters too small to hold it).
     public var omitFeatureTable = false
     /// (type, bit, name) triples from the feature name table.
@@ -27,7 +30,7 @@ public struct HeaderExtensions: Sendable, Equatable {
     public init() {}
 
     public static func == (a: HeaderExtensions, b: HeaderExtensions) -> Bool {
-        a.backingFormat == b.backingFormat && a.featureNames == b.featureNames
+        a.backingFormat == b.backingFormat && a.bitmaps == b.bitmaps && a.featureNames == b.featureNames
             && a.unknown.map(\.type) == b.unknown.map(\.type) && a.unknown.map(\.data) == b.unknown.map(\.data)
     }
 
@@ -58,6 +61,8 @@ public struct HeaderExtensions: Sendable, Equatable {
                     e.featureNames.append(FeatureName(kind: data[i], bit: data[i + 1], name: String(decoding: nameBytes, as: UTF8.self)))
                     i += 48
                 }
+            case bitmapsType:
+                e.bitmaps = try BitmapsExtension.decode(data, path: path)
             case encryptionType:
                 throw StrataError.unsupportedFeature(path: path, feature: "encryption")
             case dataFileType:
@@ -90,6 +95,7 @@ public struct HeaderExtensions: Sendable, Equatable {
             table += entry
         }
         if !table.isEmpty { put(Self.featureTableType, table) }
+        if let b = bitmaps { put(Self.bitmapsType, b.encode()) }
         for u in unknown { put(u.type, u.data) }
         out += [UInt8](repeating: 0, count: 8)
         return out

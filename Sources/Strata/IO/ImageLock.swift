@@ -29,7 +29,7 @@ struct ImageLock: ~Copyable {
                 throw StrataError.imageLocked(path: file.name, detail: "shared \"\(Self.names[p]!)\"")
             }
         } catch let e as SystemCallError {
-            throw StrataError.io(path: file.name, e)
+            throw StrataError(e, path: file.name)
         }
     }
 }

@@ -62,11 +62,18 @@ enum Syscalls {
         }
     }
 
-    /// Punches a hole; returns false when the file system cannot (the caller then writes zeroes
-    /// or simply leaves the bytes, since freed clusters are never read).
-    static func punchHole(_ fd: Int32, _ offset: UInt64, _ length: UInt64) -> Bool {
-        // FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-        c_fallocate(fd, 0x02 | 0x01, off_t(offset), off_t(length)) == 0
+    /// `fallocate` modes: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, and FALLOC_FL_ZERO_RANGE.
+    static let punchHoleMode: Int32 = 0x02 | 0x01
+    static let zeroRangeMode: Int32 = 0x10
+
+    /// Deallocates or zeroes a range in place; returns false when the file system cannot
+    /// (the caller then writes zeroes, or leaves bytes that are never read).
+    static func fallocate(_ fd: Int32, mode: Int32, _ offset: UInt64, _ length: UInt64) -> Bool {
+        while c_fallocate(fd, mode, off_t(offset), off_t(length)) != 0 {
+            if errno == EINTR { continue }
+            return false
+        }
+        return true
     }
 
     /// Takes an OFD byte-range lock (shared or exclusive), without waiting.
@@ -95,15 +102,5 @@ enum Syscalls {
         fl.l_len = off_t(length)
         fl.l_pid = 0
         return fl
-    }
-}
-
-/// A failed system call, with the call, errno and file offset.
-public struct SystemCallError: Error, CustomStringConvertible, Sendable {
-    public var op: String
-    public var errno: Int32
-    public var offset: UInt64
-    public var description: String {
-        "\(op) failed at offset \(offset): \(String(cString: strerror(errno)))"
     }
 }

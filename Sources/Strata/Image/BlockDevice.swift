@@ -62,6 +62,13 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// Describes `[offset, offset+length)` as a list of extents covering it in order (the last one
     /// may be cut at `offset+length`).
     func blockStatus(at offset: UInt64, length: UInt64) throws -> [BlockExtent]
+    /// Describes `[offset, offset+length)` extent by extent, in order, until `body` returns
+    /// false. Costs follow the allocated data, not the range's size.
+    func forEachExtent(at offset: UInt64, length: UInt64, _ body: (BlockExtent) throws -> Bool) throws
+    /// Reads `length` bytes at `offset` in one pass, run by run (see ``ReadSink``): data runs
+    /// are read into the buffers the sink gives, and runs that read as zeroes without any
+    /// data I/O are reported as zero runs.
+    func read(at offset: UInt64, length: Int, runs sink: ReadSink) throws
     /// Flushes and releases the device (dirty state written, locks dropped). Idempotent.
     func close() throws
     /// Whether ``writeZeroes(at:length:mayUnmap:fua:)`` on this range changes only metadata
@@ -71,4 +78,35 @@ public protocol BlockDevice: AnyObject, Sendable {
 
 extension BlockDevice {
     public func zeroingIsCheap(at offset: UInt64, length: UInt64) -> Bool { false }
+
+    /// Block status as one list, for devices that only implement ``blockStatus(at:length:)``.
+    public func forEachExtent(at offset: UInt64, length: UInt64, _ body: (BlockExtent) throws -> Bool) throws {
+        for e in try blockStatus(at: offset, length: length) where try !body(e) { return }
+    }
+
+    /// One data run covering the whole read, for devices that report no zero runs.
+    public func read(at offset: UInt64, length: Int, runs sink: ReadSink) throws {
+        guard let out = try sink(offset, length, false) else { return }
+        try read(into: out, at: offset)
+    }
+
+    /// Walks `[start, end)` in the order of the device's extents, as runs known to read as
+    /// zeroes or not; a gap the device leaves undescribed counts as data. The one extent
+    /// walker of the commands (convert, compare, map) and the server.
+    public func forEachRun(from start: UInt64, to end: UInt64, _ body: (_ offset: UInt64, _ length: UInt64, _ extent: BlockExtent?) throws -> Bool) throws {
+        var pos = start
+        var stopped = false
+        guard end > start else { return }
+        try forEachExtent(at: start, length: end - start) { ext in
+            let s = max(ext.offset, pos), e = min(ext.offset + ext.length, end)
+            guard e > s else { return true }
+            if s > pos {
+                guard try body(pos, s - pos, nil) else { stopped = true; return false }
+            }
+            guard try body(s, e - s, ext) else { stopped = true; return false }
+            pos = e
+            return pos < end
+        }
+        if pos < end, !stopped { _ = try body(pos, end - pos, nil) }
+    }
 }

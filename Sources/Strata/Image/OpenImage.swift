@@ -1,8 +1,3 @@
-/// Image formats Strata reads and writes.
-public enum ImageFormat: String, Sendable, CaseIterable {
-    case qcow2, raw
-}
-
 /// How an open image treats flushes (qemu's `cache=` modes).
 public enum CacheMode: String, Sendable, CaseIterable {
     /// Writes complete into the host page cache; flush makes them durable. The default.
@@ -51,23 +46,24 @@ public struct OpenOptions: Sendable {
 }
 
 /// Opens an image file as a ``BlockDevice``: qcow2 (with its whole backing chain) or raw.
+/// Without a format the file is probed (``probeFormat(path:)``); a probed raw image refuses
+/// writes that would make it probe as another format.
 public func openImage(path: String, options: OpenOptions = OpenOptions()) throws -> any BlockDevice {
     let format = try options.format ?? probeFormat(path: path)
     switch format {
     case .raw:
-        return try RawImage(path: path, writable: options.writable, forceShare: options.forceShare, cache: options.cache)
+        return try RawImage(path: path, writable: options.writable, forceShare: options.forceShare, cache: options.cache,
+                            probed: options.format == nil)
     case .qcow2:
         return try Qcow2Image(path: path, options: options)
     }
 }
 
-/// Looks at the first four bytes of a file the user named: qcow2 magic or raw.
+/// Looks at the first sector of a file the user named: qcow2 or raw.
 /// Only top images are probed; backing files must have a recorded or given format.
 public func probeFormat(path: String) throws -> ImageFormat {
     let f = try FileStorage(path: path, mode: .readOnly)
     defer { f.close() }
-    do {
-        let magic = try f.readBytes(at: 0, count: 4)
-        return magic == [0x51, 0x46, 0x49, 0xfb] ? .qcow2 : .raw
-    } catch let e as SystemCallError { throw StrataError.io(path: path, e) }
+    let sector = try f.readBytes(at: 0, count: FormatProbe.sectorSize)
+    return sector.withUnsafeBytes { FormatProbe.format(of: $0) }
 }

@@ -1,5 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Options for a new qcow2 image (qemu-img's `-o` names in comments).
-public struct CreateOptions: Sendable {
+public struct CreateOptions: Sendable, Equatable {
     /// Virtual size; nil takes the backing file's size.
     public var size: UInt64?
     /// `cluster_size`: a power of two from 512 B to 2 MiB.
@@ -18,58 +22,102 @@ public struct CreateOptions: Sendable {
     public var backingFormat: ImageFormat?
     /// `compat`: 3 (`1.1`, the default) or 2 (`0.10`).
     public var version: UInt32 = 3
+    /// Do not open the backing file (qemu-img's `-u`): the size must then be given, and the
+    /// backing format too.
+    public var unsafeBacking = false
 
     public init(size: UInt64? = nil) { self.size = size }
-}
 
-extension Qcow2Image {
-    /// Creates a new, empty qcow2 image file (replacing any file at `path`).
-    public static func create(path: String, options: CreateOptions) throws {
-        let storage = try FileStorage(creating: path)
-        defer { storage.close() }
-        // Never truncate an image another process (qemu-nbd, QEMU, strata serve) has open.
-        let lock = try ImageLock(file: storage, writable: true)
-        _ = consume lock
-        do { try storage.setLength(0) } catch let e as SystemCallError { throw StrataError.io(path: path, e) }
-        try create(storage: storage, path: path, options: options)
-    }
-
-    /// Creates a new image in `storage`, which must be empty.
-    public static func create(storage: any BlockStorage, path: String, options o: CreateOptions) throws {
-        func invalid(_ s: String) -> StrataError { .invalidArgument("\(path): \(s)") }
-        let cs = UInt64(o.clusterSize)
+    /// Checks the options for an image at `path` the way qemu-img does, without touching
+    /// `path`: legal values, the combinations compat=0.10 cannot hold, the size limits
+    /// (including the L1 table's), a backing file that is not the image itself. Opens the
+    /// backing file (read-only, unlocked) to take its size when none is given and to record
+    /// its format when none is given. Returns the options with size (rounded up to 512) and
+    /// backing format filled in.
+    public func resolved(for path: String) throws -> CreateOptions {
+        func invalid(_ s: String) -> StrataError { .invalidOption(path: path, reason: s) }
+        let cs = UInt64(clusterSize)
         guard cs >= 512, cs <= 2 << 20, cs & (cs - 1) == 0 else {
-            throw invalid("cluster size must be a power of two between 512 and 2097152 bytes (got \(o.clusterSize))")
+            throw invalid("cluster size must be a power of two between 512 and 2097152 bytes (got \(clusterSize))")
         }
-        guard o.refcountBits >= 1, o.refcountBits <= 64, o.refcountBits & (o.refcountBits - 1) == 0 else {
-            throw invalid("refcount_bits must be a power of two from 1 to 64 (got \(o.refcountBits))")
+        guard refcountBits >= 1, refcountBits <= 64, refcountBits & (refcountBits - 1) == 0 else {
+            throw invalid("refcount_bits must be a power of two from 1 to 64 (got \(refcountBits))")
         }
-        guard o.version == 2 || o.version == 3 else { throw invalid("compat must be 0.10 or 1.1") }
-        if o.version == 2 {
-            if o.refcountBits != 16 { throw invalid("compat=0.10 supports only refcount_bits=16") }
-            if o.extendedL2 || o.lazyRefcounts || o.compressionType != .zlib {
-                throw invalid("extended_l2, lazy_refcounts and compression_type need compat=1.1")
-            }
+        guard version == 2 || version == 3 else { throw invalid("compat must be 0.10 or 1.1") }
+        if version == 2 {
+            let v3 = "require compat=1.1 (they are not in the qcow2 version 2 format)"
+            if refcountBits != 16 { throw invalid("refcount widths other than 16 bits " + v3) }
+            if lazyRefcounts { throw invalid("lazy refcounts " + v3) }
+            if compressionType != .zlib { throw invalid("compression types other than zlib " + v3) }
+            if extendedL2 { throw invalid("extended L2 entries " + v3) }
         }
-        if o.extendedL2 && cs < 16384 { throw invalid("extended_l2 needs a cluster size of at least 16384 bytes") }
+        if extendedL2 && cs < 16384 {
+            throw invalid("extended L2 entries need a cluster size of at least 16384 bytes (cluster_size is \(clusterSize))")
+        }
+        if backingFormat != nil && backingFile == nil { throw invalid("a backing format needs a backing file") }
 
-        // Backing file: its format and (by default) its size.
-        var backingFormat = o.backingFormat
-        var size = o.size
-        if let b = o.backingFile {
+        var o = self
+        if let b = backingFile {
+            guard !b.isEmpty else { throw invalid("the backing file name is empty") }
             guard UInt64(b.utf8.count) <= Limits.maxBackingNameBytes else { throw invalid("backing file name is longer than 1023 bytes") }
-            let resolved = BackingChain.resolve(b, relativeTo: path)
-            if backingFormat == nil { backingFormat = try probeFormat(path: resolved) }
-            if size == nil {
-                let dev = try BackingChain.open(resolved, format: backingFormat!, chain: [path], options: OpenOptions(forceShare: true))
-                size = dev.size
+            let resolvedBacking = BackingChain.resolve(b, relativeTo: path)
+            if resolvedBacking == path || BackingChain.realPath(resolvedBacking) == BackingChain.realPath(path) {
+                throw invalid("the backing file '\(b)' is the image itself")
+            }
+            if unsafeBacking {
+                guard o.size != nil else { throw invalid("with an unsafe backing file (-u) the size must be given") }
+                guard o.backingFormat != nil else { throw invalid("with an unsafe backing file (-u) its format must be given") }
+            } else {
+                if o.backingFormat == nil { o.backingFormat = try probeFormat(path: resolvedBacking) }
+                let dev = try BackingChain.open(resolvedBacking, format: o.backingFormat!, chain: [path], options: OpenOptions(forceShare: true))
+                if o.size == nil { o.size = dev.size }
                 try dev.close()
             }
         }
-        guard var size else { throw invalid("no size given and no backing file to take it from") }
-        size = alignUp(size, 512)
-        guard size <= Limits.maxVirtualSize else { throw invalid("size \(size) is too large") }
+        guard let size = o.size else { throw invalid("no size given and no backing file to take it from") }
+        guard size <= Limits.maxVirtualSize else {
+            throw invalid("size \(size) is above the largest virtual size, \(Limits.maxVirtualSize) bytes")
+        }
+        o.size = alignUp(size, 512)
+        let l1 = Geometry(clusterBits: UInt32(cs.trailingZeroBitCount), extendedL2: extendedL2).l1Entries(forSize: o.size!)
+        guard l1 * 8 <= Limits.maxL1Bytes else {
+            throw invalid("size \(size) needs an L1 table above 32 MiB with \(clusterSize)-byte clusters; use a larger cluster size")
+        }
+        return o
+    }
+}
 
+extension Qcow2Image {
+    /// Creates a new, empty qcow2 image file, replacing any file at `path` (as qemu-img
+    /// does). The options are checked before the file is touched. An existing file is
+    /// locked first (so one another process uses is refused, not clobbered), then
+    /// truncated, so none of its old bytes survive. A file this call made is removed again
+    /// if creating fails.
+    public static func create(path: String, options: CreateOptions) throws {
+        let o = try options.resolved(for: path)
+        let storage = try FileStorage(creating: path)
+        do {
+            defer { storage.close() }
+            let lock = try ImageLock(file: storage, writable: true)
+            _ = consume lock
+            try storage.setLength(0)
+            try create(storage: storage, path: path, resolved: o)
+        } catch {
+            if storage.created { unlink(path) }
+            throw error
+        }
+    }
+
+    /// Creates a new image in `storage`, which must be empty.
+    public static func create(storage: any BlockStorage, path: String, options: CreateOptions) throws {
+        try create(storage: storage, path: path, resolved: try options.resolved(for: path))
+    }
+
+    /// Writes the image: header | refcount table | refcount blocks | L1 table, the file
+    /// ending where the L1 table ends, as qemu-img lays it out.
+    private static func create(storage: any BlockStorage, path: String, resolved o: CreateOptions) throws {
+        let size = o.size!
+        let cs = UInt64(o.clusterSize)
         var h = Qcow2Header()
         h.version = o.version
         h.clusterBits = UInt32(cs.trailingZeroBitCount)
@@ -84,12 +132,10 @@ extension Qcow2Image {
         if o.lazyRefcounts { h.compatibleFeatures.insert(.lazyRefcounts) }
         let geometry = Geometry(clusterBits: h.clusterBits, extendedL2: o.extendedL2)
         let l1Entries = geometry.l1Entries(forSize: size)
-        guard l1Entries * 8 <= Limits.maxL1Bytes else { throw invalid("size \(size) needs an L1 table above 32 MiB; use a larger cluster size") }
         h.l1Size = UInt32(l1Entries)
 
-        // Layout: header | refcount table | refcount blocks | L1 table.
         let refBlockEntries = cs * 8 / UInt64(o.refcountBits)
-        let l1Clusters = max(divUp(l1Entries * 8, cs), 1)
+        let l1Clusters = divUp(l1Entries * 8, cs)
         var rtClusters: UInt64 = 1
         var rbClusters: UInt64 = 1
         while true {
@@ -107,7 +153,7 @@ extension Qcow2Image {
 
         // First cluster: header, extensions, backing name.
         var ext = HeaderExtensions()
-        if o.backingFile != nil { ext.backingFormat = backingFormat!.rawValue }
+        if o.backingFile != nil { ext.backingFormat = o.backingFormat!.rawValue }
         var first = h.encode()
         var extBytes = h.version >= 3 || o.backingFile != nil ? ext.encode() : []
         let nameLen = o.backingFile?.utf8.count ?? 0
@@ -116,7 +162,9 @@ extension Qcow2Image {
             ext.omitFeatureTable = true
             extBytes = ext.encode()
         }
-        guard UInt64(first.count + extBytes.count + nameLen) <= cs else { throw invalid("the header does not fit in one \(cs)-byte cluster") }
+        guard UInt64(first.count + extBytes.count + nameLen) <= cs else {
+            throw StrataError.invalidOption(path: path, reason: "the header does not fit in one \(cs)-byte cluster")
+        }
         if let b = o.backingFile {
             h.backingFileOffset = UInt64(first.count + extBytes.count)
             h.backingFileSize = UInt32(nameLen)
@@ -131,108 +179,10 @@ extension Qcow2Image {
         refBlocks.withUnsafeMutableBytes { b in
             for c in 0..<Int(total) { RefcountCodec.set(b, index: c, order: h.refcountOrder, value: 1) }
         }
-        do {
-            try storage.writeBytes(first, at: 0)
-            try storage.writeBytes(refTable, at: cs)
-            try storage.writeBytes(refBlocks, at: (1 + rtClusters) * cs)
-            try storage.setLength(total * cs)
-            try storage.sync()
-        } catch let e as SystemCallError {
-            throw StrataError.io(path: path, e)
-        }
-    }
-
-    /// Changes the virtual size. Growing may move the L1 table; shrinking is refused while
-    /// anything is allocated past the new end.
-    public func resize(to newSize: UInt64) throws {
-        if isReadOnly { throw StrataError.readOnly(path: path) }
-        guard newSize % 512 == 0 else { throw StrataError.invalidArgument("\(path): the new size must be a multiple of 512") }
-        guard newSize <= Limits.maxVirtualSize else { throw StrataError.invalidArgument("\(path): size \(newSize) is too large") }
-        try flushNow()
-        let oldSize = size
-        if newSize < oldSize {
-            try shrink(to: newSize)
-        } else if newSize > oldSize {
-            try grow(to: newSize)
-            // The new area reads as zeroes, like QEMU's: bytes of the old last cluster past the
-            // old end may hold stale data, and a longer backing file must not show through
-            // (then, as QEMU does, the whole new area is marked zero).
-            var zeroEnd = min(alignUp(oldSize, clusterSize), newSize)
-            if let backing, backing.size > oldSize { zeroEnd = newSize }
-            if zeroEnd > oldSize { try writeZeroes(at: oldSize, length: zeroEnd - oldSize, mayUnmap: false, fua: false) }
-        }
-        try flushNow()
-    }
-
-    private func grow(to newSize: UInt64) throws {
-        let needed = geometry.l1Entries(forSize: newSize)
-        guard needed * 8 <= Limits.maxL1Bytes else {
-            throw StrataError.invalidArgument("\(path): size \(newSize) needs an L1 table above 32 MiB")
-        }
-        try lock.withLock {
-            let current = UInt64(md.l1.count)
-            let roomInPlace = alignUp(current * 8, clusterSize) / 8
-            if needed <= roomInPlace || needed <= current {
-                md.l1 += [UInt64](repeating: 0, count: Int(max(needed, current) - current))
-                md.header.l1Size = UInt32(md.l1.count)
-                md.header.size = newSize
-                md.l1Dirty = true
-                md.headerDirty = true
-                // The new entries must read as zero on disk before the header counts them.
-                try md.io { try storage.writeBytes(encodeTable(md.l1), at: md.header.l1TableOffset) }
-                return
-            }
-            // Move the L1 table to new contiguous clusters at the end of the file.
-            let clusters = divUp(needed * 8, clusterSize)
-            let (host, n) = try allocateContiguous(clusters)
-            let oldOffset = md.header.l1TableOffset
-            let oldClusters = divUp(current * 8, clusterSize)
-            md.l1 += [UInt64](repeating: 0, count: Int(needed - current))
-            let bytes = encodeTable(md.l1, size: Int(n * clusterSize))
-            // The new table must be durable before the header points at it; its refcounts
-            // before both. Write refcounts via a normal flush first, then the table, then
-            // the header.
-            md.header.l1TableOffset = host
-            md.header.l1Size = UInt32(needed)
-            md.header.size = newSize
-            md.l1Dirty = true
-            md.headerDirty = true
-            if oldClusters > 0 && oldOffset != 0 { md.deferFree(oldOffset, count: oldClusters) }
-            try md.io { try storage.writeBytes(bytes, at: host) }
-        }
-        // The flush writes refcounts, syncs, writes the header (now pointing at the new
-        // table, which was written above), syncs, and releases the old table.
-    }
-
-    private func allocateContiguous(_ n: UInt64) throws -> (UInt64, UInt64) {
-        for _ in 0..<4 {
-            let (host, got) = try md.allocate(n)
-            if got == n { return (host, n) }
-            // Give the partial run back (never referenced, never written) and try at the end.
-            for k in 0..<got { try md.setRefcount(host / clusterSize + k, 0) }
-            md.freeCursor = md.hostEnd
-        }
-        throw StrataError.invalidArgument("\(path): cannot find \(n) contiguous clusters for the L1 table")
-    }
-
-    private func shrink(to newSize: UInt64) throws {
-        try lock.withLock {
-            let firstGone = divUp(newSize, clusterSize)
-            let end = divUp(md.header.size, clusterSize)
-            var toClear: [UInt64] = []
-            var g = firstGone
-            while g < end {
-                let (raw, bitmap) = try md.entry(g)
-                let e = L2Entry(raw: raw)
-                if e.hostOffset != 0 || e.isCompressed {
-                    throw StrataError.cannotShrink(path: path, size: newSize, reason: "guest offset \(g << clusterBits) is allocated")
-                }
-                if raw != 0 || bitmap != 0 { toClear.append(g) }
-                g += 1
-            }
-            for g in toClear { try md.setEntry(g, raw: 0, bitmap: 0) }
-            md.header.size = newSize
-            md.headerDirty = true
-        }
+        try storage.writeBytes(first, at: 0)
+        try storage.writeBytes(refTable, at: cs)
+        try storage.writeBytes(refBlocks, at: (1 + rtClusters) * cs)
+        try storage.setLength(h.l1TableOffset + l1Entries * 8)
+        try storage.sync()
     }
 }

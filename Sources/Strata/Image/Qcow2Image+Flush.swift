@@ -29,7 +29,8 @@ extension Qcow2Image {
         try flushLock.withLock { _ in try flushLocked() }
     }
 
-    private struct Snapshot {
+    /// What one flush writes: copies of the dirty metadata, taken under the lock.
+    private struct FlushBatch {
         var refBlocks: [(Table, [UInt8])] = []
         var refTable: [UInt8]? = nil
         var header: [UInt8]? = nil
@@ -37,102 +38,106 @@ extension Qcow2Image {
         var l1: [UInt8]? = nil
         var l1Offset: UInt64 = 0
         var refTableOffset: UInt64 = 0
-        var frees: [UInt64: UInt64] = [:]
+        var decrements: [UInt64: UInt64] = [:]
         var oldEpoch = 0
     }
 
-    private func takeSnapshot() -> Snapshot {
-        var s = Snapshot()
-        s.refBlocks = md.refCache.takeDirty()
-        if md.refTableDirty {
-            s.refTable = encodeTable(md.refTable)
-            md.refTableDirty = false
+    private func takeBatch() -> FlushBatch {
+        var s = FlushBatch()
+        let refcounts = md.refcounts, map = md.map
+        s.refBlocks = refcounts.cache.takeDirty()
+        if refcounts.tableDirty {
+            s.refTable = encodeTable(refcounts.table)
+            refcounts.tableDirty = false
         }
         s.refTableOffset = md.header.refcountTableOffset
-        if md.headerDirty {
+        if md.file.headerDirty {
             s.header = md.header.encode()
-            md.headerDirty = false
+            md.file.headerDirty = false
         }
-        s.l2 = md.l2Cache.takeDirty()
-        if md.l1Dirty {
-            s.l1 = encodeTable(md.l1)
-            md.l1Dirty = false
+        s.l2 = map.cache.takeDirty()
+        if map.l1Dirty {
+            s.l1 = encodeTable(map.l1)
+            map.l1Dirty = false
         }
         s.l1Offset = md.header.l1TableOffset
-        s.frees = md.pendingFree
-        md.pendingFree = [:]
-        s.oldEpoch = md.epoch & 1
-        md.epoch += 1
+        s.decrements = refcounts.pending
+        refcounts.pending = [:]
+        s.oldEpoch = epoch & 1
+        epoch += 1
         return s
     }
 
     /// Puts back what a failed flush did not write, so the next flush tries again.
-    private func restore(_ s: Snapshot) {
-        for (t, _) in s.refBlocks { md.refCache.markDirty(t) }
-        for (t, _) in s.l2 { md.l2Cache.markDirty(t) }
-        if s.refTable != nil { md.refTableDirty = true }
-        if s.header != nil { md.headerDirty = true }
-        if s.l1 != nil { md.l1Dirty = true }
-        for (c, n) in s.frees { md.pendingFree[c, default: 0] += n }
+    private func restore(_ s: FlushBatch) {
+        for (t, _) in s.refBlocks { md.refcounts.cache.markDirty(t) }
+        for (t, _) in s.l2 { md.map.cache.markDirty(t) }
+        if s.refTable != nil { md.refcounts.tableDirty = true }
+        if s.header != nil { md.file.headerDirty = true }
+        if s.l1 != nil { md.map.l1Dirty = true }
+        for (c, n) in s.decrements { md.refcounts.pending[c, default: 0] += n }
     }
 
     private func flushLocked() throws {
-        let s = lock.withLock { takeSnapshot() }
+        // After a corruption was found, nothing more is written (QEMU stops the same way).
+        if lock.withLock({ markedCorrupt }) { return }
+        let s = lock.withLock { takeBatch() }
         do {
-            try wrapIO {
-                try storage.sync()
-                // 2. refcounts
-                var wrote = false
-                for (t, bytes) in s.refBlocks { try storage.writeBytes(bytes, at: t.offset); wrote = true }
-                if let rt = s.refTable { try storage.writeBytes(rt, at: s.refTableOffset); wrote = true }
-                if wrote { try storage.sync() }
-                if let h = s.header { try storage.writeBytes(h, at: 0); try storage.sync() }
-                // 3. mapping tables
-                wrote = false
-                for (t, bytes) in s.l2 { try storage.writeBytes(bytes, at: t.offset); wrote = true }
-                if let l1 = s.l1 { try storage.writeBytes(l1, at: s.l1Offset); wrote = true }
-                if wrote { try storage.sync() }
-            }
+            try storage.sync()
+            // 2. refcounts
+            var wrote = false
+            for (t, bytes) in s.refBlocks { try storage.writeBytes(bytes, at: t.offset); wrote = true }
+            if let rt = s.refTable { try storage.writeBytes(rt, at: s.refTableOffset); wrote = true }
+            if wrote { try storage.sync() }
+            if let h = s.header { try storage.writeBytes(h, at: 0); try storage.sync() }
+            // 3. mapping tables
+            wrote = false
+            for (t, bytes) in s.l2 { try storage.writeBytes(bytes, at: t.offset); wrote = true }
+            if let l1 = s.l1 { try storage.writeBytes(l1, at: s.l1Offset); wrote = true }
+            if wrote { try storage.sync() }
         } catch {
             lock.withLock { restore(s) }
             throw error
         }
-        if !s.frees.isEmpty { try applyFrees(s.frees, oldEpoch: s.oldEpoch) }
+        if !s.decrements.isEmpty { try applyDecrements(s.decrements, oldEpoch: s.oldEpoch) }
     }
 
     /// Step 4: waits out guest I/O that looked up mappings before the frees, then decrements.
-    private func applyFrees(_ frees: [UInt64: UInt64], oldEpoch: Int) throws {
-        while (oldEpoch == 0 ? inFlight0.load(ordering: .acquiring) : inFlight1.load(ordering: .acquiring)) != 0 {
-            usleep(50)
-        }
+    private func applyDecrements(_ decrements: [UInt64: UInt64], oldEpoch: Int) throws {
+        waitForIO(epochParity: oldEpoch)
         var blocks: [(Table, [UInt8])] = []
         let zeroed: [UInt64] = try lock.withLock {
             let z: [UInt64]
-            do { z = try md.applyFrees(frees) } catch {
-                for (c, n) in frees { md.pendingFree[c, default: 0] += n }
+            do { z = try md.applyDecrements(decrements) } catch {
+                for (c, n) in decrements { md.refcounts.pending[c, default: 0] += n }
                 throw error
             }
-            blocks = md.refCache.takeDirty()
+            blocks = md.refcounts.cache.takeDirty()
             return z
         }
         do {
-            try wrapIO {
-                for (t, bytes) in blocks { try storage.writeBytes(bytes, at: t.offset) }
-                if !blocks.isEmpty { try storage.sync() }
-                // Punch freed clusters, merging neighbours into one call.
-                var runStart: UInt64 = 0
-                var runLen: UInt64 = 0
-                for c in zeroed.sorted() {
-                    if runLen > 0 && c == runStart + runLen { runLen += 1; continue }
-                    if runLen > 0 { try storage.punchHole(at: runStart * clusterSize, length: runLen * clusterSize) }
-                    runStart = c
-                    runLen = 1
-                }
+            for (t, bytes) in blocks { try storage.writeBytes(bytes, at: t.offset) }
+            if !blocks.isEmpty { try storage.sync() }
+            // Punch freed clusters, merging neighbours into one call.
+            var runStart: UInt64 = 0
+            var runLen: UInt64 = 0
+            for c in zeroed.sorted() {
+                if runLen > 0 && c == runStart + runLen { runLen += 1; continue }
                 if runLen > 0 { try storage.punchHole(at: runStart * clusterSize, length: runLen * clusterSize) }
+                runStart = c
+                runLen = 1
             }
+            if runLen > 0 { try storage.punchHole(at: runStart * clusterSize, length: runLen * clusterSize) }
         } catch {
-            lock.withLock { for (t, _) in blocks { md.refCache.markDirty(t) } }
+            lock.withLock { for (t, _) in blocks { md.refcounts.cache.markDirty(t) } }
             throw error
+        }
+    }
+
+    /// Waits until guest I/O registered in the epoch of parity `parity` has finished.
+    func waitForIO(epochParity parity: Int) {
+        while (parity == 0 ? inFlight0.load(ordering: .acquiring) : inFlight1.load(ordering: .acquiring)) != 0 {
+            usleep(50)
         }
     }
 }

@@ -1,106 +1,114 @@
-/// A planned write into one guest cluster: where it goes and which bytes must be filled in
-/// around the caller's data (copy-on-write padding).
-struct ClusterWrite {
-    var guestCluster: UInt64
-    /// Host cluster the data goes to.
-    var host: UInt64
-    /// Byte range inside the cluster that is written to `host` (caller's data plus padding).
-    var region: Range<UInt64>
-    /// Whether `host` is the cluster's existing, unshared host cluster.
-    var reuse: Bool
-    /// Where padding bytes come from: (range in cluster, source) in order.
-    var padding: [(Range<UInt64>, Source)]
-    var oldRaw: UInt64
-    var oldBitmap: UInt64
-}
-
+/// The write pipeline: every write, write-zeroes and discard goes through ``perform(_:at:length:)``,
+/// one ``WritePlan`` at a time: planned under the metadata lock, performed (data I/O)
+/// without it, committed under it again.
 extension Qcow2Image {
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
-        try writebackIfNeeded()
-        try withIO(offset, UInt64(buffer.count), write: true) {
-            var pos = 0
-            while pos < buffer.count {
-                pos += try writeStep(buffer, pos: pos, guest: offset + UInt64(pos))
-            }
-        }
+        try perform(.data(buffer), at: offset, length: UInt64(buffer.count))
         if fua || cache == .writethrough { try flushNow() }
     }
 
-    /// Runs `body` as registered guest I/O after checking the range.
-    func withIO(_ offset: UInt64, _ length: UInt64, write: Bool, _ body: () throws -> Void) throws {
-        lock.lock()
-        do { try checkRange(offset, length, write: write) } catch { lock.unlock(); throw error }
-        let token = beginIO()
-        lock.unlock()
-        defer { endIO(token) }
-        try body()
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool) throws {
+        try perform(.zeroes(mayUnmap: mayUnmap), at: offset, length: length)
+        if fua || cache == .writethrough { try flushNow() }
+    }
+
+    public func discard(at offset: UInt64, length: UInt64) throws {
+        try perform(.discard, at: offset, length: length)
+        if cache == .writethrough { try flushNow() }
+    }
+
+    /// Zeroing is metadata-only on v3 images for whole clusters (whole subclusters with
+    /// extended L2), the disk's partial last cluster included.
+    public func zeroingIsCheap(at offset: UInt64, length: UInt64) -> Bool {
+        let (v3, size) = lock.withLock { (md.header.version >= 3, md.header.size) }
+        let unit = geometry.subclusterSize
+        let end = offset + length
+        return v3 && !isReadOnly && offset % unit == 0 && (end % unit == 0 || end == size)
+    }
+
+    /// Runs a write-like request as registered guest I/O, plan by plan.
+    func perform(_ request: WriteRequest, at offset: UInt64, length: UInt64) throws {
+        try guarded {
+            try prepareFirstWrite()
+            try writebackIfNeeded()
+            lock.lock()
+            do {
+                if markedCorrupt { throw StrataError.imageIsCorruptBit(path: path) }
+                try checkRange(offset, length, write: true)
+            } catch { lock.unlock(); throw error }
+            let token = beginIO()
+            lock.unlock()
+            defer { endIO(token) }
+            try steps(request, at: offset, length: length)
+        }
+    }
+
+    /// The plan/perform/commit loop over `[offset, offset+length)`.
+    private func steps(_ request: WriteRequest, at offset: UInt64, length: UInt64) throws {
+        var pos: UInt64 = 0
+        while pos < length {
+            let guest = offset + pos
+            let plan = try lock.withLock { try self.plan(request, guest: guest, remaining: length - pos) }
+            pos += try execute(plan, request, dataOffset: Int(pos), guest: guest)
+        }
     }
 
     /// When more tables are dirty than the caches hold, writes them out (in crash-safe order)
     /// before taking on more.
     func writebackIfNeeded() throws {
-        if lock.withLock({ md.l2Cache.needsWriteback || md.refCache.needsWriteback }) { try flushNow() }
+        if lock.withLock({ md.map.cache.needsWriteback || md.refcounts.cache.needsWriteback }) { try flushNow() }
     }
 
-    /// Writes as much as possible from `buffer[pos...]` at `guest` and returns the byte count.
-    private func writeStep(_ buffer: UnsafeRawBufferPointer, pos: Int, guest: UInt64) throws -> Int {
-        let remaining = UInt64(buffer.count - pos)
-        lock.lock()
-        // Fast path: overwrite data that is already ours, with no padding.
-        let inPlace: (UInt64, UInt64)?
-        do { inPlace = try inPlaceRun(guest, limit: remaining) } catch { lock.unlock(); throw error }
-        if let (host, n) = inPlace {
-            lock.unlock()
-            try wrapIO { try storage.write(UnsafeRawBufferPointer(rebasing: buffer[pos..<pos + Int(n)]), at: host) }
-            return Int(n)
-        }
-        // Full clusters that need a new host cluster: allocate a contiguous run at once.
-        let g = guest >> clusterBits
-        let inCluster = guest & (clusterSize - 1)
-        if inCluster == 0, remaining >= clusterSize {
-            let batch: (host: UInt64, clusters: [UInt64], old: [UInt64])?
-            do { batch = try planFullClusters(g, count: remaining / clusterSize) } catch { lock.unlock(); throw error }
-            if let batch {
-                lock.unlock()
-                let n = batch.clusters.count * Int(clusterSize)
-                do {
-                    try md.checkOverlap(batch.host, UInt64(n))
-                    try wrapIO { try storage.write(UnsafeRawBufferPointer(rebasing: buffer[pos..<pos + n]), at: batch.host) }
-                } catch {
-                    lock.withLock { abandon(batch.clusters, host: batch.host, count: UInt64(batch.clusters.count)) }
-                    throw error
-                }
-                try lock.withLock {
-                    defer { unbusy(batch.clusters) }
-                    for (k, gc) in batch.clusters.enumerated() {
-                        try commit(gc, host: batch.host + UInt64(k) * clusterSize, fullCluster: true,
-                                   region: 0..<clusterSize, reuse: false, oldRaw: batch.old[k], oldBitmap: 0)
-                    }
-                }
-                return n
+    // MARK: Planning (lock held)
+
+    /// The next step of `request` at `guest`, with `remaining` bytes left. Lock held; may wait
+    /// (releasing it) for a cluster another request is writing.
+    private func plan(_ request: WriteRequest, guest: UInt64, remaining: UInt64) throws -> WritePlan {
+        switch request {
+        case .data:
+            if let (host, n) = try inPlaceRun(guest, limit: remaining) { return .inPlace(host: host, length: n) }
+            let g = guest >> clusterBits
+            if guest & (clusterSize - 1) == 0, remaining >= clusterSize,
+               let run = try planFullClusters(g, count: remaining / clusterSize) {
+                return .allocate(run)
             }
+            return .copyOnWrite(try planCluster(g, data: (guest & (clusterSize - 1))..<min(clusterSize, (guest & (clusterSize - 1)) + remaining)))
+        case .zeroes(let mayUnmap):
+            if backing == nil && mayUnmap, let skip = unmappedTables(guest, remaining) { return .metadata(length: skip) }
+            let (g, range, whole) = piece(guest, remaining)
+            if try zeroCluster(g, range: range, whole: whole, mayUnmap: mayUnmap) { return .metadata(length: UInt64(range.count)) }
+            return .zeroData(length: UInt64(range.count))
+        case .discard:
+            if backing == nil || md.header.version < 3, let skip = unmappedTables(guest, remaining) { return .metadata(length: skip) }
+            let (g, range, whole) = piece(guest, remaining)
+            if whole { try discardCluster(g) }  // partial-cluster discards are ignored, like QEMU
+            return .metadata(length: UInt64(range.count))
         }
-        // One cluster, with copy-on-write padding.
-        let end = min(clusterSize, inCluster + remaining)
-        let plan: ClusterWrite
-        do { plan = try planCluster(g, data: inCluster..<end) } catch { lock.unlock(); throw error }
-        lock.unlock()
-        do {
-            try performCluster(plan, data: UnsafeRawBufferPointer(rebasing: buffer[pos..<pos + Int(end - inCluster)]), dataStart: inCluster)
-        } catch {
-            lock.withLock { abandon([g], host: plan.reuse ? 0 : plan.host, count: 1) }
-            throw error
-        }
-        try lock.withLock {
-            defer { unbusy([g]) }
-            try commit(g, host: plan.host, fullCluster: plan.region == 0..<clusterSize, region: plan.region,
-                       reuse: plan.reuse, oldRaw: plan.oldRaw, oldBitmap: plan.oldBitmap)
-        }
-        return Int(end - inCluster)
+    }
+
+    /// The part of cluster `guest` falls in that a request of `remaining` bytes covers: (guest
+    /// cluster, byte range in it, whether it is the whole cluster or the disk's partial last one).
+    private func piece(_ guest: UInt64, _ remaining: UInt64) -> (UInt64, Range<UInt64>, Bool) {
+        let g = guest >> clusterBits
+        let cStart = g << clusterBits
+        let cEnd = min(cStart + clusterSize, guest + remaining)
+        let whole = guest == cStart && (cEnd == cStart + clusterSize || cEnd == md.header.size)
+        return (g, (guest - cStart)..<(cEnd - cStart), whole)
+    }
+
+    /// At a cluster boundary inside an unallocated L2 table: the bytes up to the next
+    /// allocated table (or the end of the request), which a zero write or discard leaves as
+    /// they are. Nil elsewhere.
+    private func unmappedTables(_ guest: UInt64, _ remaining: UInt64) -> UInt64? {
+        guard guest & (clusterSize - 1) == 0 else { return nil }
+        let map = md.map
+        let i = Int(guest / geometry.l2Coverage)
+        guard i >= map.l1.count || map.l1[i] & L1Entry.offsetMask == 0 else { return nil }
+        let next = UInt64(map.nextAllocated(in: map.l1, from: i + 1)) * geometry.l2Coverage
+        return min(remaining, next - guest)
     }
 
     /// Bytes from `guest` that can be written in place with no padding, and their host offset.
-    /// Lock held.
     private func inPlaceRun(_ guest: UInt64, limit: UInt64) throws -> (UInt64, UInt64)? {
         var length: UInt64 = 0
         var start: UInt64 = 0
@@ -113,14 +121,17 @@ extension Qcow2Image {
             if length == 0 { start = host + inCluster } else if host + inCluster != start + length { break }
             length += n
         }
-        return length == 0 ? nil : (start, length)
+        guard length > 0 else { return nil }
+        try md.overlap.checkData(start, length)
+        return (start, length)
     }
 
-    /// The host cluster of `g` when `range` can be overwritten in place. Lock held.
+    /// The host cluster of `g` when `range` of it can be overwritten in place (see
+    /// ``L2Entry/ownedHost``; the covered bytes must also already be data).
     private func inPlaceHost(_ g: UInt64, _ range: Range<UInt64>) throws -> UInt64? {
-        let (raw, bitmap) = try md.entry(g)
+        let (raw, bitmap) = try md.map.entry(g)
         let e = L2Entry(raw: raw)
-        guard !e.isCompressed, e.isCopied, e.hostOffset != 0, !e.hasReservedBits(extended: geometry.extendedL2) else { return nil }
+        guard let host = e.ownedHost(extended: geometry.extendedL2) else { return nil }
         if geometry.extendedL2 {
             let sc = geometry.subclusterSize
             let mask = subclusterMask(Int(range.lowerBound / sc), Int((range.upperBound - 1) / sc))
@@ -128,62 +139,59 @@ extension Qcow2Image {
         } else if raw & L2Entry.zeroFlag != 0 {
             return nil
         }
-        try md.checkHost(e.hostOffset, "L2 entry for guest offset \(g << clusterBits)")
-        return e.hostOffset
+        try md.file.checkHost(host, "L2 entry for guest offset \(g << clusterBits)")
+        return host
     }
 
     /// Plans a run of whole clusters starting at `g` that all need fresh host clusters
-    /// (unallocated, zero, compressed or shared), marks them busy and allocates their host
-    /// clusters contiguously. Nil when `g` itself does not qualify. Lock held.
-    private func planFullClusters(_ g: UInt64, count: UInt64) throws -> (host: UInt64, clusters: [UInt64], old: [UInt64])? {
+    /// (not owned by this image: unallocated, zero, compressed or shared), marks them busy and
+    /// allocates their host clusters contiguously. Nil when `g` itself does not qualify.
+    private func planFullClusters(_ g: UInt64, count: UInt64) throws -> ClusterRun? {
+        while busy.contains(g) { lock.wait() }
+        let perTable = geometry.l2Entries
+        let table = try md.map.writableTable(Int(g / perTable))
+        let first = Int(g % perTable)
         var clusters: [UInt64] = []
         var old: [UInt64] = []
-        let perTable = geometry.l2Entries
         while UInt64(clusters.count) < count {
             let gc = g + UInt64(clusters.count)
-            if md.busy.contains(gc) { break }
-            if gc / perTable != g / perTable { break }  // keep a batch inside one L2 table
-            let (raw, _) = try md.entry(gc)
-            let e = L2Entry(raw: raw)
-            if !e.isCompressed && e.isCopied && e.hostOffset != 0 { break }  // in place is better
-            if geometry.extendedL2 && !e.isCompressed && e.hostOffset != 0 { break }
+            let j = first + clusters.count
+            guard j < Int(perTable), !busy.contains(gc) else { break }  // a batch stays in one L2 table
+            let raw = ClusterMap.read(table, j, extended: geometry.extendedL2).raw
+            if L2Entry(raw: raw).ownedHost(extended: geometry.extendedL2) != nil { break }  // written in place instead
             clusters.append(gc)
             old.append(raw)
         }
-        guard !clusters.isEmpty else {
-            if md.busy.contains(g) { return try waitBusy(g) { try planFullClusters(g, count: count) } }
-            return nil
-        }
-        let (host, n) = try md.allocate(UInt64(clusters.count))
+        guard !clusters.isEmpty else { return nil }
+        let (host, n) = try md.allocator.allocate(UInt64(clusters.count))
         clusters.removeLast(clusters.count - Int(n))
         old.removeLast(old.count - Int(n))
-        for gc in clusters { md.busy.insert(gc) }
-        return (host, clusters, old)
-    }
-
-    /// Waits until `g` is no longer busy, then retries. Lock held.
-    private func waitBusy<T>(_ g: UInt64, _ retry: () throws -> T) rethrows -> T {
-        while md.busy.contains(g) { lock.wait() }
-        return try retry()
+        for gc in clusters { busy.insert(gc) }
+        md.map.cache.pin(table)
+        return ClusterRun(table: table, firstIndex: first, clusters: clusters, old: old, host: host)
     }
 
     /// Plans a write of `data` (byte range inside cluster `g`): chooses the host cluster and
-    /// the padding, and marks the cluster busy. Lock held.
-    func planCluster(_ g: UInt64, data: Range<UInt64>) throws -> ClusterWrite {
-        while md.busy.contains(g) { lock.wait() }
-        let (raw, bitmap) = try md.entry(g)
+    /// the padding, and marks the cluster busy.
+    private func planCluster(_ g: UInt64, data: Range<UInt64>) throws -> ClusterWrite {
+        while busy.contains(g) { lock.wait() }
+        let perTable = geometry.l2Entries
+        let table = try md.map.writableTable(Int(g / perTable))
+        let j = Int(g % perTable)
+        let (raw, bitmap) = ClusterMap.read(table, j, extended: geometry.extendedL2)
         let e = L2Entry(raw: raw)
         if e.hasReservedBits(extended: geometry.extendedL2) {
-            throw md.corrupt("L2 entry for guest offset \(g << clusterBits) has reserved bits set")
+            throw md.file.corrupt(.reservedBits, at: table.offset + UInt64(j) * geometry.l2EntryBytes,
+                                  "L2 entry for guest offset \(g << clusterBits) has reserved bits set")
         }
         let ext = geometry.extendedL2
         let sc = geometry.subclusterSize
-        let reuse = !e.isCompressed && e.isCopied && e.hostOffset != 0 && (ext || raw & L2Entry.zeroFlag == 0)
+        let owned = e.ownedHost(extended: ext)
         var region: Range<UInt64>
         if ext {
             let first = data.lowerBound / sc * sc
             let last = alignUp(data.upperBound, sc)
-            if reuse {
+            if owned != nil {
                 // Pad only edge subclusters that are not allocated.
                 let alloc = SubclusterBitmap(raw: bitmap).allocated
                 let lo = alloc & (1 << UInt32(first / sc)) != 0 ? data.lowerBound : first
@@ -195,15 +203,16 @@ extension Qcow2Image {
                 region = first..<last
             }
         } else {
-            region = reuse ? data : 0..<clusterSize
+            // A zero cluster that keeps its host cluster is reused, zero-filled around the data.
+            region = owned != nil && raw & L2Entry.zeroFlag == 0 ? data : 0..<clusterSize
         }
-        // The last cluster of a disk whose size is not cluster aligned: don't pad past the end.
         let host: UInt64
-        if reuse {
-            try md.checkHost(e.hostOffset, "L2 entry for guest offset \(g << clusterBits)")
-            host = e.hostOffset
+        if let owned {
+            try md.file.checkHost(owned, "L2 entry for guest offset \(g << clusterBits)")
+            try md.overlap.checkData(owned, clusterSize)
+            host = owned
         } else {
-            host = try md.allocate(1).host
+            host = try md.allocator.allocate(1).host
         }
         var padding: [(Range<UInt64>, Source)] = []
         let base = g << clusterBits
@@ -215,16 +224,144 @@ extension Qcow2Image {
                 p += n
             }
         }
-        md.busy.insert(g)
-        return ClusterWrite(guestCluster: g, host: host, region: region, reuse: reuse, padding: padding,
-                            oldRaw: raw, oldBitmap: bitmap)
+        busy.insert(g)
+        md.map.cache.pin(table)
+        return ClusterWrite(table: table, index: j, guestCluster: g, host: host, region: region, reuse: owned != nil,
+                            padding: padding, oldRaw: raw, oldBitmap: bitmap)
+    }
+
+    /// Makes a cluster (or whole subclusters of it) read as zero through its L2 entry.
+    /// Returns false when the bytes must be written as zero data instead.
+    private func zeroCluster(_ g: UInt64, range: Range<UInt64>, whole: Bool, mayUnmap: Bool) throws -> Bool {
+        let v3 = md.header.version >= 3
+        let ext = geometry.extendedL2
+        let sc = geometry.subclusterSize
+        if !whole && !(ext && (range.lowerBound % sc == 0) && (range.upperBound % sc == 0 || (g << clusterBits) + range.upperBound == md.header.size)) {
+            return false
+        }
+        while busy.contains(g) { lock.wait() }
+        let (raw, bitmap) = try md.map.entry(g)
+        let e = L2Entry(raw: raw)
+        let keepHost = !mayUnmap && e.ownedHost(extended: ext) != nil
+        if !v3 {
+            guard backing == nil, whole else { return false }
+            if raw == 0 { return true }
+            try md.map.setEntry(g, raw: 0, bitmap: 0)
+            md.map.release(raw: raw)
+            return true
+        }
+        if ext {
+            let mask = whole ? UInt32.max : subclusterMask(Int(range.lowerBound / sc), Int((alignUp(range.upperBound, sc) - 1) / sc))
+            let old = SubclusterBitmap(raw: bitmap)
+            if e.isCompressed || (!e.isCopied && e.hostOffset != 0) {
+                guard whole else { return false }  // shared/compressed: only whole clusters
+            }
+            if whole && !keepHost {
+                if raw == 0 && old == .allZero { return true }
+                try md.map.setEntry(g, raw: 0, bitmap: SubclusterBitmap.allZero.raw)
+                md.map.release(raw: raw)
+                return true
+            }
+            let newBitmap = SubclusterBitmap(allocated: old.allocated & ~mask, zero: old.zero | mask)
+            if newBitmap == old { return true }
+            try md.map.setEntry(g, raw: raw, bitmap: newBitmap.raw)
+            return true
+        }
+        // Standard entries.
+        if raw == 0 && backing == nil && mayUnmap { return true }  // already reads as zero
+        let newRaw = keepHost ? (e.hostOffset | L2Entry.copied | L2Entry.zeroFlag) : L2Entry.zeroFlag
+        if newRaw == raw { return true }
+        try md.map.setEntry(g, raw: newRaw, bitmap: 0)
+        if !keepHost { md.map.release(raw: raw) }
+        return true
+    }
+
+    /// Frees a whole cluster: unallocated, or a zero cluster over a backing file (v3), so
+    /// the range reads as zeroes.
+    private func discardCluster(_ g: UInt64) throws {
+        while busy.contains(g) { lock.wait() }
+        let (raw, bitmap) = try md.map.entry(g)
+        var newRaw: UInt64 = 0
+        var newBitmap: UInt64 = 0
+        if backing != nil && md.header.version >= 3 {
+            if geometry.extendedL2 { newBitmap = SubclusterBitmap.allZero.raw } else { newRaw = L2Entry.zeroFlag }
+        }
+        if raw == newRaw && bitmap == newBitmap { return }
+        try md.map.setEntry(g, raw: newRaw, bitmap: newBitmap)
+        md.map.release(raw: raw)
+    }
+
+    // MARK: Performing and committing
+
+    /// Performs one plan and returns how many bytes of the request it covered.
+    private func execute(_ plan: WritePlan, _ request: WriteRequest, dataOffset pos: Int, guest: UInt64) throws -> UInt64 {
+        func data(_ count: Int) -> UnsafeRawBufferPointer {
+            guard case .data(let buffer) = request else { preconditionFailure("data plan for a request without data") }
+            return UnsafeRawBufferPointer(rebasing: buffer[pos..<pos + count])
+        }
+        switch plan {
+        case .inPlace(let host, let n):
+            try storage.write(data(Int(n)), at: host)
+            return n
+
+        case .allocate(let run):
+            let n = run.clusters.count * Int(clusterSize)
+            do {
+                try storage.write(data(n), at: run.host)
+            } catch {
+                lock.withLock { abandon(run.clusters, table: run.table, host: run.host) }
+                throw error
+            }
+            lock.withLock {
+                defer { finish(run.clusters, table: run.table) }
+                for (k, _) in run.clusters.enumerated() {
+                    let host = run.host + UInt64(k) * clusterSize
+                    commit(run.table, run.firstIndex + k, host: host, region: 0..<clusterSize, reuse: false,
+                           oldRaw: run.old[k], oldBitmap: 0)
+                }
+            }
+            return UInt64(n)
+
+        case .copyOnWrite(let cw):
+            let inCluster = guest & (clusterSize - 1)
+            let count = Int(min(clusterSize - inCluster, UInt64(Int.max)))
+            let bytes: UnsafeRawBufferPointer
+            if case .data(let buffer) = request {
+                bytes = UnsafeRawBufferPointer(rebasing: buffer[pos..<min(buffer.count, pos + count)])
+            } else {
+                preconditionFailure("copy-on-write plan for a request without data")
+            }
+            do {
+                try performCluster(cw, data: bytes, dataStart: inCluster)
+            } catch {
+                lock.withLock { abandon([cw.guestCluster], table: cw.table, host: cw.reuse ? 0 : cw.host) }
+                throw error
+            }
+            lock.withLock {
+                defer { finish([cw.guestCluster], table: cw.table) }
+                commit(cw.table, cw.index, host: cw.host, region: cw.region, reuse: cw.reuse, oldRaw: cw.oldRaw, oldBitmap: cw.oldBitmap)
+            }
+            return UInt64(bytes.count)
+
+        case .metadata(let n):
+            return n
+
+        case .zeroData(let n):
+            let zeroes = ZeroBuffer.shared
+            var done: UInt64 = 0
+            while done < n {
+                let chunk = Int(min(UInt64(zeroes.count), n - done))
+                try steps(.data(UnsafeRawBufferPointer(rebasing: zeroes.pointer[0..<chunk])), at: guest + done, length: UInt64(chunk))
+                done += UInt64(chunk)
+            }
+            return n
+        }
     }
 
     /// Writes a planned cluster: padding read from its sources, the caller's data, one pwrite.
-    func performCluster(_ plan: ClusterWrite, data: UnsafeRawBufferPointer, dataStart: UInt64) throws {
-        try md.checkOverlap(plan.host, clusterSize)
+    private func performCluster(_ plan: ClusterWrite, data: UnsafeRawBufferPointer, dataStart: UInt64) throws {
         if plan.padding.isEmpty {
-            try wrapIO { try storage.write(data, at: plan.host + dataStart) }
+            try storage.write(data, at: plan.host + dataStart)
             return
         }
         let len = Int(plan.region.count)
@@ -238,172 +375,49 @@ extension Qcow2Image {
         }
         let d = Int(dataStart - plan.region.lowerBound)
         UnsafeMutableRawBufferPointer(rebasing: tmp[d..<d + data.count]).copyMemory(from: data)
-        try wrapIO { try storage.write(UnsafeRawBufferPointer(tmp), at: plan.host + plan.region.lowerBound) }
+        try storage.write(UnsafeRawBufferPointer(tmp), at: plan.host + plan.region.lowerBound)
     }
 
-    /// Points guest cluster `g` at its new data and drops the old reference. Lock held.
-    func commit(_ g: UInt64, host: UInt64, fullCluster: Bool, region: Range<UInt64>, reuse: Bool,
-                oldRaw: UInt64, oldBitmap: UInt64) throws {
-        let raw = host | L2Entry.copied
+    /// Points entry `j` of `table` at its new data and drops the old reference. Lock held.
+    private func commit(_ table: Table, _ j: Int, host: UInt64, region: Range<UInt64>, reuse: Bool,
+                        oldRaw: UInt64, oldBitmap: UInt64) {
         var bitmap: UInt64 = 0
         if geometry.extendedL2 {
             let sc = geometry.subclusterSize
-            let mask = fullCluster ? UInt32.max : subclusterMask(Int(region.lowerBound / sc), Int((region.upperBound - 1) / sc))
+            let full = region == 0..<clusterSize
+            let mask = full ? UInt32.max : subclusterMask(Int(region.lowerBound / sc), Int((region.upperBound - 1) / sc))
             let old = SubclusterBitmap(raw: oldBitmap)
             let oldHasHost = L2Entry(raw: oldRaw).hostOffset != 0 && !L2Entry(raw: oldRaw).isCompressed
             let alloc = (reuse ? old.allocated : 0) | mask
             let zero = (reuse || !oldHasHost ? old.zero : 0) & ~mask
             bitmap = SubclusterBitmap(allocated: alloc, zero: zero).raw
         }
-        try md.setEntry(g, raw: raw, bitmap: bitmap)
-        if !reuse { md.release(raw: oldRaw) }
+        md.map.set(table, j, raw: host | L2Entry.copied, bitmap: bitmap)
+        if !reuse { md.map.release(raw: oldRaw) }
     }
 
-    func unbusy(_ clusters: [UInt64]) {
-        for g in clusters { md.busy.remove(g) }
+    /// Ends a plan: its clusters are no longer busy and its table may be evicted. Lock held.
+    private func finish(_ clusters: [UInt64], table: Table) {
+        for g in clusters { busy.remove(g) }
+        md.map.cache.unpin(table)
         lock.broadcast()
     }
 
-    /// Gives back clusters of a write that failed before it was committed. Lock held.
-    func abandon(_ clusters: [UInt64], host: UInt64, count: UInt64) {
-        if host != 0 { md.deferFree(host, count: count) }
-        unbusy(clusters)
+    /// Gives back what a write that failed before its commit took: fresh host clusters
+    /// (decremented once the next flush is durable), the busy marks, the pin. Lock held.
+    private func abandon(_ clusters: [UInt64], table: Table, host: UInt64) {
+        if host != 0 { md.refcounts.deferDecrement(host, count: UInt64(clusters.count)) }
+        finish(clusters, table: table)
     }
+}
 
-    // MARK: Zeroes and discard
-
-    public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool) throws {
-        try writebackIfNeeded()
-        try withIO(offset, length, write: true) {
-            try forEachPiece(offset, length, skipUnmapped: backing == nil && mayUnmap && !geometry.extendedL2) { g, range, whole in
-                if try zeroCluster(g, range: range, whole: whole, mayUnmap: mayUnmap) { return }
-                try writeZeroBytes(at: (g << clusterBits) + range.lowerBound, length: UInt64(range.count))
-            }
-        }
-        if fua || cache == .writethrough { try flushNow() }
-    }
-
-    public func discard(at offset: UInt64, length: UInt64) throws {
-        try writebackIfNeeded()
-        let v2 = lock.withLock { md.header.version < 3 }
-        try withIO(offset, length, write: true) {
-            try forEachPiece(offset, length, skipUnmapped: backing == nil || v2) { g, _, whole in
-                guard whole else { return }  // partial-cluster discards are ignored, like QEMU
-                try lock.withLock {
-                    while md.busy.contains(g) { lock.wait() }
-                    let (raw, bitmap) = try md.entry(g)
-                    let hasBacking = backing != nil
-                    let v3 = md.header.version >= 3
-                    var newRaw: UInt64 = 0
-                    var newBitmap: UInt64 = 0
-                    if hasBacking && v3 {
-                        if geometry.extendedL2 { newBitmap = SubclusterBitmap.allZero.raw } else { newRaw = L2Entry.zeroFlag }
-                    }
-                    if raw == newRaw && bitmap == newBitmap { return }
-                    try md.setEntry(g, raw: newRaw, bitmap: newBitmap)
-                    md.release(raw: raw)
-                }
-            }
-        }
-        if cache == .writethrough { try flushNow() }
-    }
-
-    /// Zeroing is metadata-only on v3 images for whole clusters (whole subclusters with
-    /// extended L2), the disk's partial last cluster included.
-    public func zeroingIsCheap(at offset: UInt64, length: UInt64) -> Bool {
-        let (v3, size) = lock.withLock { (md.header.version >= 3, md.header.size) }
-        let unit = geometry.subclusterSize
-        let end = offset + length
-        return v3 && !isReadOnly && offset % unit == 0 && (end % unit == 0 || end == size)
-    }
-
-    /// Calls `body` for each cluster piece of a range: (guest cluster, byte range in it,
-    /// whether it covers the whole cluster or the disk's partial last cluster).
-    /// With `skipUnmapped`, whole L2 tables that are not allocated are stepped over (for
-    /// operations that leave unallocated clusters as they are: a discard or unmapping zero
-    /// write without a backing file, so discarding a whole disk takes one step per L2 table).
-    func forEachPiece(_ offset: UInt64, _ length: UInt64, skipUnmapped: Bool = false,
-                      _ body: (UInt64, Range<UInt64>, Bool) throws -> Void) throws {
-        let size = lock.withLock { md.header.size }
-        var pos = offset
-        let end = offset + length
-        let coverage = geometry.l2Coverage
-        while pos < end {
-            if skipUnmapped, pos % clusterSize == 0 {
-                let i = Int(pos / coverage)
-                let unmapped = lock.withLock { i >= md.l1.count || L1Entry(raw: md.l1[i]).l2Offset == 0 }
-                let next = (pos / coverage + 1) * coverage
-                if unmapped && next <= end {
-                    pos = next
-                    continue
-                }
-            }
-            let g = pos >> clusterBits
-            let cStart = g << clusterBits
-            let cEnd = min(cStart + clusterSize, end)
-            let whole = pos == cStart && (cEnd == cStart + clusterSize || cEnd == size)
-            try body(g, (pos - cStart)..<(cEnd - cStart), whole)
-            pos = cEnd
-        }
-    }
-
-    /// Makes a cluster (or whole subclusters of it) read as zero through its L2 entry.
-    /// Returns false when the bytes must be written as zero data instead.
-    private func zeroCluster(_ g: UInt64, range: Range<UInt64>, whole: Bool, mayUnmap: Bool) throws -> Bool {
-        let v3 = lock.withLock { md.header.version >= 3 }
-        let ext = geometry.extendedL2
-        let sc = geometry.subclusterSize
-        if !whole && !(ext && (range.lowerBound % sc == 0) && (range.upperBound % sc == 0 || (g << clusterBits) + range.upperBound == size)) {
-            return false
-        }
-        return try lock.withLock {
-            while md.busy.contains(g) { lock.wait() }
-            let (raw, bitmap) = try md.entry(g)
-            let e = L2Entry(raw: raw)
-            let keepHost = !mayUnmap && !e.isCompressed && e.isCopied && e.hostOffset != 0
-            if !v3 {
-                guard backing == nil, whole else { return false }
-                if raw == 0 { return true }
-                try md.setEntry(g, raw: 0, bitmap: 0)
-                md.release(raw: raw)
-                return true
-            }
-            if ext {
-                let mask = whole ? UInt32.max : subclusterMask(Int(range.lowerBound / sc), Int((alignUp(range.upperBound, sc) - 1) / sc))
-                let old = SubclusterBitmap(raw: bitmap)
-                if e.isCompressed || (!e.isCopied && e.hostOffset != 0) {
-                    guard whole else { return false }  // shared/compressed: only whole clusters
-                }
-                if whole && !keepHost {
-                    if raw == 0 && old == .allZero { return true }
-                    try md.setEntry(g, raw: 0, bitmap: SubclusterBitmap.allZero.raw)
-                    md.release(raw: raw)
-                    return true
-                }
-                let newBitmap = SubclusterBitmap(allocated: old.allocated & ~mask, zero: old.zero | mask)
-                if newBitmap == old { return true }
-                try md.setEntry(g, raw: raw, bitmap: newBitmap.raw)
-                return true
-            }
-            // Standard entries.
-            if raw == 0 && backing == nil && mayUnmap { return true }  // already reads as zero
-            let newRaw = keepHost ? (e.hostOffset | L2Entry.copied | L2Entry.zeroFlag) : L2Entry.zeroFlag
-            if newRaw == raw { return true }
-            try md.setEntry(g, raw: newRaw, bitmap: 0)
-            if !keepHost { md.release(raw: raw) }
-            return true
-        }
-    }
-
-    private func writeZeroBytes(at guest: UInt64, length: UInt64) throws {
-        var done: UInt64 = 0
-        let zeroes = ZeroBuffer.shared
-        while done < length {
-            let n = Int(min(UInt64(zeroes.count), length - done))
-            let chunk = UnsafeRawBufferPointer(rebasing: zeroes.pointer[0..<n])
-            var pos = 0
-            while pos < n { pos += try writeStep(chunk, pos: pos, guest: guest + done + UInt64(pos)) }
-            done += UInt64(n)
-        }
+extension L2Entry {
+    /// The host cluster when this image alone owns it (COPIED, not compressed, allocated):
+    /// the one test of "ours, writable in place". Zero clusters that keep a preallocated
+    /// host cluster count too (their writes fill the rest with zeroes).
+    @inline(__always)
+    func ownedHost(extended: Bool) -> UInt64? {
+        guard !isCompressed, isCopied, hostOffset != 0 else { return nil }
+        return hostOffset
     }
 }

@@ -18,7 +18,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     let lock = ConditionLock()
     /// Serializes flushes (never held together with `lock` across I/O of guest data).
     let flushLock = Mutex<Void>(())
-    /// Guest I/O in flight per epoch parity (see ``Metadata/epoch``).
+    /// Guest I/O in flight per epoch parity (see ``epoch``).
     let inFlight0 = Atomic<Int>(0)
     let inFlight1 = Atomic<Int>(0)
     let clusterSize: UInt64
@@ -27,6 +27,20 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     let cache: CacheMode
     private let imageLock: ImageLock?
     private let closed = Atomic<Bool>(false)
+    /// Set once the first change was prepared (see ``prepareFirstWrite()``).
+    private let prepared = Atomic<Bool>(false)
+
+    // Guarded by `lock`:
+    /// Guest clusters whose write is planned but not yet committed.
+    var busy: Set<UInt64> = []
+    /// Bumped by each flush; in-flight guest I/O registers against its parity (the grace
+    /// period before a freed cluster may be reused).
+    var epoch = 0
+    /// The thread holding new requests back (``quiesce(_:)``), if any.
+    var quiescer: pthread_t?
+    /// A structural corruption was found while writable: the corrupt bit is set, and
+    /// nothing more is written.
+    var markedCorrupt = false
 
     public let isReadOnly: Bool
     public var preferredBlockSize: Int { Int(clusterSize) }
@@ -41,10 +55,17 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     public let backingFormat: ImageFormat?
     /// Header extensions as read (unknown ones are preserved on rewrite).
     public let extensions: HeaderExtensions
+    /// Why the snapshot table could not be read, if it could not (the active disk still
+    /// reads; the snapshots are not listed).
+    public let snapshotTableError: StrataError?
 
     /// The current header (size, table locations and features change while open).
     public var header: Qcow2Header { lock.withLock { md.header } }
     public var size: UInt64 { lock.withLock { md.header.size } }
+    /// The internal snapshots, as the snapshot table lists them.
+    public var snapshots: [SnapshotRecord] { lock.withLock { md.snapshots } }
+    /// The persistent bitmaps (which Strata keeps but does not maintain).
+    public var bitmaps: [BitmapDirectoryEntry] { lock.withLock { md.bitmaps } }
 
     /// Opens an image file and its backing chain.
     public convenience init(path: String, options: OpenOptions) throws {
@@ -64,12 +85,9 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     }
 
     private init(storage: any BlockStorage, path: String, options: OpenOptions, chain: [String], imageLock: consuming ImageLock?) throws {
-        func io<T>(_ body: () throws -> T) throws -> T {
-            do { return try body() } catch let e as SystemCallError { throw StrataError.io(path: path, e) }
-        }
-        let fileLength = try io { try storage.length() }
-        let first = try io { try storage.readBytes(at: 0, count: Int(min(fileLength, 2 << 20))) }
-        var header = try Qcow2Header.decode(first, path: path, fileSize: fileLength)
+        let fileLength = try storage.length()
+        let first = try storage.readBytes(at: 0, count: Int(min(fileLength, 2 << 20)))
+        let header = try Qcow2Header.decode(first, path: path, fileSize: fileLength)
         let cs = header.clusterSize
         let extStart = Int(header.version == 2 ? Qcow2Header.v2Length : header.headerLength)
         let extLimit = Int(header.backingFileOffset != 0 ? min(header.backingFileOffset, cs) : cs)
@@ -90,7 +108,8 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         var backing: (any BlockDevice)? = nil
         if header.backingFileOffset != 0 {
             guard Int(header.backingFileOffset) + Int(header.backingFileSize) <= first.count else {
-                throw StrataError.corruptImage(path: path, what: "backing file name lies past the end of the file")
+                throw StrataError.corrupt(Corruption(path: path, kind: .truncated, offset: header.backingFileOffset,
+                                                     detail: "backing file name lies past the end of the file"))
             }
             let nameBytes = first[Int(header.backingFileOffset)..<Int(header.backingFileOffset) + Int(header.backingFileSize)]
             let name = String(decoding: nameBytes, as: UTF8.self)
@@ -104,9 +123,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
                 backingFormat = fmt
             } else if let f = options.backingFormat {
                 backingFormat = f
-            } else if options.noBacking {
-                backingFormat = nil
-            } else {
+            } else if !options.noBacking {
                 throw StrataError.backingFormatUnknown(path: path, backing: name)
             }
             if !options.noBacking {
@@ -115,33 +132,45 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         }
 
         // L1 and refcount tables (sizes were bounded by the header decoder).
-        let l1Bytes = try io { try storage.readBytes(at: header.l1TableOffset, count: Int(header.l1Size) * 8) }
+        let l1Bytes = try storage.readBytes(at: header.l1TableOffset, count: Int(header.l1Size) * 8)
         let l1 = (0..<Int(header.l1Size)).map { l1Bytes.be64($0 * 8) }
         let rtCount = Int(UInt64(header.refcountTableClusters) * cs / 8)
-        let rtBytes = try io { try storage.readBytes(at: header.refcountTableOffset, count: rtCount * 8) }
+        let rtBytes = try storage.readBytes(at: header.refcountTableOffset, count: rtCount * 8)
         let refTable = (0..<rtCount).map { rtBytes.be64($0 * 8) }
+
+        // Snapshot table: a bad one is reported, and does not stop the active disk.
+        var snapshots: [SnapshotRecord] = []
+        var snapshotError: StrataError? = nil
+        do {
+            snapshots = try Self.readSnapshotTable(storage, header: header, fileLength: fileLength, path: path)
+        } catch let e as StrataError {
+            snapshotError = e
+        }
+        // Bitmaps: valid only while the autoclear bit says so.
+        var bitmaps: [BitmapDirectoryEntry] = []
+        if let b = ext.bitmaps, header.autoclearFeatures.contains(.bitmaps) {
+            guard b.directoryOffset % cs == 0, b.directoryOffset != 0, b.directoryOffset + b.directorySize <= fileLength else {
+                throw StrataError.invalidHeader(path: path, field: "bitmaps extension bitmap_directory_offset", value: b.directoryOffset,
+                                                reason: "not cluster aligned, or past the end of the file")
+            }
+            let dir = try storage.readBytes(at: b.directoryOffset, count: Int(b.directorySize))
+            bitmaps = try BitmapDirectoryEntry.decodeDirectory(dir, count: Int(b.count), offset: b.directoryOffset, path: path)
+        }
 
         let l2Default = Int(min(max(Geometry(clusterBits: header.clusterBits, extendedL2: header.extendedL2).l1Entries(forSize: header.size), 4) * cs,
                                 UInt64(32 << 20)))
         let l2Bytes = options.l2CacheBytes ?? max(l2Default, Int(4 * cs))
         let refBytes = options.refcountCacheBytes ?? max(l2Bytes / 4, Int(4 * cs))
 
-        if options.writable {
-            // Unknown autoclear bits (and the bitmaps bit: we do not keep bitmaps) are cleared
-            // before the first write.
-            if header.autoclearFeatures != 0 {
-                header.autoclearFeatures = 0
-                try io { try storage.writeBytes(header.encode(), at: 0); try storage.sync() }
-            }
-        }
-
         self.storage = storage
         self.path = path
-        self.md = Metadata(storage: storage, path: path, header: header, l1: l1, refTable: refTable,
-                           fileLength: fileLength, l2CacheBytes: l2Bytes, refCacheBytes: refBytes)
+        self.md = Metadata(storage: storage, path: path, header: header, fileLength: fileLength, l1: l1, refTable: refTable,
+                           snapshots: snapshots, bitmaps: bitmaps,
+                           bitmapsExtension: header.autoclearFeatures.contains(.bitmaps) ? ext.bitmaps : nil,
+                           l2CacheBytes: l2Bytes, refCacheBytes: refBytes)
         self.clusterSize = cs
         self.clusterBits = UInt64(header.clusterBits)
-        self.geometry = md.geometry
+        self.geometry = md.file.geometry
         self.cache = options.cache
         self.isReadOnly = !options.writable
         self.backing = backing
@@ -149,7 +178,26 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         self.backingFilePath = backingPath
         self.backingFormat = backingFormat
         self.extensions = ext
+        self.snapshotTableError = snapshotError
         self.imageLock = imageLock
+    }
+
+    /// Reads and decodes the snapshot table, in growing chunks (its length is only known
+    /// once its entries are decoded), bounded by ``Limits/maxSnapshotTableBytes``.
+    private static func readSnapshotTable(_ storage: any BlockStorage, header h: Qcow2Header, fileLength: UInt64,
+                                          path: String) throws -> [SnapshotRecord] {
+        guard h.nbSnapshots > 0 else { return [] }
+        let available = min(Limits.maxSnapshotTableBytes, fileLength - min(fileLength, h.snapshotsOffset))
+        var want = min(available, 64 << 10)
+        while true {
+            let bytes = try storage.readBytes(at: h.snapshotsOffset, count: Int(want))
+            do {
+                return try SnapshotRecord.decodeTable(bytes, count: Int(h.nbSnapshots), tableOffset: h.snapshotsOffset, path: path)
+            } catch {
+                guard want < available else { throw error }
+                want = min(available, want * 4)
+            }
+        }
     }
 
     deinit { try? close() }
@@ -163,7 +211,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         if !isReadOnly { try flushNow() }
     }
 
-    // MARK: Range checks and I/O registration
+    // MARK: Range checks, I/O registration, quiescing
 
     @inline(__always)
     func checkRange(_ offset: UInt64, _ length: UInt64, write: Bool) throws {
@@ -174,9 +222,13 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         }
     }
 
-    /// Registers guest I/O in the current epoch; call with the lock held.
+    /// Registers guest I/O in the current epoch, after waiting out a ``quiesce(_:)`` held by
+    /// another thread. Lock held.
     @inline(__always) func beginIO() -> Int {
-        let e = md.epoch & 1
+        if let q = quiescer, pthread_equal(q, pthread_self()) == 0 {
+            while quiescer != nil { lock.wait() }
+        }
+        let e = epoch & 1
         if e == 0 { inFlight0.add(1, ordering: .relaxed) } else { inFlight1.add(1, ordering: .relaxed) }
         return e
     }
@@ -184,13 +236,96 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         if e == 0 { inFlight0.subtract(1, ordering: .releasing) } else { inFlight1.subtract(1, ordering: .releasing) }
     }
 
-    func wrapIO<T>(_ body: () throws -> T) throws -> T { try md.io(body) }
+    /// Holds new guest requests back, waits for those in flight, flushes, runs `body`, then
+    /// lets requests go on: the moment a live operation (a snapshot, a resize of a served
+    /// disk) needs the image still. `body` runs on the calling thread, which may use the
+    /// image itself; requests from other threads wait.
+    public func quiesce<T>(_ body: () throws -> T) throws -> T {
+        lock.withLock {
+            while quiescer != nil { lock.wait() }
+            quiescer = pthread_self()
+        }
+        defer {
+            lock.withLock {
+                quiescer = nil
+                lock.broadcast()
+            }
+        }
+        waitForIO(epochParity: 0)
+        waitForIO(epochParity: 1)
+        if !isReadOnly { try flushNow() }
+        return try body()
+    }
+
+    // MARK: Corruption
+
+    /// Runs an engine operation; when it finds a structural corruption in a writable image,
+    /// the image is marked corrupt first (QEMU's corrupt bit: it then opens read-only until
+    /// repaired) and nothing more is written.
+    @inline(__always)
+    func guarded<T>(_ body: () throws -> T) throws -> T {
+        do { return try body() } catch StrataError.corrupt(let c) {
+            if c.kind.isStructural && !isReadOnly { markCorrupt() }
+            throw StrataError.corrupt(c)
+        }
+    }
+
+    /// Sets the corrupt bit on disk (only that field: the in-memory header may point at
+    /// tables not yet written) and stops all further writes. Best effort.
+    func markCorrupt() {
+        let features: IncompatibleFeatures? = lock.withLock {
+            guard !markedCorrupt else { return nil }
+            markedCorrupt = true
+            guard md.header.version >= 3 else { return nil }
+            md.header.incompatibleFeatures.insert(.corrupt)
+            return md.header.incompatibleFeatures
+        }
+        guard let features else { return }
+        var field = [UInt8](repeating: 0, count: 8)
+        field.put64(features.rawValue, 0)
+        try? storage.writeBytes(field, at: 72)
+        try? storage.sync()
+    }
+
+    // MARK: First write
+
+    /// Before the first change: marks persistent bitmaps in use (Strata does not update
+    /// them, so they go stale, as after a crash of their owner; QEMU then knows not to trust
+    /// them, and their clusters stay referenced), and clears autoclear bits we do not know.
+    func prepareFirstWrite() throws {
+        guard !prepared.load(ordering: .acquiring) else { return }
+        try flushLock.withLock { _ in
+            guard !prepared.load(ordering: .acquiring) else { return }
+            let (header, bitmaps, ext) = lock.withLock { (md.header, md.bitmaps, extensions) }
+            let keep: AutoclearFeatures = bitmaps.isEmpty ? [] : .bitmaps
+            if let dir = ext.bitmaps, !bitmaps.isEmpty {
+                for b in bitmaps where b.flags & BitmapDirectoryEntry.inUse == 0 {
+                    var flags = [UInt8](repeating: 0, count: 4)
+                    flags.put32(b.flags | BitmapDirectoryEntry.inUse, 0)
+                    try storage.writeBytes(flags, at: dir.directoryOffset + UInt64(b.flagsPosition))
+                }
+                try storage.sync()
+                lock.withLock {
+                    for i in md.bitmaps.indices { md.bitmaps[i].flags |= BitmapDirectoryEntry.inUse }
+                }
+            }
+            if header.version >= 3, header.autoclearFeatures != keep {
+                var field = [UInt8](repeating: 0, count: 8)
+                field.put64(keep.rawValue, 0)
+                try storage.writeBytes(field, at: 88)
+                try storage.sync()
+                lock.withLock { md.header.autoclearFeatures = keep }
+            }
+            prepared.store(true, ordering: .releasing)
+        }
+    }
 }
 
 /// Opening and checking backing files.
-enum BackingChain {
-    /// Resolves a backing name: absolute as is, relative against the overlay's folder.
-    static func resolve(_ name: String, relativeTo overlay: String) -> String {
+public enum BackingChain {
+    /// Resolves a backing name as QEMU does: absolute as is, relative against the folder of
+    /// the image that names it (as that image's path was spelled).
+    public static func resolve(_ name: String, relativeTo overlay: String) -> String {
         if name.hasPrefix("/") { return name }
         if let slash = overlay.lastIndex(of: "/") { return String(overlay[...slash]) + name }
         return name
@@ -212,7 +347,8 @@ enum BackingChain {
         }
     }
 
-    static func realPath(_ p: String) -> String {
+    /// The canonical path of an existing file (symbolic links resolved), or `p` itself.
+    public static func realPath(_ p: String) -> String {
         guard let r = realpath(p, nil) else { return p }
         defer { free(r) }
         return String(cString: r)

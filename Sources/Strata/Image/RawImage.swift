@@ -4,32 +4,58 @@ import Glibc
 
 /// A raw disk file: guest offset = file offset. Used as a backing file and as a
 /// `-f raw` image of its own.
+///
+/// A raw image whose format was probed (the user named no format) refuses writes after which
+/// its first sector would probe as another format (EPERM, as QEMU's raw driver does): a
+/// guest must never turn its disk into, say, a qcow2 header naming a host file as backing.
 public final class RawImage: BlockDevice {
     public let storage: any BlockStorage
     public let size: UInt64
     public let isReadOnly: Bool
     public var preferredBlockSize: Int { 4096 }
     public var supportsDiscard: Bool { !isReadOnly }
+    /// The format was probed, not given: writes to the first sector are checked.
+    public let probed: Bool
     private let lock: ImageLock?
     private let cache: CacheMode
 
     /// Opens a raw file. Writable opens take QEMU-compatible image locks.
-    public init(path: String, writable: Bool, forceShare: Bool = false, cache: CacheMode = .writeback) throws {
+    public init(path: String, writable: Bool, forceShare: Bool = false, cache: CacheMode = .writeback, probed: Bool = false) throws {
         let file = try FileStorage(path: path, mode: OpenMode(writable: writable, direct: cache == .none))
         self.lock = forceShare && !writable ? nil : try ImageLock(file: file, writable: writable)
         self.storage = file
         self.size = try file.length()
         self.isReadOnly = !writable
         self.cache = cache
+        self.probed = probed
     }
 
     /// Wraps storage that is already open (tests, in-memory images).
-    public init(storage: any BlockStorage, writable: Bool) throws {
+    public init(storage: any BlockStorage, writable: Bool, probed: Bool = false) throws {
         self.storage = storage
         self.size = try storage.length()
         self.isReadOnly = !writable
         self.lock = nil
         self.cache = .writeback
+        self.probed = probed
+    }
+
+    /// Creates a raw image of `size` bytes (sparse), replacing any file at `path`: an
+    /// existing file is locked (refused while another process uses it), then truncated, so
+    /// none of its old bytes or format survive. A file this call made is removed if it fails.
+    public static func create(path: String, size: UInt64) throws {
+        let file = try FileStorage(creating: path)
+        do {
+            defer { file.close() }
+            let lock = try ImageLock(file: file, writable: true)
+            _ = consume lock
+            try file.setLength(0)
+            try file.setLength(size)
+            try file.sync()
+        } catch {
+            if file.created { unlink(path) }
+            throw error
+        }
     }
 
     private func check(_ offset: UInt64, _ length: UInt64) throws {
@@ -43,51 +69,75 @@ public final class RawImage: BlockDevice {
         guard offset <= size, UInt64(buffer.count) <= size - offset else {
             throw StrataError.outOfRange(offset: offset, length: UInt64(buffer.count), size: size)
         }
-        try wrap { _ = try storage.read(into: buffer, at: offset) }
+        _ = try storage.read(into: buffer, at: offset)
     }
+
+    /// One pass: the file's holes (SEEK_HOLE) are zero runs, the rest is read.
+    public func read(at offset: UInt64, length: Int, runs sink: ReadSink) throws {
+        guard offset <= size, UInt64(length) <= size - offset else {
+            throw StrataError.outOfRange(offset: offset, length: UInt64(length), size: size)
+        }
+        try forEachRun(from: offset, to: offset + UInt64(length)) { o, n, ext in
+            let zero = ext?.status.contains(.zero) ?? false
+            guard let out = try sink(o, Int(n), zero) else { return true }
+            if zero { out.zero() } else { _ = try storage.read(into: out, at: o) }
+            return true
+        }
+    }
+
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
         try check(offset, UInt64(buffer.count))
-        try wrap {
-            try storage.write(buffer, at: offset)
-            if fua || cache == .writethrough { try storage.sync() }
+        if probed, offset < UInt64(FormatProbe.sectorSize), buffer.count > 0 {
+            try checkFirstSector(after: buffer, at: offset)
+        }
+        try storage.write(buffer, at: offset)
+        if fua || cache == .writethrough { try storage.sync() }
+    }
+
+    /// Refuses a write after which the first sector would probe as another format.
+    private func checkFirstSector(after buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        var sector = [UInt8](repeating: 0, count: FormatProbe.sectorSize)
+        try sector.withUnsafeMutableBytes { s in
+            _ = try storage.read(into: s, at: 0)
+            let n = min(buffer.count, FormatProbe.sectorSize - Int(offset))
+            (s.baseAddress! + Int(offset)).copyMemory(from: buffer.baseAddress!, byteCount: n)
+        }
+        if let format = sector.withUnsafeBytes({ FormatProbe.signature(of: $0) }) {
+            throw StrataError.formatChangeRefused(path: storage.name, format: format)
         }
     }
+
+    /// Zeroes by deallocating (with `mayUnmap`, the range becomes a hole) or by zeroing the
+    /// range in place; writes zero bytes only where the file system can do neither.
     public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool) throws {
         try check(offset, length)
-        try wrap {
-            try ZeroBuffer.shared.write(to: storage, at: offset, length: length)
-            if fua || cache == .writethrough { try storage.sync() }
-        }
+        let done = mayUnmap ? try storage.punchHole(at: offset, length: length) : try storage.zeroRange(at: offset, length: length)
+        if !done { try storage.writeZeroBytes(at: offset, length: length) }
+        if fua || cache == .writethrough { try storage.sync() }
     }
     public func discard(at offset: UInt64, length: UInt64) throws {
         try check(offset, length)
-        try wrap { try storage.punchHole(at: offset, length: length) }
+        try storage.punchHole(at: offset, length: length)
     }
     public func flush() throws {
-        if !isReadOnly && cache != .unsafe { try wrap { try storage.sync() } }
+        if !isReadOnly && cache != .unsafe { try storage.sync() }
     }
     public func blockStatus(at offset: UInt64, length: UInt64) throws -> [BlockExtent] {
         guard offset <= size, length <= size - offset else {
             throw StrataError.outOfRange(offset: offset, length: length, size: size)
         }
-        return try wrap { try RawExtents.scan(storage, offset: offset, length: length) }
+        return RawExtents.scan(storage, offset: offset, length: length)
     }
     public func close() throws {
-        if !isReadOnly { try wrap { try storage.sync() } }
+        if !isReadOnly { try storage.sync() }
         (storage as? FileStorage)?.close()
-    }
-
-    private func wrap<T>(_ body: () throws -> T) throws -> T {
-        do { return try body() } catch let e as SystemCallError {
-            throw e.errno == ENOSPC ? StrataError.noSpace(path: storage.name) : StrataError.io(path: storage.name, e)
-        }
     }
 }
 
 /// Allocation status of a raw file via SEEK_DATA/SEEK_HOLE. Every byte of a raw file belongs
 /// to it (depth 1, like QEMU's raw driver); file holes read as zero.
 enum RawExtents {
-    static func scan(_ storage: any BlockStorage, offset: UInt64, length: UInt64) throws -> [BlockExtent] {
+    static func scan(_ storage: any BlockStorage, offset: UInt64, length: UInt64) -> [BlockExtent] {
         let end = offset + length
         guard let file = storage as? FileStorage else {
             return [BlockExtent(offset: offset, length: length, status: [], depth: 1, hostOffset: offset)]
@@ -113,25 +163,5 @@ enum RawExtents {
             pos = max(dataEnd, pos + 1)
         }
         return out
-    }
-}
-
-/// A shared, read-only buffer of zero bytes for writing zeroes without allocating.
-final class ZeroBuffer: Sendable {
-    static let shared = ZeroBuffer()
-    let count = 1 << 20
-    nonisolated(unsafe) let pointer: UnsafeRawBufferPointer
-    private init() {
-        let p = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 4096)
-        p.zero()
-        pointer = UnsafeRawBufferPointer(p)
-    }
-    func write(to storage: any BlockStorage, at offset: UInt64, length: UInt64) throws {
-        var done: UInt64 = 0
-        while done < length {
-            let n = Int(min(UInt64(count), length - done))
-            try storage.write(UnsafeRawBufferPointer(rebasing: pointer[0..<n]), at: offset + done)
-            done += UInt64(n)
-        }
     }
 }

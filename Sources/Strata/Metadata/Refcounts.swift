@@ -1,0 +1,109 @@
+/// The refcount table and its blocks: how many references each host cluster has.
+///
+/// Increments take effect at once (a cluster gains its count before any table that points
+/// at it is written). Decrements are deferred (``deferDecrement(_:count:)``) until the
+/// tables that dropped the references are durable and the requests that might still read the
+/// clusters have drained (``applyDecrements(_:)``, called by the flush); until then a freed
+/// cluster keeps its count, so it cannot be handed out again, and a crash can only leak it.
+///
+/// Guarded by the metadata lock.
+final class Refcounts {
+    unowned let file: ImageFile
+    unowned let overlap: OverlapGuard
+    /// Refcount block offsets (entries of the refcount table), 0 for none.
+    var table: [UInt64]
+    var tableDirty = false
+    var cache: TableCache
+    let order: UInt32
+    /// The largest count an entry can hold.
+    let maxValue: UInt64
+    /// Entries per refcount block.
+    let blockEntries: UInt64
+    /// Decrements waiting for a flush: host cluster index → how many references it loses.
+    var pending: [UInt64: UInt64] = [:]
+
+    init(file: ImageFile, overlap: OverlapGuard, table: [UInt64], cacheBytes: Int) {
+        self.file = file
+        self.overlap = overlap
+        self.table = table
+        self.order = file.header.refcountOrder
+        self.maxValue = RefcountCodec.maxValue(order: file.header.refcountOrder)
+        self.blockEntries = file.clusterSize * 8 / file.header.refcountBits
+        self.cache = TableCache(capacity: cacheBytes / Int(file.clusterSize))
+    }
+
+    /// The refcount block covering cluster `c`, or nil when the table has none for it.
+    func block(covering c: UInt64) throws -> Table? {
+        let ti = c / blockEntries
+        guard ti < UInt64(table.count) else { return nil }
+        let off = table[Int(ti)] & ~UInt64(511)
+        if off == 0 { return nil }
+        if let t = cache.get(off) { return t }
+        try file.checkHost(off, "refcount table entry \(ti)")
+        try overlap.checkTable(off, as: .refcountBlock)
+        let t = Table(offset: off, size: Int(file.clusterSize))
+        _ = try file.storage.read(into: t.buf, at: off)
+        cache.insert(t)
+        return t
+    }
+
+    /// The refcount of host cluster `c` (0 where no block covers it).
+    func get(_ c: UInt64) throws -> UInt64 {
+        guard let b = try block(covering: c) else { return 0 }
+        return RefcountCodec.get(UnsafeRawBufferPointer(b.buf), index: Int(c % blockEntries), order: order)
+    }
+
+    /// Sets the refcount of a cluster whose refcount block already exists.
+    func set(_ c: UInt64, _ v: UInt64) throws {
+        guard let b = try block(covering: c) else {
+            throw file.corrupt(.refcount, at: c * file.clusterSize, "no refcount block covers host cluster \(c * file.clusterSize)")
+        }
+        RefcountCodec.set(b.buf, index: Int(c % blockEntries), order: order, value: v)
+        cache.markDirty(b)
+    }
+
+    /// Adds one reference to an allocated cluster (a snapshot or a shared cluster taking
+    /// it too). Returns false, changing nothing, when the count is already at the width's
+    /// maximum: the caller must then not share the cluster.
+    func increment(_ c: UInt64) throws -> Bool {
+        let v = try get(c)
+        guard v > 0 else {
+            throw file.corrupt(.refcount, at: c * file.clusterSize, "a new reference to host cluster \(c * file.clusterSize), which has a refcount of 0")
+        }
+        guard v < maxValue else { return false }
+        try set(c, v + 1)
+        return true
+    }
+
+    /// Records that `count` clusters from host offset `host` lose one reference each, to be
+    /// applied after the tables that dropped the references are durable.
+    func deferDecrement(_ host: UInt64, count: UInt64) {
+        let c = host / file.clusterSize
+        for k in 0..<count { pending[c + k, default: 0] += 1 }
+    }
+
+    /// Whether cluster `c` may be handed out: count 0 and no decrement pending.
+    @inline(__always)
+    func isFree(_ c: UInt64) throws -> Bool {
+        try get(c) == 0 && pending[c] == nil
+    }
+
+    /// Applies decrements that have become safe; returns the clusters that reached zero
+    /// (no longer metadata, and ready for reuse).
+    func applyDecrements(_ decrements: [UInt64: UInt64]) throws -> [UInt64] {
+        var zeroed: [UInt64] = []
+        for (c, n) in decrements {
+            let v = try get(c)
+            guard v >= n else {
+                throw file.corrupt(.refcount, at: c * file.clusterSize,
+                                   "refcount of host cluster \(c * file.clusterSize) would drop below zero")
+            }
+            try set(c, v - n)
+            if v == n {
+                zeroed.append(c)
+                overlap.release(cluster: c)
+            }
+        }
+        return zeroed
+    }
+}
