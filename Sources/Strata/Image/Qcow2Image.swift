@@ -347,10 +347,19 @@ public enum BackingChain {
         }
     }
 
-    /// The canonical path of an existing file (symbolic links resolved), or `p` itself.
+    /// The canonical path of a file (symbolic links, `.` and `..` resolved): of the file
+    /// itself when it exists, else of its folder joined with its name, else `p` itself.
     public static func realPath(_ p: String) -> String {
-        guard let r = realpath(p, nil) else { return p }
-        defer { free(r) }
-        return String(cString: r)
+        func real(_ q: String) -> String? {
+            guard let r = realpath(q, nil) else { return nil }
+            defer { free(r) }
+            return String(cString: r)
+        }
+        if let r = real(p) { return r }
+        let slash = p.lastIndex(of: "/")
+        let folder = slash.map { String(p[...$0]) } ?? "."
+        let name = slash.map { String(p[p.index(after: $0)...]) } ?? p
+        guard !name.isEmpty, name != ".", name != "..", let f = real(folder) else { return p }
+        return f == "/" ? "/" + name : f + "/" + name
     }
 }
