@@ -127,3 +127,33 @@ func extensionName(_ v: UInt32) -> String {
     let hex = String(v, radix: 16)
     return "header extension 0x" + String(repeating: "0", count: max(0, 8 - hex.count)) + hex
 }
+
+/// The first cluster of an image as written: the fixed header, the header extensions (with
+/// our feature name table on version 3 images, when it fits), then the backing file name.
+public enum FirstCluster {
+    /// Encodes it, setting `header`'s backing file offset and size. Nil when it does not fit
+    /// in one cluster.
+    public static func encode(header: inout Qcow2Header, extensions: HeaderExtensions, backingName: String?) -> [UInt8]? {
+        var ext = extensions
+        let cs = Int(header.clusterSize)
+        let name = backingName.map { Array($0.utf8) } ?? []
+        // Version 2 images carry no feature table (QEMU writes none); a small cluster may have
+        // no room for it either, and it is optional.
+        ext.omitFeatureTable = header.version < 3 || extensions.omitFeatureTable
+        var extBytes = header.version >= 3 || backingName != nil || ext.bitmaps != nil || !ext.unknown.isEmpty ? ext.encode() : []
+        let fixed = header.version == 2 ? Int(Qcow2Header.v2Length) : Int(header.headerLength)
+        if fixed + extBytes.count + name.count > cs, !ext.omitFeatureTable {
+            ext.omitFeatureTable = true
+            extBytes = ext.encode()
+        }
+        guard fixed + extBytes.count + name.count <= cs else { return nil }
+        if backingName != nil {
+            header.backingFileOffset = UInt64(fixed + extBytes.count)
+            header.backingFileSize = UInt32(name.count)
+        } else {
+            header.backingFileOffset = 0
+            header.backingFileSize = 0
+        }
+        return header.encode() + extBytes + name
+    }
+}

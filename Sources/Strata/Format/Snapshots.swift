@@ -62,6 +62,37 @@ public struct SnapshotRecord: Sendable, Equatable {
         return out
     }
 
+    /// The extra data a version 3 image needs (vm_state_size_large, disk_size), added where an
+    /// entry has less, with `diskSize` for entries that never recorded one.
+    public mutating func completeExtraData(diskSize fallback: UInt64) {
+        guard extraData.count < 16 else { return }
+        var extra = [UInt8](repeating: 0, count: 16)
+        extra.replaceSubrange(0..<extraData.count, with: extraData)
+        extra.put64(vmStateSize, 0)
+        extra.put64(diskSize ?? fallback, 8)
+        extraData = extra
+        diskSize = diskSize ?? fallback
+    }
+
+    /// Encodes the entry (padding included).
+    public func encode() -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: encodedLength)
+        b.put64(l1TableOffset, 0)
+        b.put32(l1Size, 8)
+        b.put16(UInt16(id.utf8.count), 12)
+        b.put16(UInt16(name.utf8.count), 14)
+        b.put32(dateSeconds, 16)
+        b.put32(dateNanoseconds, 20)
+        b.put64(vmClockNanoseconds, 24)
+        b.put32(UInt32(truncatingIfNeeded: min(vmStateSize, UInt64(UInt32.max))), 32)
+        b.put32(UInt32(extraData.count), 36)
+        let idStart = 40 + extraData.count
+        b.replaceSubrange(40..<idStart, with: extraData)
+        b.replaceSubrange(idStart..<idStart + id.utf8.count, with: Array(id.utf8))
+        b.replaceSubrange(idStart + id.utf8.count..<idStart + id.utf8.count + name.utf8.count, with: Array(name.utf8))
+        return b
+    }
+
     /// Bytes of the whole table holding `records`.
     public static func tableLength(_ records: [SnapshotRecord], count: Int? = nil) -> Int {
         records.prefix(count ?? records.count).reduce(0) { $0 + $1.encodedLength }

@@ -28,13 +28,9 @@ public struct CreateOptions: Sendable, Equatable {
 
     public init(size: UInt64? = nil) { self.size = size }
 
-    /// Checks the options for an image at `path` the way qemu-img does, without touching
-    /// `path`: legal values, the combinations compat=0.10 cannot hold, the size limits
-    /// (including the L1 table's), a backing file that is not the image itself. Opens the
-    /// backing file (read-only, unlocked) to take its size when none is given and to record
-    /// its format when none is given. Returns the options with size (rounded up to 512) and
-    /// backing format filled in.
-    public func resolved(for path: String) throws -> CreateOptions {
+    /// Checks the format options alone (cluster size, refcount width, what compat=0.10
+    /// cannot hold), as qemu-img does for create and measure.
+    public func checkFormatOptions(for path: String) throws {
         func invalid(_ s: String) -> StrataError { .invalidOption(path: path, reason: s) }
         let cs = UInt64(clusterSize)
         guard cs >= 512, cs <= 2 << 20, cs & (cs - 1) == 0 else {
@@ -54,6 +50,18 @@ public struct CreateOptions: Sendable, Equatable {
         if extendedL2 && cs < 16384 {
             throw invalid("extended L2 entries need a cluster size of at least 16384 bytes (cluster_size is \(clusterSize))")
         }
+    }
+
+    /// Checks the options for an image at `path` the way qemu-img does, without touching
+    /// `path`: legal values, the combinations compat=0.10 cannot hold, the size limits
+    /// (including the L1 table's), a backing file that is not the image itself. Opens the
+    /// backing file (read-only, unlocked) to take its size when none is given and to record
+    /// its format when none is given. Returns the options with size (rounded up to 512) and
+    /// backing format filled in.
+    public func resolved(for path: String) throws -> CreateOptions {
+        func invalid(_ s: String) -> StrataError { .invalidOption(path: path, reason: s) }
+        try checkFormatOptions(for: path)
+        let cs = UInt64(clusterSize)
         if backingFormat != nil && backingFile == nil { throw invalid("a backing format needs a backing file") }
 
         var o = self
@@ -154,24 +162,8 @@ extension Qcow2Image {
         // First cluster: header, extensions, backing name.
         var ext = HeaderExtensions()
         if o.backingFile != nil { ext.backingFormat = o.backingFormat!.rawValue }
-        var first = h.encode()
-        var extBytes = h.version >= 3 || o.backingFile != nil ? ext.encode() : []
-        let nameLen = o.backingFile?.utf8.count ?? 0
-        if UInt64(first.count + extBytes.count + nameLen) > cs {
-            // The feature table is optional; drop it when a small cluster has no room.
-            ext.omitFeatureTable = true
-            extBytes = ext.encode()
-        }
-        guard UInt64(first.count + extBytes.count + nameLen) <= cs else {
+        guard let first = FirstCluster.encode(header: &h, extensions: ext, backingName: o.backingFile) else {
             throw StrataError.invalidOption(path: path, reason: "the header does not fit in one \(cs)-byte cluster")
-        }
-        if let b = o.backingFile {
-            h.backingFileOffset = UInt64(first.count + extBytes.count)
-            h.backingFileSize = UInt32(nameLen)
-            first = h.encode()
-            first += extBytes + Array(b.utf8)
-        } else {
-            first += extBytes
         }
 
         let refTable = encodeTable((0..<rbClusters).map { (1 + rtClusters + $0) * cs }, size: Int(rtClusters * cs))

@@ -1,9 +1,10 @@
 /// Changing the virtual size, while the image may be in use: requests are held back for the
 /// moment it takes (``Qcow2Image/quiesce(_:)``).
 extension Qcow2Image {
-    /// Changes the virtual size. Growing may move the L1 table; shrinking is refused while
-    /// anything is allocated past the new end.
-    public func resize(to newSize: UInt64) throws {
+    /// Changes the virtual size. Growing may move the L1 table. Shrinking is refused while
+    /// anything is allocated past the new end, unless `droppingData` (qemu-img's
+    /// `resize --shrink`): then the clusters past the end are discarded first.
+    public func resize(to newSize: UInt64, droppingData: Bool = false) throws {
         if isReadOnly { throw StrataError.readOnly(path: path) }
         guard newSize % 512 == 0 else { throw StrataError.invalidOption(path: path, reason: "the new size must be a multiple of 512") }
         guard newSize <= Limits.maxVirtualSize else {
@@ -14,6 +15,11 @@ extension Qcow2Image {
             try guarded {
                 let oldSize = size
                 if newSize < oldSize {
+                    if droppingData {
+                        let start = alignUp(newSize, clusterSize)
+                        if start < oldSize { try discard(at: start, length: oldSize - start) }
+                        try flushNow()
+                    }
                     try shrink(to: newSize)
                 } else if newSize > oldSize {
                     try grow(to: newSize)

@@ -240,11 +240,15 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     /// lets requests go on: the moment a live operation (a snapshot, a resize of a served
     /// disk) needs the image still. `body` runs on the calling thread, which may use the
     /// image itself; requests from other threads wait.
+    /// A nested call from the same thread just runs `body`.
     public func quiesce<T>(_ body: () throws -> T) throws -> T {
-        lock.withLock {
+        let nested: Bool = lock.withLock {
+            if let q = quiescer, pthread_equal(q, pthread_self()) != 0 { return true }
             while quiescer != nil { lock.wait() }
             quiescer = pthread_self()
+            return false
         }
+        if nested { return try body() }
         defer {
             lock.withLock {
                 quiescer = nil

@@ -14,11 +14,11 @@ final class Refcounts {
     var table: [UInt64]
     var tableDirty = false
     var cache: TableCache
-    let order: UInt32
+    private(set) var order: UInt32
     /// The largest count an entry can hold.
-    let maxValue: UInt64
+    private(set) var maxValue: UInt64
     /// Entries per refcount block.
-    let blockEntries: UInt64
+    private(set) var blockEntries: UInt64
     /// Decrements waiting for a flush: host cluster index → how many references it loses.
     var pending: [UInt64: UInt64] = [:]
 
@@ -86,6 +86,18 @@ final class Refcounts {
     @inline(__always)
     func isFree(_ c: UInt64) throws -> Bool {
         try get(c) == 0 && pending[c] == nil
+    }
+
+    /// Switches to another refcount table and width, once the header points at it. The
+    /// cache must hold nothing dirty (the caller flushed).
+    func adopt(table newTable: [UInt64], order newOrder: UInt32) {
+        precondition(cache.dirtyCount == 0, "adopting a refcount table with dirty blocks cached")
+        for off in cache.tables.keys { cache.remove(off) }
+        table = newTable
+        tableDirty = false
+        order = newOrder
+        maxValue = RefcountCodec.maxValue(order: newOrder)
+        blockEntries = file.clusterSize * 8 / (1 << UInt64(newOrder))
     }
 
     /// Applies decrements that have become safe; returns the clusters that reached zero
