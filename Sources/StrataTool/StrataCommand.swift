@@ -42,10 +42,14 @@ struct StrataCommand: ParsableCommand {
         let failureCode: Int32 = failureCodeTwo.contains(sub) ? 2 : 1
         let status: Int32
         do {
-            // Without these two checks the parser prints the help and exits 0 for no
-            // arguments, and reads an unknown command as "unexpected arguments".
+            // Without these checks the parser prints the help and exits 0 for no arguments
+            // and for help on an unknown command, and reads an unknown command as
+            // "unexpected arguments".
             if arguments.isEmpty { throw ValidationError("no command given") }
             if !sub.hasPrefix("-"), !commandNames.contains(sub) { throw CLIError.unknownCommand(sub) }
+            if sub == "help", arguments.count > 1, !arguments[1].hasPrefix("-"), !commandNames.contains(arguments[1]) {
+                throw CLIError.unknownCommand(arguments[1])
+            }
             var command = try parseAsRoot(arguments)
             try command.run()
             status = 0

@@ -97,6 +97,9 @@ final class ArgumentErrorTests: ToolTestCase {
         XCTAssertEqual(unknown.stderr, "strata: unknown command 'check' (see 'strata --help')\n")
         XCTAssertEqual(unknown.stdout, "")
         XCTAssertEqual(try qemuImg("nosuch", "x.qcow2").status, 1)
+        let helpUnknown = try strata("help", "check")
+        XCTAssertEqual(helpUnknown.status, 1)
+        XCTAssertEqual(helpUnknown.stderr, "strata: unknown command 'check' (see 'strata --help')\n")
 
         // Known commands keep their help.
         XCTAssertTrue(ok(try strata("help", "create"), "help create").stdout.contains("USAGE: strata create"))
