@@ -6,38 +6,50 @@ import Glibc
 #endif
 
 /// Everything the command line itself refuses (as opposed to what the engine refuses, which
-/// arrives as a ``StrataError``). Each case names the file or argument it is about.
+/// arrives as a ``StrataError`` and already names its file).
 ///
-/// The one mapping from errors to what the user sees lives in ``report(_:)``: every error
-/// becomes a single `strata: …` line on stderr and an exit status.
+/// Each case renders as `FILE: message` when the mistake is about a file (the image being made,
+/// opened or worked on), and as a bare `message` for a pure argument mistake. Messages start in
+/// lower case. The one mapping from errors to what the user sees is ``report(_:failureCode:subcommand:)``:
+/// every error becomes a single `strata: …` line on stderr and an exit status.
 enum CLIError: Error, CustomStringConvertible {
-    /// A size argument that does not parse (`SIZE`, `-o size=…`, `cluster_size=…`).
-    case badSize(String, what: String)
-    /// A `-o` list entry that is not `key=value`, or a key the format does not know.
-    case badOption(String, reason: String)
+    /// A size argument or size option that is not a size (`SIZE`, `-o size=…`, `-S`, offsets).
+    case badSize(file: String?, what: String, text: String, problem: SizeParser.Problem)
+    /// A `-o` argument that is no option list at all (empty, a leading comma, a dangling comma).
+    case badOptionList(String)
+    /// A `-o` entry that is not `key=value`, or whose key the format does not take.
+    case badOption(file: String, entry: String, reason: String)
     /// An option value outside what the format allows, with the reason.
     case invalidValue(file: String, option: String, value: String, reason: String)
-    /// A combination of options that the format cannot honour.
-    case conflict(file: String, reason: String)
-    /// Something a command needs that the user did not give.
-    case missing(file: String, what: String)
-    /// A refusal with a full message (already names the file).
-    case refused(String)
+    /// The same setting given twice, by a flag or argument and by `-o` (`ways` names both).
+    case givenTwice(file: String, what: String, ways: String)
+    /// Any other refusal about `file`: a conflict, something missing, an impossible request.
+    case refused(file: String, reason: String)
+    /// A first argument that is no subcommand.
+    case unknownCommand(String)
 
     var description: String {
         switch self {
-        case .badSize(let s, let what):
-            return "invalid \(what) '\(s)': expected a number with an optional k, M, G, T, P or E suffix"
-        case .badOption(let s, let reason):
-            return "invalid option '\(s)': \(reason)"
+        case .badSize(let file, let what, let text, let problem):
+            let reason: String
+            switch problem {
+            case .notANumber: reason = "expected a number with an optional k, M, G, T, P or E suffix"
+            case .negative: reason = "it cannot be negative"
+            case .tooLarge: reason = "too large (the limit is \(SizeParser.maxSize) bytes)"
+            }
+            return (file.map { "\($0): " } ?? "") + "invalid \(what) '\(text)': \(reason)"
+        case .badOptionList(let text):
+            return "invalid option list '\(text)': expected key=value[,key=value...] (',,' for a comma in a value)"
+        case .badOption(let file, let entry, let reason):
+            return "\(file): invalid option '\(entry)': \(reason)"
         case .invalidValue(let file, let option, let value, let reason):
             return "\(file): invalid value '\(value)' for \(option): \(reason)"
-        case .conflict(let file, let reason):
+        case .givenTwice(let file, let what, let ways):
+            return "\(file): the \(what) must be given only once (\(ways))"
+        case .refused(let file, let reason):
             return "\(file): \(reason)"
-        case .missing(let file, let what):
-            return "\(file): \(what)"
-        case .refused(let message):
-            return message
+        case .unknownCommand(let name):
+            return "unknown command '\(name)' (see 'strata --help')"
         }
     }
 }
@@ -80,17 +92,28 @@ func report(_ error: Error, failureCode: Int32, subcommand: String = "") -> Int3
     let message = StrataCommand.message(for: error)
         .split(separator: "\n", omittingEmptySubsequences: true)
         .first.map(String.init) ?? "\(error)"
-    let trimmed = message.hasPrefix("Error: ") ? String(message.dropFirst(7)) : message
+    let trimmed = lowerFirst(message.hasPrefix("Error: ") ? String(message.dropFirst(7)) : message)
+        .replacing(". Please provide one of ", with: ": expected one of ")
+    let sentence = trimmed.hasSuffix(".") ? String(trimmed.dropLast()) : trimmed
     // Usage mistakes (exit code 64 inside the parser) get a pointer to the help; our own
     // errors thrown from validate() (the parser's plain failure code) speak for themselves.
     guard code == .validationFailure else {
-        printError("strata: \(trimmed)")
+        printError("strata: \(sentence)")
         return failureCode
     }
     let known = StrataCommand.configuration.subcommands.map { $0._commandName }
     let help = known.contains(subcommand) ? "strata \(subcommand) --help" : "strata --help"
-    printError("strata: \(trimmed) (see '\(help)')")
+    printError("strata: \(sentence) (see '\(help)')")
     return failureCode
+}
+
+/// The parser's messages start with a capital ("Unknown option '-x'"); ours do not.
+/// An initialism ("NBD …") keeps its capitals.
+private func lowerFirst(_ message: String) -> String {
+    guard let first = message.first, first.isUppercase else { return message }
+    let second = message.dropFirst().first
+    if let second, second.isUppercase { return message }
+    return first.lowercased() + message.dropFirst()
 }
 
 /// Runs a file operation, naming `path` in any error that does not already name its file.
@@ -100,6 +123,6 @@ func withFile<T>(_ path: String, _ body: () throws -> T) throws -> T {
     } catch let e as StrataError {
         throw e
     } catch {
-        throw CLIError.refused("\(path): \(error)")
+        throw CLIError.refused(file: path, reason: "\(error)")
     }
 }

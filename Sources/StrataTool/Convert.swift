@@ -7,13 +7,14 @@ import Synchronization
 import Glibc
 #endif
 
-/// `strata convert [-f FMT] [-O FMT] [-o OPTIONS] [-S SPARSE] [-m N [-W]] [-p] [-q] [-U] SRC DST`
+/// `strata convert [-f FMT] [-O FMT] [-o OPTIONS] [-t CACHE] [-T SRC_CACHE] [-S SPARSE] [-m N] [-W] [-p] [-q] [-U] SRC DST`
 struct Convert: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Copy an image into a new one, possibly in another format.",
         discussion: """
             The whole backing chain of SRC is flattened into DST. Ranges that read as zeroes are \
-            not written, so DST stays sparse. The default output format is raw, as in qemu-img.
+            not written, so DST stays sparse (-S 0 writes everything). The default output format \
+            is raw, as in qemu-img. Without -W the writes stay in order, whatever -m says.
             """)
 
     @Option(name: .customShort("f"), help: ArgumentHelp("Source format (qcow2 or raw); probed when omitted.", valueName: "fmt"))
@@ -25,16 +26,23 @@ struct Convert: ParsableCommand {
     @Option(name: .customShort("o"), help: ArgumentHelp("Options for the new image, as for create.", valueName: "options"))
     var options: [String] = []
 
-    @Option(name: .customShort("S"), help: ArgumentHelp("Zero runs at least this long (rounded down to 512) are left unwritten; 0 writes everything.", valueName: "sparse_size"))
+    @Option(name: .customShort("t"), help: ArgumentHelp("Cache mode of the new image: \(CacheModeName.choices).", valueName: "cache"))
+    var cache: String?
+
+    @Option(name: .customShort("T"), help: ArgumentHelp("Cache mode of the source: \(CacheModeName.choices).", valueName: "src_cache"))
+    var sourceCache: String?
+
+    // `.unconditional`: a value such as `-1` must reach our checks, not look like a flag.
+    @Option(name: .customShort("S"), parsing: .unconditional, help: ArgumentHelp("Zero runs at least this long (a multiple of 512, at most 16M) are left unwritten; 0 writes everything.", valueName: "sparse_size"))
     var sparseSize: String = "4k"
 
-    @Option(name: .customShort("m"), help: ArgumentHelp("Worker threads (more than 1 needs -W).", valueName: "num"))
-    var workers: Int = 1
+    @Option(name: .customShort("m"), parsing: .unconditional, help: ArgumentHelp("Parallel workers, 1 to 16 (they run in parallel only with -W).", valueName: "num"))
+    var workers: Int = 8
 
-    @Flag(name: .customShort("W"), help: "Allow out-of-order writes (lets several workers run).")
+    @Flag(name: .customShort("W"), help: "Allow out-of-order writes (lets the -m workers run at once).")
     var outOfOrder = false
 
-    @Flag(name: .customShort("p"), help: "Show progress on stderr.")
+    @Flag(name: .customShort("p"), help: "Show progress.")
     var progress = false
 
     @OptionGroup var quiet: QuietOption
@@ -46,24 +54,44 @@ struct Convert: ParsableCommand {
     @Argument(help: "Image to create.")
     var destination: String
 
+    /// qemu-img's cap on `-S` (`MAX_BUF_SECTORS` sectors).
+    static let maxSparseSize: UInt64 = 16 << 20
+    /// qemu-img's range for `-m`.
+    static let workerRange = 1...16
+
     mutating func validate() throws {
         _ = try settings(size: 0)
-        guard let s = SizeParser.parse(sparseSize) else { throw CLIError.badSize(sparseSize, what: "sparse size (-S)") }
-        guard s == 0 || s >= 512 else {
-            throw ValidationError("-S must be 0 or at least 512 bytes (got \(s))")
+        _ = try sparseBytes()
+        guard Self.workerRange.contains(workers) else {
+            throw ValidationError("invalid number of workers (-m) \(workers): it must be between 1 and 16")
         }
-        guard workers >= 1, workers <= 64 else { throw ValidationError("-m must be between 1 and 64 (got \(workers))") }
-        guard workers == 1 || outOfOrder else { throw ValidationError("-m \(workers) needs -W (writes would come out of order)") }
+        _ = try cacheModes()
+    }
+
+    /// `-S` in bytes: 0 (copy everything) or a multiple of 512 up to ``maxSparseSize``.
+    func sparseBytes() throws -> Int {
+        let n = try SizeParser.parse(sparseSize, what: "sparse size (-S)", file: nil)
+        guard n % 512 == 0, n <= Self.maxSparseSize else {
+            throw ValidationError("invalid sparse size (-S) '\(sparseSize)': it must be a multiple of 512 up to 16777216, or 0 to write everything")
+        }
+        return Int(n)
+    }
+
+    /// `-T` and `-t`: the source's and the new image's cache modes.
+    func cacheModes() throws -> (source: CacheMode, destination: CacheMode) {
+        (try sourceCache.map { try CacheModeName.parse($0, flag: "-T") } ?? .writeback,
+         try cache.map { try CacheModeName.parse($0, flag: "-t") } ?? .writeback)
     }
 
     /// The new image's settings from `-O` and `-o`; its size is the source's.
     /// nil for `-o help`.
     func settings(size: UInt64) throws -> CreateSettings? {
-        let list = try OptionList(parsing: options)
+        let list = try OptionList(parsing: options, file: destination)
         if list.wantsHelp { return nil }
         var s = try CreateSettings(format: outputFormat, options: list, file: destination)
         for key in ["size", "backing_file", "backing_fmt"] where list[key] != nil {
-            throw CLIError.badOption("\(key)=\(list[key]!)", reason: "convert takes the size and content from the source; '\(key)' cannot be set")
+            throw CLIError.badOption(file: destination, entry: "\(key)=\(list[key]!)",
+                                     reason: "convert takes the size and content from the source; '\(key)' cannot be set")
         }
         try s.check(file: destination)
         s.size = size
@@ -75,25 +103,26 @@ struct Convert: ParsableCommand {
             print(CreateSettings.helpText(for: outputFormat), terminator: "")
             return
         }
-        let src = try ImageChain.open(source, format: sourceFormat, forceShare: share.forceShare)
+        let caches = try cacheModes()
+        let src = try ImageChain.open(source, format: sourceFormat, forceShare: share.forceShare, cache: caches.source)
         defer { try? src.close() }
         if Self.sameFile(source, destination) {
-            throw CLIError.conflict(file: destination, reason: "is the source image itself; convert into another file")
+            throw CLIError.refused(file: destination, reason: "is the source image itself; convert into another file")
         }
         let settings = try settings(size: src.size)!
         try settings.create(path: destination)
-        let dst = try ImageChain.open(destination, format: outputFormat, writable: true)
+        let dst = try ImageChain.open(destination, format: outputFormat, writable: true, cache: caches.destination)
         var closed = false
         defer { if !closed { try? dst.close() } }
 
-        let sparse = Int(SizeParser.parse(sparseSize) ?? 4096) & ~511
-        let bar = ProgressBar(enabled: progress && !quiet.quiet, total: src.size)
-        let copier = Copier(src: src, dst: dst, sparse: sparse, bar: bar, srcName: source, dstName: destination)
-        try copier.run(workers: workers)
+        let bar = ProgressBar(enabled: progress && !quiet.quiet, total: src.size, minStep: 1)
+        let copier = Copier(src: src, dst: dst, sparse: try sparseBytes(), bar: bar, srcName: source, dstName: destination)
+        try copier.run(workers: outOfOrder ? workers : 1)
         try dst.flush()
         closed = true
         try dst.close()
-        bar.finish()
+        bar.complete()
+        bar.end()
     }
 
     /// True when both names lead to the same existing file.

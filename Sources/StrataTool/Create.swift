@@ -32,31 +32,52 @@ struct Create: ParsableCommand {
     @Argument(help: "The image file to create.")
     var file: String?
 
-    @Argument(help: ArgumentHelp("Virtual size, e.g. 10G, 512M, 1.5T.", valueName: "size"))
-    var size: String?
+    /// SIZE as typed. It is collected raw because a negative size such as `-1` looks like an
+    /// option to the parser; it must reach the size parser to be refused as a size.
+    @Argument(parsing: .allUnrecognized, help: ArgumentHelp("Virtual size, e.g. 10G, 512M, 1.5T.", valueName: "size"))
+    var sizeArguments: [String] = []
 
     mutating func validate() throws {
         _ = try settings()
     }
 
+    /// The SIZE argument, if given. Anything else the parser did not recognise is refused
+    /// here as it would have been there.
+    func sizeArgument() throws -> String? {
+        let args = sizeArguments.filter { $0 != "--" }
+        try SizeParser.refuseOptions(args)
+        guard args.count <= 1 else { throw ValidationError("unexpected argument '\(args[1])'") }
+        return args.first
+    }
+
     /// The `-o` list plus SIZE, `-b` and `-F`, parsed and checked; nil for `-o help`.
     func settings() throws -> CreateSettings? {
-        let list = try OptionList(parsing: options)
+        guard let file else {
+            if (try? OptionList(parsing: options, file: ""))?.wantsHelp == true { return nil }
+            throw ValidationError("missing expected argument '<file>'")
+        }
+        let list = try OptionList(parsing: options, file: file)
         if list.wantsHelp { return nil }
-        guard let file else { throw ValidationError("missing expected argument '<file>'") }
+        let size = try sizeArgument().map { try SizeParser.parse($0, what: "size", file: file) }
         var s = try CreateSettings(format: format, options: list, file: file)
         if let size {
-            guard let n = SizeParser.parse(size) else { throw CLIError.badSize(size, what: "size") }
-            s.size = n
+            if s.size != nil { throw CLIError.givenTwice(file: file, what: "image size", ways: "SIZE and -o size") }
+            s.size = size
         }
-        if let b = backingFile { s.backingFile = b }
-        if let f = backingFormat { s.backingFormat = f }
+        if let b = backingFile {
+            if s.backingFile != nil { throw CLIError.givenTwice(file: file, what: "backing file", ways: "-b and -o backing_file") }
+            s.backingFile = b
+        }
+        if let f = backingFormat {
+            if s.backingFormat != nil { throw CLIError.givenTwice(file: file, what: "backing format", ways: "-F and -o backing_fmt") }
+            s.backingFormat = f
+        }
         if format == .raw, s.backingFile != nil {
-            throw CLIError.conflict(file: file, reason: "raw images have no backing file (use -f qcow2)")
+            throw CLIError.refused(file: file, reason: "raw images have no backing file (use -f qcow2)")
         }
         try s.check(file: file)
         if s.size == nil, s.backingFile == nil {
-            throw CLIError.missing(file: file, what: "image creation needs a size (give SIZE or -o size=…)")
+            throw CLIError.refused(file: file, reason: "image creation needs a size (give SIZE or -o size=…)")
         }
         if let size = s.size, size > Limits.maxVirtualSize {
             throw CLIError.invalidValue(file: file, option: "size", value: String(size),
@@ -86,12 +107,12 @@ struct Create: ParsableCommand {
         guard let backingFormat = s.backingFormat else {
             // qemu-img 7.2 refuses to record a backing file without its format; say what it looks like.
             let detected = (try? probeFormat(path: path)).map { " (its content looks like \($0.rawValue))" } ?? ""
-            throw CLIError.missing(file: file,
-                what: "backing file '\(backing)' given without its format: add -F qcow2 or -F raw\(detected)")
+            throw CLIError.refused(file: file,
+                reason: "backing file '\(backing)' given without its format: add -F qcow2 or -F raw\(detected)")
         }
         if unsafe {
             if s.size == nil {
-                throw CLIError.missing(file: file, what: "with -u the size must be given (the backing file is not opened)")
+                throw CLIError.refused(file: file, reason: "with -u the size must be given (the backing file is not opened)")
             }
             return
         }

@@ -62,8 +62,7 @@ struct CreateSettings {
             }
             switch (format, key) {
             case (_, "size"):
-                guard let n = SizeParser.parse(value) else { throw CLIError.badSize(value, what: "size") }
-                size = n
+                size = try SizeParser.parse(value, what: "size", file: file)
             case (_, "preallocation"):
                 guard value == "off" else { throw bad("only preallocation=off is supported") }
             case (.qcow2, "compat"):
@@ -74,13 +73,14 @@ struct CreateSettings {
                 }
                 compatText = value
             case (.qcow2, "cluster_size"):
-                guard let n = SizeParser.parse(value) else { throw CLIError.badSize(value, what: "cluster_size") }
+                let n = try SizeParser.parse(value, what: "cluster_size", file: file)
                 guard n >= 512, n <= 2 << 20, n & (n - 1) == 0 else {
                     throw bad("cluster size must be a power of two between 512 and 2048k")
                 }
                 clusterSize = Int(n)
             case (.qcow2, "refcount_bits"):
-                guard let n = Int(value), n >= 1, n <= 64, n & (n - 1) == 0 else {
+                guard let n = Int(value) else { throw bad("expected a number") }
+                guard n >= 1, n <= 64, n & (n - 1) == 0 else {
                     throw bad("refcount width must be a power of two and may not exceed 64 bits")
                 }
                 refcountBits = n
@@ -104,7 +104,7 @@ struct CreateSettings {
             default:
                 let known = (format == .qcow2 ? Self.qcow2Options : Self.rawOptions)
                     .map { String($0.0.prefix { $0 != "=" }) }
-                throw CLIError.badOption("\(key)=\(value)",
+                throw CLIError.badOption(file: file, entry: "\(key)=\(value)",
                     reason: "\(format.rawValue) has no option '\(key)' (it takes \(known.joined(separator: ", ")))")
             }
         }
@@ -114,7 +114,7 @@ struct CreateSettings {
     func check(file: String) throws {
         guard format == .qcow2 else { return }
         func need(_ cond: Bool, _ reason: String) throws {
-            if !cond { throw CLIError.conflict(file: file, reason: reason) }
+            if !cond { throw CLIError.refused(file: file, reason: reason) }
         }
         let v3 = "require compat=1.1 (they are not in the qcow2 version 2 format)"
         try need(version == 3 || refcountBits == 16, "refcount widths other than 16 bits " + v3)

@@ -107,7 +107,7 @@ enum DataScan {
                 advanced = true
             }
             guard advanced else {
-                throw CLIError.refused("\(name): block status returned no extent at offset \(pos)")
+                throw CLIError.refused(file: name, reason: "block status returned no extent at offset \(pos)")
             }
         }
     }

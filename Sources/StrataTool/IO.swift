@@ -5,11 +5,12 @@ import Strata
 import Glibc
 #endif
 
-/// `strata io [-f FMT] [-r] [-U] -c CMD [-c CMD …] FILE`: qemu-io's one-shot mode.
+/// `strata io [-f FMT] [-r] [-U] [-t CACHE | -n] -c CMD [-c CMD …] FILE`: qemu-io's one-shot mode.
 ///
 /// Opens the image once, runs the commands in order (each prints as qemu-io prints), closes
-/// it. A failed command (I/O error, `read -P` mismatch) does not stop the next one, but the
-/// exit status is then 1. Commands that do not parse are refused before the image is opened.
+/// it. As in qemu-io, a command that fails (I/O error, `read -P` mismatch), does not parse, or
+/// writes to an image opened with `-r` does not stop the next one; each of the last two is
+/// reported on stderr (`strata: FILE: -c 'CMD': …`), and the exit status is then 1.
 struct IO: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "io",
@@ -28,6 +29,12 @@ struct IO: ParsableCommand {
     @Flag(name: [.customShort("r"), .customLong("read-only")], help: "Open the image read-only.")
     var readOnly = false
 
+    @Option(name: [.customShort("t"), .customLong("cache")], help: ArgumentHelp("Cache mode: \(CacheModeName.choices).", valueName: "cache"))
+    var cache: String?
+
+    @Flag(name: [.customShort("n"), .customLong("nocache")], help: "Bypass the host page cache (short for -t none).")
+    var noCache = false
+
     @OptionGroup var share: ForceShareOption
 
     @Argument(help: "The image file.")
@@ -36,23 +43,43 @@ struct IO: ParsableCommand {
     mutating func validate() throws {
         guard !commands.isEmpty else { throw ValidationError("give at least one command with -c (e.g. -c 'read 0 64k')") }
         if share.forceShare, !readOnly { throw ValidationError("-U (force share) needs -r (read-only)") }
-        for c in commands {
-            let parsed = try IOCommandLine.parse(c)
-            if readOnly, parsed.writes { throw CLIError.refused("io: -c '\(c)': writes, but the image is opened read-only (-r)") }
+        _ = try cacheMode()
+    }
+
+    /// `-t` (or `-n`), onto the engine's cache mode; writeback when neither is given.
+    func cacheMode() throws -> CacheMode {
+        if noCache {
+            if cache != nil { throw ValidationError("-n is short for -t none; give only one of them") }
+            return .none
         }
+        return try cache.map { try CacheModeName.parse($0, flag: "-t") } ?? .writeback
     }
 
     func run() throws {
-        let parsed = try commands.map(IOCommandLine.parse)
-        let device = try ImageChain.open(file, format: format.format, writable: !readOnly, forceShare: share.forceShare)
+        let device = try ImageChain.open(file, format: format.format, writable: !readOnly,
+                                         forceShare: share.forceShare, cache: try cacheMode())
         var runner = IORunner(device: device)
-        for command in parsed { runner.execute(command) }
-        flushStdout()
-        do { try device.close() } catch {
-            printError("strata: \(error)")
-            throw ExitCode(1)
+        var refused = false
+        for text in commands {
+            let command: IOCommandLine
+            do {
+                guard let c = try IOCommandLine.parse(text) else { continue }
+                command = c
+            } catch {
+                printError("strata: \(CLIError.refused(file: file, reason: "-c '\(text)': \(error)"))")
+                refused = true
+                continue
+            }
+            if readOnly, command.writes {
+                printError("strata: \(CLIError.refused(file: file, reason: "-c '\(text)': the image is open read-only (-r)"))")
+                refused = true
+                continue
+            }
+            runner.execute(command)
         }
-        if runner.failed { throw ExitCode(1) }
+        flushStdout()
+        try withFile(file) { try device.close() }
+        if runner.failed || refused { throw ExitCode(1) }
     }
 }
 

@@ -27,11 +27,18 @@ enum IOCommandLine: Equatable {
     ]
     static let aliases = ["r": "read", "w": "write", "d": "discard", "f": "flush", "l": "length"]
 
-    /// Parses one command string (words split on blanks, getopt-style flags).
-    static func parse(_ text: String) throws -> IOCommandLine {
+    /// Why a command string is not a command (qemu-io's complaint, in our words).
+    struct Invalid: Error, CustomStringConvertible {
+        var reason: String
+        var description: String { reason }
+    }
+
+    /// Parses one command string (words split on blanks, getopt-style flags); nil for a blank
+    /// one, which qemu-io skips.
+    static func parse(_ text: String) throws(Invalid) -> IOCommandLine? {
         let words = text.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)
-        func fail(_ reason: String) -> CLIError { .refused("io: -c '\(text)': \(reason)") }
-        guard let first = words.first else { throw fail("empty command") }
+        func fail(_ reason: String) -> Invalid { Invalid(reason: reason) }
+        guard let first = words.first else { return nil }
         let name = aliases[first] ?? first
         guard let usageLine = usage[name] else {
             throw fail("command \"\(first)\" not found (known: read, write, discard, flush, length)")
@@ -68,13 +75,16 @@ enum IOCommandLine: Equatable {
             i += 1
         }
 
-        func number(_ s: String, _ what: String) throws -> UInt64 {
-            guard let n = SizeParser.parse(s) else {
+        func number(_ s: String, _ what: String) throws(Invalid) -> UInt64 {
+            do {
+                return try SizeParser.parse(s)
+            } catch .tooLarge {
+                throw fail("invalid \(what) '\(s)': too large")
+            } catch {
                 throw fail("invalid \(what) '\(s)': non-numeric argument, or extraneous/unrecognized suffix")
             }
-            return n
         }
-        func pattern(_ s: String) throws -> UInt8 {
+        func pattern(_ s: String) throws(Invalid) -> UInt8 {
             // strtol(…, 0): decimal, 0x hex or 0 octal; one byte.
             var v: Int?
             if s.hasPrefix("0x") || s.hasPrefix("0X") { v = Int(s.dropFirst(2), radix: 16) }
@@ -83,11 +93,11 @@ enum IOCommandLine: Equatable {
             guard let v, (0...255).contains(v) else { throw fail("\(s) is not a valid pattern byte") }
             return UInt8(v)
         }
-        func operandsOffsetLength() throws -> (UInt64, UInt64) {
+        func operandsOffsetLength() throws(Invalid) -> (UInt64, UInt64) {
             guard operands.count == 2 else { throw fail("expected offset and length; usage: \(usageLine)") }
             return (try number(operands[0], "offset"), try number(operands[1], "length"))
         }
-        func transfer(_ n: UInt64) throws -> Int {
+        func transfer(_ n: UInt64) throws(Invalid) -> Int {
             guard n <= UInt64(maxTransfer) else { throw fail("length \(n) is above the \(maxTransfer)-byte limit of one request") }
             return Int(n)
         }
@@ -98,8 +108,9 @@ enum IOCommandLine: Equatable {
             let length = try transfer(len)
             let p = try values["P"].map(pattern)
             if p == nil, values["s"] != nil || values["l"] != nil { throw fail("-s and -l need -P; usage: \(usageLine)") }
-            let pOff = try values["s"].map { Int(try number($0, "pattern offset")) } ?? 0
-            let pLen = try values["l"].map { Int(try number($0, "pattern length")) }
+            var pOff = 0, pLen: Int?
+            if let s = values["s"] { pOff = Int(try number(s, "pattern offset")) }
+            if let l = values["l"] { pLen = Int(try number(l, "pattern length")) }
             if p != nil, pOff + (pLen ?? max(0, length - pOff)) > length {
                 throw fail("pattern verification range exceeds end of read data")
             }

@@ -18,10 +18,12 @@ struct ChainLayer {
 
 /// Opening images for the commands, and walking their backing chains.
 enum ImageChain {
-    /// Opens a user-named image read-only (`-U` skips locking) or writable.
+    /// Opens a user-named image read-only (`-U` skips locking) or writable, with `cache`'s
+    /// flush behaviour.
     static func open(_ path: String, format: ImageFormat?, writable: Bool = false,
-                     forceShare: Bool = false) throws -> any BlockDevice {
-        try openImage(path: path, options: OpenOptions(writable: writable, format: format, forceShare: forceShare && !writable))
+                     forceShare: Bool = false, cache: CacheMode = .writeback) throws -> any BlockDevice {
+        try openImage(path: path, options: OpenOptions(writable: writable, format: format, cache: cache,
+                                                       forceShare: forceShare && !writable))
     }
 
     /// The chain below `top` (included), following `Qcow2Image.backing`.

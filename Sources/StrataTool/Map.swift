@@ -14,10 +14,11 @@ struct Map: ParsableCommand {
     @OptionGroup var format: FormatOption
     @OptionGroup var output: OutputOption
 
-    @Option(name: .customLong("start-offset"), help: ArgumentHelp("First byte to map.", valueName: "offset"))
+    // `.unconditional`: a value such as `-1` must reach the size parser, not look like a flag.
+    @Option(name: .customLong("start-offset"), parsing: .unconditional, help: ArgumentHelp("First byte to map.", valueName: "offset"))
     var startOffset: String?
 
-    @Option(name: .customLong("max-length"), help: ArgumentHelp("How many bytes to map at most.", valueName: "len"))
+    @Option(name: .customLong("max-length"), parsing: .unconditional, help: ArgumentHelp("How many bytes to map at most.", valueName: "len"))
     var maxLength: String?
 
     @OptionGroup var share: ForceShareOption
@@ -25,17 +26,21 @@ struct Map: ParsableCommand {
     @Argument(help: "The image file.")
     var file: String
 
-    mutating func validate() throws {
-        if let s = startOffset, SizeParser.parse(s) == nil { throw CLIError.badSize(s, what: "start offset") }
-        if let s = maxLength, SizeParser.parse(s) == nil { throw CLIError.badSize(s, what: "maximum length") }
+    mutating func validate() throws { _ = try range() }
+
+    /// `--start-offset` and `--max-length`, parsed (0 and "to the end" when not given).
+    func range() throws -> (start: UInt64, maxLength: UInt64) {
+        (try startOffset.map { try SizeParser.parse($0, what: "start offset", file: nil) } ?? 0,
+         try maxLength.map { try SizeParser.parse($0, what: "max length", file: nil) } ?? UInt64.max)
     }
 
     func run() throws {
         let device = try ImageChain.open(file, format: format.format, forceShare: share.forceShare)
         defer { try? device.close() }
         let layers = ImageChain.layers(of: device, name: file)
-        let start = min(startOffset.flatMap(SizeParser.parse) ?? 0, device.size)
-        let length = min(maxLength.flatMap(SizeParser.parse) ?? UInt64.max, device.size - start)
+        let range = try range()
+        let start = min(range.start, device.size)
+        let length = min(range.maxLength, device.size - start)
         let entries = try MapEntry.collect(layers: layers, start: start, length: length)
         switch output.output {
         case .json:
@@ -45,7 +50,7 @@ struct Map: ParsableCommand {
             print("Offset          Length          Mapped to       File")
             for e in entries where e.data {
                 guard let offset = e.offset else {
-                    throw CLIError.refused("\(file): the range at offset \(e.start) is compressed, so it has no host offset to show; use --output json")
+                    throw CLIError.refused(file: file, reason: "the range at offset \(e.start) is compressed, so it has no host offset to show; use --output json")
                 }
                 if !e.zero {
                     print(HumanFormat.mapHex(e.start) + HumanFormat.mapHex(e.length) + HumanFormat.mapHex(offset) + (e.file ?? ""))
@@ -151,7 +156,7 @@ struct MapEntry: Equatable {
                 advanced = true
             }
             guard advanced else {
-                throw CLIError.refused("\(top.displayName): block status returned no extent at offset \(pos)")
+                throw CLIError.refused(file: top.displayName, reason: "block status returned no extent at offset \(pos)")
             }
         }
         return out

@@ -13,22 +13,32 @@ struct OptionList: Equatable {
 
     init() {}
 
-    /// Parses every `-o` argument in order.
-    init(parsing texts: [String]) throws {
-        for text in texts { try add(text) }
+    /// Parses every `-o` argument in order; `file` (the image the options are for) is named
+    /// in errors about an entry.
+    init(parsing texts: [String], file: String) throws {
+        for text in texts { try add(text, file: file) }
     }
 
-    private mutating func add(_ text: String) throws {
+    private mutating func add(_ text: String, file: String) throws {
+        guard Self.isValidList(text) else { throw CLIError.badOptionList(text) }
         for item in Self.split(text) {
-            if item.isEmpty { continue }
             if item == "help" || item == "?" { wantsHelp = true; continue }
             guard let eq = item.firstIndex(of: "=") else {
-                throw CLIError.badOption(item, reason: "expected key=value")
+                throw CLIError.badOption(file: file, entry: item, reason: "expected key=value")
             }
             let key = String(item[..<eq])
-            guard !key.isEmpty else { throw CLIError.badOption(item, reason: "empty option name") }
+            guard !key.isEmpty else { throw CLIError.badOption(file: file, entry: item, reason: "empty option name") }
             set(key, String(item[item.index(after: eq)...]))
         }
+    }
+
+    /// qemu-img's test for a usable `-o` argument: not empty, no leading comma, and not ending
+    /// in an unescaped comma (an odd run of trailing commas). What passes splits into entries
+    /// that are never empty.
+    static func isValidList(_ text: String) -> Bool {
+        guard let first = text.first, first != "," else { return false }
+        let trailingCommas = text.reversed().prefix { $0 == "," }.count
+        return trailingCommas % 2 == 0
     }
 
     /// Sets (or replaces) one key.

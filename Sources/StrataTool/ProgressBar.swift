@@ -4,52 +4,60 @@ import Synchronization
 import Glibc
 #endif
 
-/// qemu-img's `-p` progress line, `    (12.34/100%)` rewritten in place with `\r`, on stderr
-/// (so stdout stays clean for scripts). Prints when the value moves by at least 1% and at the
-/// end. Safe to advance from several threads.
+/// qemu-img's `-p` progress line, `    (12.34/100%)` rewritten in place with `\r`, on stdout
+/// as qemu-img prints it (its result lines, such as compare's, follow on the same line).
+/// Shown at 0% when made, whenever it has moved by more than `minStep` points or reached
+/// 100%, and on ``complete()``; ``end()`` ends the line. Safe to advance from several threads.
 final class ProgressBar: Sendable {
     private struct State {
         var done: UInt64 = 0
-        var lastShown: Double = -100
+        var lastShown: Double = 0
     }
     private let total: UInt64
     private let enabled: Bool
+    /// Percentage points the value must move by to be shown again (qemu-img: 1 for
+    /// convert, 2 for compare).
+    private let minStep: Double
     private let state = Mutex(State())
 
-    init(enabled: Bool, total: UInt64) {
+    init(enabled: Bool, total: UInt64, minStep: Double) {
         self.enabled = enabled
         self.total = total
-        show(force: true)
+        self.minStep = minStep
+        if enabled { show(0) }
     }
 
     /// Records `bytes` more as done.
     func advance(by bytes: UInt64) {
         guard enabled else { return }
-        state.withLock { $0.done += bytes }
-        show(force: false)
+        state.withLock { s in
+            s.done += bytes
+            let percent = total == 0 ? 100 : min(100, Double(s.done) * 100 / Double(total))
+            guard abs(percent - s.lastShown) > minStep || percent == 100 else { return }
+            s.lastShown = percent
+            show(percent)
+        }
     }
 
-    /// Prints 100% and ends the line.
-    func finish() {
-        guard enabled else { return }
-        state.withLock { $0.done = total }
-        show(force: true)
-        fputs("\n", stderr)
-    }
-
-    /// Ends the line where the bar stands (an early stop, e.g. a mismatch).
-    func stop() {
-        guard enabled else { return }
-        fputs("\n", stderr)
-    }
-
-    private func show(force: Bool) {
+    /// Shows 100% (again, if advancing got there).
+    func complete() {
         guard enabled else { return }
         state.withLock { s in
-            let percent = total == 0 ? 100 : min(100, Double(s.done) * 100 / Double(total))
-            guard force || percent - s.lastShown >= 1 else { return }
-            s.lastShown = percent
-            fputs(HumanFormat.c("    (%3.2f/100%%)\r", percent), stderr)
+            s.done = total
+            s.lastShown = 100
+            show(100)
         }
+    }
+
+    /// Ends the line (after the result, or where the bar stands when the work stopped early).
+    func end() {
+        guard enabled else { return }
+        fputs("\n", stdout)
+        fflush(stdout)
+    }
+
+    private func show(_ percent: Double) {
+        fputs(HumanFormat.c("    (%3.2f/100%%)\r", percent), stdout)
+        fflush(stdout)
     }
 }

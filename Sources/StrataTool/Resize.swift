@@ -27,11 +27,15 @@ struct Resize: ParsableCommand {
     /// The one size argument, parsed.
     func change() throws -> SizeParser.Change {
         let args = sizeArguments.filter { $0 != "--" }
+        try SizeParser.refuseOptions(args)
         guard args.count == 1 else {
             throw ValidationError(args.isEmpty ? "missing expected argument '<size>'" : "unexpected arguments: \(args.dropFirst().joined(separator: " "))")
         }
-        guard let c = SizeParser.parseChange(args[0]) else { throw CLIError.badSize(args[0], what: "size") }
-        return c
+        do {
+            return try SizeParser.parseChange(args[0])
+        } catch {
+            throw CLIError.badSize(file: file, what: "size", text: args[0], problem: error)
+        }
     }
 
     mutating func validate() throws { _ = try change() }
@@ -42,24 +46,24 @@ struct Resize: ParsableCommand {
         defer { if !closed { try? device.close() } }
         let current = device.size
         guard let newSize = try change().apply(to: current), newSize > 0 else {
-            throw CLIError.refused("\(file): the new size must be positive (the image is \(current) bytes)")
+            throw CLIError.refused(file: file, reason: "the new size must be positive (the image is \(current) bytes)")
         }
         if newSize < current, !shrink {
-            throw CLIError.refused("\(file): shrinking from \(current) to \(newSize) bytes deletes the data past the new end; use --shrink to do it")
+            throw CLIError.refused(file: file, reason: "shrinking from \(current) to \(newSize) bytes deletes the data past the new end; use --shrink to do it")
         }
         guard newSize <= Limits.maxVirtualSize else {
-            throw CLIError.refused("\(file): \(newSize) bytes is above the largest virtual size, \(Limits.maxVirtualSize) bytes")
+            throw CLIError.refused(file: file, reason: "\(newSize) bytes is above the largest virtual size, \(Limits.maxVirtualSize) bytes")
         }
         switch device {
         case let q as Qcow2Image:
             guard newSize % 512 == 0 else {
-                throw CLIError.refused("\(file): the new size must be a multiple of 512 (got \(newSize))")
+                throw CLIError.refused(file: file, reason: "the new size must be a multiple of 512 (got \(newSize))")
             }
             try resizeQcow2(q, to: newSize, from: current)
         case let r as RawImage:
             try withFile(file) { try r.storage.setLength(newSize) }
         default:
-            throw CLIError.refused("\(file): this kind of image cannot be resized")
+            throw CLIError.refused(file: file, reason: "this kind of image cannot be resized")
         }
         closed = true
         try device.close()

@@ -1,8 +1,24 @@
-/// Sizes as qemu-img and qemu-io read them (`qemu_strtosz`): a decimal number with an optional
-/// fraction, or a `0x` hex integer, followed by an optional one-letter suffix
-/// (`b`, `k`, `M`, `G`, `T`, `P`, `E`, either case; powers of 1024). A bare number is bytes.
-/// A fraction needs a suffix (`1.5M` is fine, `1.5` is not: there are no half bytes).
+import ArgumentParser
+
+/// Sizes as qemu-img and qemu-io read them (`qemu_strtosz`, then `cvtnum`'s range check): a
+/// decimal number with an optional fraction, or a `0x` hex integer, followed by an optional
+/// one-letter suffix (`b`, `k`, `M`, `G`, `T`, `P`, `E`, either case; powers of 1024). A bare
+/// number is bytes. A fraction needs a suffix (`1.5M` is fine, `1.5` is not: there are no half
+/// bytes). Sizes are at most ``maxSize``, as in qemu-img.
 enum SizeParser {
+    /// Why a size was refused.
+    enum Problem: Error, Equatable {
+        /// Not a number with an optional suffix.
+        case notANumber
+        /// A leading `-`: sizes are never negative.
+        case negative
+        /// Above ``SizeParser/maxSize``.
+        case tooLarge
+    }
+
+    /// The largest size qemu-img accepts anywhere (`INT64_MAX`).
+    static let maxSize = UInt64(Int64.max)
+
     /// Multiplier for each suffix letter.
     static func multiplier(_ c: Character) -> UInt64? {
         switch c {
@@ -17,35 +33,63 @@ enum SizeParser {
         }
     }
 
-    /// Parses an unsigned size; nil when the text is not one (or overflows 64 bits).
-    static func parse(_ text: String) -> UInt64? {
+    /// Parses an unsigned size.
+    static func parse(_ text: String) throws(Problem) -> UInt64 {
         var s = Substring(text).drop { $0 == " " || $0 == "\t" }
-        guard !s.isEmpty else { return nil }
+        if s.hasPrefix("-") {
+            // Only a number with a minus sign is "negative"; "-x" is just not a number.
+            let rest = s.dropFirst()
+            if case .some = try? parse(String(rest)) { throw .negative }
+            throw .notANumber
+        }
+        guard !s.isEmpty else { throw .notANumber }
         if s.hasPrefix("0x") || s.hasPrefix("0X") {
             s = s.dropFirst(2)
-            guard !s.isEmpty, s.allSatisfy(\.isHexDigit) else { return nil }
-            return UInt64(s, radix: 16)
+            guard !s.isEmpty, s.allSatisfy(\.isHexDigit) else { throw .notANumber }
+            guard let n = UInt64(s, radix: 16), n <= maxSize else { throw .tooLarge }
+            return n
         }
         var mul: UInt64 = 1
         if let last = s.last, !last.isNumber, last != "." {
-            guard let m = multiplier(last) else { return nil }
+            guard let m = multiplier(last) else { throw .notANumber }
             mul = m
             s = s.dropLast()
         }
         let parts = s.split(separator: ".", maxSplits: 1, omittingEmptySubsequences: false)
-        guard let intText = parts.first, !intText.isEmpty, intText.allSatisfy(\.isASCIIDigit),
-              let whole = UInt64(intText) else { return nil }
+        guard let intText = parts.first, !intText.isEmpty, intText.allSatisfy(\.isASCIIDigit) else { throw .notANumber }
         var fractionBytes: UInt64 = 0
         if parts.count == 2 {
             let frac = parts[1]
             guard !frac.isEmpty, frac.allSatisfy(\.isASCIIDigit), mul > 1,
-                  let f = Double("0." + frac) else { return nil }
+                  let f = Double("0." + frac) else { throw .notANumber }
             fractionBytes = UInt64(f * Double(mul))
         }
+        guard let whole = UInt64(intText) else { throw .tooLarge }
         let (product, overflow) = whole.multipliedReportingOverflow(by: mul)
-        guard !overflow else { return nil }
         let (sum, overflow2) = product.addingReportingOverflow(fractionBytes)
-        return overflow2 ? nil : sum
+        guard !overflow, !overflow2, sum <= maxSize else { throw .tooLarge }
+        return sum
+    }
+
+    /// Parses a size the user gave for `what`, naming `file` (when the size is about one) in
+    /// the error.
+    static func parse(_ text: String, what: String, file: String?) throws -> UInt64 {
+        do {
+            return try parse(text)
+        } catch {
+            throw CLIError.badSize(file: file, what: what, text: text, problem: error)
+        }
+    }
+
+    /// For a size argument collected with the parser's unrecognised arguments (so that `-1`
+    /// reaches ``parse(_:)``): refuses what is an unknown option rather than a negative
+    /// number (a minus sign not followed by a digit or a point).
+    static func refuseOptions(_ args: [String]) throws {
+        for a in args where a.hasPrefix("-") {
+            guard let c = a.dropFirst().first, c.isASCIIDigit || c == "." else {
+                throw ValidationError("unknown option '\(a)'")
+            }
+        }
     }
 
     /// A size for `resize`: absolute, or relative with a `+`/`-` prefix.
@@ -67,10 +111,10 @@ enum SizeParser {
     }
 
     /// Parses `[+|-]SIZE`.
-    static func parseChange(_ text: String) -> Change? {
-        if text.hasPrefix("+") { return parse(String(text.dropFirst())).map(Change.grow) }
-        if text.hasPrefix("-") { return parse(String(text.dropFirst())).map(Change.shrink) }
-        return parse(text).map(Change.absolute)
+    static func parseChange(_ text: String) throws(Problem) -> Change {
+        if text.hasPrefix("+") { return .grow(try parse(String(text.dropFirst()))) }
+        if text.hasPrefix("-") { return .shrink(try parse(String(text.dropFirst()))) }
+        return .absolute(try parse(text))
     }
 }
 

@@ -32,15 +32,12 @@ final class ConvertCompareTests: ToolTestCase {
         XCTAssertLessThan(Int(st.st_blocks) * 512, 7 << 20, "raw output should be sparse")
     }
 
-    func testConvertQcow2ChainFlattensAndProgressGoesToStderr() throws {
+    func testConvertQcow2ChainFlattens() throws {
         ok(try qemuImg("create", "-q", "-f", "qcow2", "base.qcow2", "6M"), "create base")
         ok(try qemuIO("-c", "write -P 1 0 1M", "-c", "write -P 2 3M 100k", "base.qcow2"), "fill base")
         ok(try qemuImg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"), "create top")
         ok(try qemuIO("-c", "write -P 3 512k 1M", "-c", "write -z 3M 64k", "top.qcow2"), "fill top")
-        let r = ok(try strata("convert", "-p", "-O", "qcow2", "-o", "cluster_size=16k,compression_type=zstd", "top.qcow2", "flat.qcow2"), "convert chain")
-        XCTAssertEqual(r.stdout, "", "progress goes to stderr")
-        XCTAssertTrue(r.stderr.contains("(100.00/100%)"), "progress bar: \(r.stderr)")
-        XCTAssertTrue(r.stderr.contains("(0.00/100%)"))
+        ok(try strata("convert", "-O", "qcow2", "-o", "cluster_size=16k,compression_type=zstd", "top.qcow2", "flat.qcow2"), "convert chain")
         ok(try qemuImg("compare", "top.qcow2", "flat.qcow2"), "qemu-img compare chain vs flat")
         XCTAssertEqual(try qemuImg("check", "flat.qcow2").status, 0)
         let info = json(try qemuImg("info", "--output", "json", "flat.qcow2").stdout) as? [String: Any]
