@@ -123,8 +123,9 @@ struct Compare: ParsableCommand {
     private func runs(_ device: any BlockDevice, name: String, from start: UInt64, to end: UInt64) throws -> [Run] {
         guard strict else {
             var out: [Run] = []
-            try DataScan.ranges(of: device, from: start, to: end, name: name) { o, l, z in
-                out.append(Run(start: o, end: o + l, zero: z))
+            try device.forEachRun(from: start, to: end) { o, l, ext in
+                out.append(Run(start: o, end: o + l, zero: ext?.status.contains(.zero) ?? false))
+                return true
             }
             return out
         }
@@ -142,8 +143,11 @@ struct Compare: ParsableCommand {
         let chunk = UInt64(DataScan.chunkSize)
         let bufA = ChunkBuffer(count: DataScan.chunkSize), bufB = ChunkBuffer(count: DataScan.chunkSize)
         var pos: UInt64 = 0
+        // Windows of block status grow while they find few runs, so an empty disk of any
+        // size is walked in a few steps.
+        var window: UInt64 = 1 << 30
         while pos < end {
-            let windowEnd = min(end, pos + (1 << 30))
+            let windowEnd = min(end, pos + window)
             let ra = try runs(a, name: first, from: pos, to: windowEnd)
             let rb = try runs(b, name: second, from: pos, to: windowEnd)
             var i = 0, j = 0
@@ -172,6 +176,7 @@ struct Compare: ParsableCommand {
                 }
             }
             pos = windowEnd
+            if ra.count + rb.count <= 8 { window = min(window << 4, 1 << 56) }
         }
         return nil
     }
@@ -180,9 +185,8 @@ struct Compare: ParsableCommand {
     private func firstNonZero(_ device: any BlockDevice, name: String, from start: UInt64, bar: ProgressBar) throws -> UInt64? {
         let buffer = ChunkBuffer(count: DataScan.chunkSize)
         var found: UInt64?
-        try DataScan.ranges(of: device, from: start, to: device.size, name: name) { o, l, zero in
-            guard found == nil else { return }
-            guard !zero else { return bar.advance(by: l) }
+        try device.forEachRun(from: start, to: device.size) { o, l, ext in
+            guard !(ext?.status.contains(.zero) ?? false) else { bar.advance(by: l); return true }
             var x = o
             while x < o + l {
                 let n = min(o + l - x, UInt64(DataScan.chunkSize))
@@ -190,11 +194,12 @@ struct Compare: ParsableCommand {
                 try device.read(into: p, at: x)
                 if let i = DataScan.firstNonZero(UnsafeRawBufferPointer(p)) {
                     found = x + UInt64(i)
-                    return
+                    return false
                 }
                 bar.advance(by: n)
                 x += n
             }
+            return true
         }
         return found
     }

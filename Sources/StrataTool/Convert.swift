@@ -7,14 +7,18 @@ import Synchronization
 import Glibc
 #endif
 
-/// `strata convert [-f FMT] [-O FMT] [-o OPTIONS] [-t CACHE] [-T SRC_CACHE] [-S SPARSE] [-m N] [-W] [-p] [-q] [-U] SRC DST`
+/// `strata convert [-f FMT] [-O FMT] [-o OPTIONS | -n] [-B BACKING -F BACKING_FMT] [-t CACHE] [-T SRC_CACHE] [-S SPARSE] [-m N] [-W] [-p] [-q] [-U] SRC DST`
 struct Convert: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Copy an image into a new one, possibly in another format.",
         discussion: """
             The whole backing chain of SRC is flattened into DST. Ranges that read as zeroes are \
             not written, so DST stays sparse (-S 0 writes everything). The default output format \
-            is raw, as in qemu-img. Without -W the writes stay in order, whatever -m says.
+            is raw, as in qemu-img. DST is created anew (an existing file is replaced) unless -n \
+            is given: then DST must exist, keeps its format and size, and zero ranges of SRC are \
+            written as zeroes over it. With -B, DST is a qcow2 image on the backing file \
+            BACKING, and only what SRC's top image holds is copied (the rest is left to the \
+            backing file). Without -W the writes stay in order, whatever -m says.
             """)
 
     @Option(name: .customShort("f"), help: ArgumentHelp("Source format (qcow2 or raw); probed when omitted.", valueName: "fmt"))
@@ -25,6 +29,15 @@ struct Convert: ParsableCommand {
 
     @Option(name: .customShort("o"), help: ArgumentHelp("Options for the new image, as for create.", valueName: "options"))
     var options: [String] = []
+
+    @Flag(name: .customShort("n"), help: "Write into the existing DST instead of creating it.")
+    var skipCreate = false
+
+    @Option(name: .customShort("B"), help: ArgumentHelp("Make DST a qcow2 image on this backing file.", valueName: "backing_file"))
+    var backingFile: String?
+
+    @Option(name: .customShort("F"), help: ArgumentHelp("Format of the backing file (qcow2 or raw).", valueName: "backing_fmt"))
+    var backingFormat: ImageFormat?
 
     @Option(name: .customShort("t"), help: ArgumentHelp("Cache mode of the new image: \(CacheModeName.choices).", valueName: "cache"))
     var cache: String?
@@ -88,10 +101,23 @@ struct Convert: ParsableCommand {
     func settings(size: UInt64) throws -> CreateSettings? {
         let list = try OptionList(parsing: options, file: destination)
         if list.wantsHelp { return nil }
+        if skipCreate, !list.entries.isEmpty {
+            throw CLIError.refused(file: destination, reason: "-o has no effect when the image is not created (-n)")
+        }
         var s = try CreateSettings(format: outputFormat, options: list, file: destination)
         for key in ["size", "backing_file", "backing_fmt"] where list[key] != nil {
             throw CLIError.badOption(file: destination, entry: "\(key)=\(list[key]!)",
-                                     reason: "convert takes the size and content from the source; '\(key)' cannot be set")
+                                     reason: "convert takes the size and content from the source; '\(key)' cannot be set (use -B and -F for a backing file)")
+        }
+        if let b = backingFile {
+            guard outputFormat == .qcow2 else { throw CLIError.refused(file: destination, reason: "raw images have no backing file (use -O qcow2 with -B)") }
+            guard let f = backingFormat else {
+                throw CLIError.refused(file: destination, reason: "backing file '\(b)' given without its format: add -F qcow2 or -F raw")
+            }
+            s.backingFile = b
+            s.backingFormat = f
+        } else if backingFormat != nil {
+            throw CLIError.refused(file: destination, reason: "a backing format (-F) needs a backing file (-B)")
         }
         try s.check(file: destination)
         s.size = size
@@ -110,13 +136,24 @@ struct Convert: ParsableCommand {
             throw CLIError.refused(file: destination, reason: "is the source image itself; convert into another file")
         }
         let settings = try settings(size: src.size)!
-        try settings.create(path: destination)
+        if !skipCreate {
+            if settings.backingFile != nil {
+                var o = settings.qcow2Options
+                o.size = src.size
+                _ = try o.resolved(for: destination)  // the backing file opens, and is not DST itself
+            }
+            try settings.create(path: destination)
+        }
         let dst = try ImageChain.open(destination, format: outputFormat, writable: true, cache: caches.destination)
         var closed = false
         defer { if !closed { try? dst.close() } }
+        if dst.size < src.size {
+            throw CLIError.refused(file: destination, reason: "is \(dst.size) bytes, smaller than the source (\(src.size) bytes)")
+        }
 
         let bar = ProgressBar(enabled: progress && !quiet.quiet, total: src.size, minStep: 1)
-        let copier = Copier(src: src, dst: dst, sparse: try sparseBytes(), bar: bar, srcName: source, dstName: destination)
+        let target: Copier.Target = backingFile != nil ? .onBacking : skipCreate ? .existing : .blank
+        let copier = Copier(src: src, dst: dst, target: target, sparse: try sparseBytes(), bar: bar)
         try copier.run(workers: outOfOrder ? workers : 1)
         try dst.flush()
         closed = true
@@ -133,68 +170,100 @@ struct Convert: ParsableCommand {
     }
 }
 
-/// Copies every range of `src` that does not read as zeroes into a freshly created `dst`
-/// (which reads as zeroes everywhere), `DataScan.chunkSize` bytes at a time.
+/// Copies `src` into `dst`, `chunkSize` bytes at a time, writing only what the target needs:
+/// into a blank target, zero ranges (and all-zero blocks of `sparse` bytes) are skipped; into
+/// an existing target they are written as zeroes (deallocating where it can); onto a backing
+/// file, what the source's top image does not hold is left to the backing file.
 final class Copier: Sendable {
-    let src: any BlockDevice
-    let dst: any BlockDevice
-    /// Zero runs at least this long are skipped; 0 copies everything.
-    let sparse: Int
-    let bar: ProgressBar
-    let srcName: String
-    let dstName: String
-
-    init(src: any BlockDevice, dst: any BlockDevice, sparse: Int, bar: ProgressBar, srcName: String, dstName: String) {
-        self.src = src
-        self.dst = dst
-        self.sparse = sparse
-        self.bar = bar
-        self.srcName = srcName
-        self.dstName = dstName
+    /// What the target holds before the copy.
+    enum Target {
+        /// Freshly created: reads as zeroes everywhere.
+        case blank
+        /// An existing image (`-n`): anything.
+        case existing
+        /// Freshly created on a backing file (`-B`): the backing file's content.
+        case onBacking
     }
 
-    /// Plans a window of the source, then copies its chunks with `workers` threads
-    /// (one thread copies in order).
+    /// Bytes read or written at once (per worker).
+    static let chunkSize = 2 << 20
+
+    let src: any BlockDevice
+    let dst: any BlockDevice
+    let target: Target
+    /// Zero runs at least this long are not written as data; 0 writes everything.
+    let sparse: Int
+    let bar: ProgressBar
+
+    init(src: any BlockDevice, dst: any BlockDevice, target: Target, sparse: Int, bar: ProgressBar) {
+        self.src = src
+        self.dst = dst
+        self.target = target
+        self.sparse = sparse
+        self.bar = bar
+    }
+
+    /// What to do with one chunk of the source.
+    enum Action {
+        /// Read it and write what the target needs.
+        case copy
+        /// It reads as zeroes: make the target read as zeroes there.
+        case zero
+    }
+
+    /// Walks the source's extents, then copies their chunks with `workers` threads (one
+    /// thread copies in order).
     func run(workers: Int) throws {
-        var pending: [(offset: UInt64, length: Int)] = []
+        var pending: [(offset: UInt64, length: Int, action: Action)] = []
         func drain() throws {
-            try copy(pending, workers: workers)
+            try perform(pending, workers: workers)
             pending.removeAll(keepingCapacity: true)
         }
-        try DataScan.ranges(of: src, from: 0, to: src.size, name: srcName) { offset, length, zero in
-            if zero, sparse > 0 {
-                bar.advance(by: length)
-                return
+        try src.forEachRun(from: 0, to: src.size) { offset, length, extent in
+            let zero = extent?.status.contains(.zero) ?? false
+            let action: Action
+            if target == .onBacking, let extent, extent.depth != 1 {
+                bar.advance(by: length)  // not in the source's top image: the backing file has it
+                return true
+            } else if zero && sparse > 0 {
+                if target == .blank {
+                    bar.advance(by: length)
+                    return true
+                }
+                action = .zero
+            } else {
+                action = .copy
             }
             var o = offset
             let end = offset + length
             while o < end {
                 // Chunks end on chunk-size boundaries so chunks of neighbouring extents line up.
-                let boundary = (o / UInt64(DataScan.chunkSize) + 1) * UInt64(DataScan.chunkSize)
+                let boundary = (o / UInt64(Self.chunkSize) + 1) * UInt64(Self.chunkSize)
                 let n = Int(min(end, boundary) - o)
-                pending.append((o, n))
+                pending.append((o, n, action))
                 o += UInt64(n)
             }
             if pending.count >= 256 { try drain() }
+            return true
         }
         try drain()
     }
 
-    private func copy(_ chunks: [(offset: UInt64, length: Int)], workers: Int) throws {
+    private func perform(_ chunks: [(offset: UInt64, length: Int, action: Action)], workers: Int) throws {
         if workers <= 1 || chunks.count <= 1 {
-            let buffer = ChunkBuffer(count: DataScan.chunkSize)
-            for c in chunks { try copyChunk(c.offset, c.length, buffer) }
+            let buffer = ChunkBuffer(count: Self.chunkSize)
+            for c in chunks { try perform(c.offset, c.length, c.action, buffer) }
             return
         }
         let next = Atomic<Int>(0)
         let failure = Mutex<(any Error)?>(nil)
         DispatchQueue.concurrentPerform(iterations: min(workers, chunks.count)) { _ in
-            let buffer = ChunkBuffer(count: DataScan.chunkSize)
+            let buffer = ChunkBuffer(count: Self.chunkSize)
             while failure.withLock({ $0 == nil }) {
                 let i = next.add(1, ordering: .relaxed).oldValue
                 guard i < chunks.count else { return }
                 do {
-                    try copyChunk(chunks[i].offset, chunks[i].length, buffer)
+                    try perform(chunks[i].offset, chunks[i].length, chunks[i].action, buffer)
                 } catch {
                     failure.withLock { if $0 == nil { $0 = error } }
                 }
@@ -203,14 +272,24 @@ final class Copier: Sendable {
         if let error = failure.withLock({ $0 }) { throw error }
     }
 
-    private func copyChunk(_ offset: UInt64, _ length: Int, _ buffer: ChunkBuffer) throws {
+    private func perform(_ offset: UInt64, _ length: Int, _ action: Action, _ buffer: ChunkBuffer) throws {
+        defer { bar.advance(by: UInt64(length)) }
+        if action == .zero {
+            try dst.writeZeroes(at: offset, length: UInt64(length), mayUnmap: true, fua: false)
+            return
+        }
         let bytes = buffer.prefix(length)
         try src.read(into: bytes, at: offset)
         let view = UnsafeRawBufferPointer(bytes)
-        let runs = sparse > 0 ? DataScan.dataRuns(view, granularity: sparse) : [0..<length]
-        for r in runs {
-            try dst.write(UnsafeRawBufferPointer(rebasing: view[r]), at: offset + UInt64(r.lowerBound), fua: false)
+        let runs = sparse > 0 ? ZeroBuffer.dataRuns(view, granularity: sparse) : [0..<length]
+        var pos = 0
+        for r in runs + [length..<length] {
+            // All-zero blocks between data runs: nothing to write on a blank target.
+            if r.lowerBound > pos, target != .blank {
+                try dst.writeZeroes(at: offset + UInt64(pos), length: UInt64(r.lowerBound - pos), mayUnmap: true, fua: false)
+            }
+            if !r.isEmpty { try dst.write(UnsafeRawBufferPointer(rebasing: view[r]), at: offset + UInt64(r.lowerBound), fua: false) }
+            pos = r.upperBound
         }
-        bar.advance(by: UInt64(length))
     }
 }

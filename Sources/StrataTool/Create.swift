@@ -91,33 +91,22 @@ struct Create: ParsableCommand {
             print(CreateSettings.helpText(for: format), terminator: "")
             return
         }
+        let file = self.file ?? ""
         if let backing = s.backingFile {
-            try checkBacking(backing, settings: &s)
-        }
-        let file = self.file ?? ""
-        if !quiet.quiet { print(s.formattingLine(file: file)) }
-        try s.create(path: file)
-    }
-
-    /// Opens the backing file the way the new image will (relative to FILE's directory) to
-    /// check it, take the size from it when none was given, and demand its format.
-    private func checkBacking(_ backing: String, settings s: inout CreateSettings) throws {
-        let file = self.file ?? ""
-        let path = ImageChain.combine(file, backing)
-        guard let backingFormat = s.backingFormat else {
             // qemu-img 7.2 refuses to record a backing file without its format; say what it looks like.
-            let detected = (try? probeFormat(path: path)).map { " (its content looks like \($0.rawValue))" } ?? ""
-            throw CLIError.refused(file: file,
-                reason: "backing file '\(backing)' given without its format: add -F qcow2 or -F raw\(detected)")
-        }
-        if unsafe {
-            if s.size == nil {
-                throw CLIError.refused(file: file, reason: "with -u the size must be given (the backing file is not opened)")
+            guard s.backingFormat != nil else {
+                let path = BackingChain.resolve(backing, relativeTo: file)
+                let detected = (try? probeFormat(path: path)).map { " (its content looks like \($0.rawValue))" } ?? ""
+                throw CLIError.refused(file: file,
+                    reason: "backing file '\(backing)' given without its format: add -F qcow2 or -F raw\(detected)")
             }
-            return
+            // The engine checks the backing file (not the image itself, openable) and takes
+            // its size when none was given, before anything is written.
+            var o = s.qcow2Options
+            o.unsafeBacking = unsafe
+            s.size = try o.resolved(for: file).size
         }
-        let device = try ImageChain.open(path, format: backingFormat, forceShare: true)
-        defer { try? device.close() }
-        if s.size == nil { s.size = device.size }
+        if !quiet.quiet { print(s.formattingLine(file: file)) }
+        try s.create(path: file, unsafeBacking: unsafe)
     }
 }

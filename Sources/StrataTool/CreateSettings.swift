@@ -4,10 +4,11 @@ import Strata
 import Glibc
 #endif
 
-/// What a new image will look like: the format, the `-o` options after validation, the size
-/// and the backing file. Shared by `create` and `convert`; knows qemu-img's option names, its
-/// rules (which options need compat=1.1, legal cluster sizes, refcount widths) and its
-/// `Formatting '…', fmt=…` line.
+/// What a new image will look like: the format, the `-o` options parsed, the size and the
+/// backing file. Shared by `create` and `convert`; knows qemu-img's option names, their
+/// spelling and its `Formatting '…', fmt=…` line. What the values may be (legal cluster sizes,
+/// refcount widths, what compat=0.10 cannot hold) is the engine's rule
+/// (`CreateOptions.checkFormatOptions`), checked in one place.
 struct CreateSettings {
     var format: ImageFormat
     /// Virtual size in bytes as the user gave it (rounded up to 512 when the image is made).
@@ -74,15 +75,10 @@ struct CreateSettings {
                 compatText = value
             case (.qcow2, "cluster_size"):
                 let n = try SizeParser.parse(value, what: "cluster_size", file: file)
-                guard n >= 512, n <= 2 << 20, n & (n - 1) == 0 else {
-                    throw bad("cluster size must be a power of two between 512 and 2048k")
-                }
+                guard n <= UInt64(Int32.max) else { throw bad("cluster size must be a power of two between 512 and 2097152 bytes") }
                 clusterSize = Int(n)
             case (.qcow2, "refcount_bits"):
                 guard let n = Int(value) else { throw bad("expected a number") }
-                guard n >= 1, n <= 64, n & (n - 1) == 0 else {
-                    throw bad("refcount width must be a power of two and may not exceed 64 bits")
-                }
                 refcountBits = n
             case (.qcow2, "compression_type"):
                 switch value {
@@ -110,20 +106,13 @@ struct CreateSettings {
         }
     }
 
-    /// Checks the combinations qemu-img refuses (most need compat=1.1).
+    /// Checks the values and their combinations (the engine's rules, which are qemu-img's).
     func check(file: String) throws {
         guard format == .qcow2 else { return }
-        func need(_ cond: Bool, _ reason: String) throws {
-            if !cond { throw CLIError.refused(file: file, reason: reason) }
+        try qcow2Options.checkFormatOptions(for: file)
+        if backingFormat != nil && backingFile == nil {
+            throw CLIError.refused(file: file, reason: "a backing format (-F) needs a backing file (-b)")
         }
-        let v3 = "require compat=1.1 (they are not in the qcow2 version 2 format)"
-        try need(version == 3 || refcountBits == 16, "refcount widths other than 16 bits " + v3)
-        try need(version == 3 || !lazyRefcounts, "lazy refcounts " + v3)
-        try need(version == 3 || compressionType == .zlib, "compression types other than zlib " + v3)
-        try need(version == 3 || !extendedL2, "extended L2 entries " + v3)
-        try need(!extendedL2 || clusterSize >= 16384,
-                 "extended L2 entries need a cluster size of at least 16k (cluster_size is \(clusterSize))")
-        try need(backingFormat == nil || backingFile != nil, "a backing format (-F) needs a backing file (-b)")
     }
 
     /// qemu-img's announcement, field for field:
@@ -166,22 +155,17 @@ struct CreateSettings {
         return o
     }
 
-    /// Makes the image file (an existing file is overwritten, as qemu-img does, unless another
-    /// process has it open: an existing file is first opened with the write lock, which is
-    /// held until the new image is written).
-    func create(path: String) throws {
-        var guardLock: RawImage?
-        if access(path, F_OK) == 0 {
-            guardLock = try RawImage(path: path, writable: true)
-        }
-        defer { (guardLock?.storage as? FileStorage)?.close() }
+    /// Makes the image file with the engine: a fresh, blank image even over an existing file
+    /// (as qemu-img), refused while another process uses that file; nothing is left behind
+    /// when it fails. `unsafeBacking` is qemu-img's `-u`.
+    func create(path: String, unsafeBacking: Bool = false) throws {
         switch format {
         case .qcow2:
-            try Qcow2Image.create(path: path, options: qcow2Options)
+            var o = qcow2Options
+            o.unsafeBacking = unsafeBacking
+            try Qcow2Image.create(path: path, options: o)
         case .raw:
-            let file = try FileStorage(creating: path)
-            defer { file.close() }
-            try withFile(path) { try file.setLength(roundedSize ?? 0) }
+            try RawImage.create(path: path, size: roundedSize ?? 0)
         }
     }
 }

@@ -10,7 +10,7 @@ struct ChainLayer {
     let device: any BlockDevice
     let format: ImageFormat
     /// The name qemu-img would print: the top as given, a backing file as its recorded name
-    /// joined to the directory of the image that names it (qemu's `path_combine`).
+    /// joined to the directory of the image that names it (``BackingChain/resolve(_:relativeTo:)``).
     let displayName: String
     /// The layer as a qcow2 image (nil for raw).
     var qcow2: Qcow2Image? { device as? Qcow2Image }
@@ -35,19 +35,10 @@ enum ImageChain {
             let q = d as? Qcow2Image
             out.append(ChainLayer(device: d, format: q == nil ? .raw : .qcow2, displayName: displayName))
             guard let q, let backing = q.backing else { break }
-            displayName = combine(displayName, q.backingFileName ?? q.backingFilePath ?? "")
+            displayName = BackingChain.resolve(q.backingFileName ?? q.backingFilePath ?? "", relativeTo: displayName)
             device = backing
         }
         return out
-    }
-
-    /// qemu's `path_combine`: an absolute `name` stays as it is; a relative one is taken
-    /// relative to the directory of `base` (as `base` was spelled: "top.qcow2" + "base.qcow2"
-    /// is "base.qcow2", "dir/top.qcow2" + "base.qcow2" is "dir/base.qcow2").
-    static func combine(_ base: String, _ name: String) -> String {
-        if name.hasPrefix("/") { return name }
-        guard let slash = base.lastIndex(of: "/") else { return name }
-        return String(base[...slash]) + name
     }
 
     /// Bytes the file occupies on its file system (`st_blocks * 512`), qemu's "actual-size".

@@ -19,19 +19,7 @@ struct Info: ParsableCommand {
     var file: String
 
     func run() throws {
-        let infos: [ImageInfo]
-        do {
-            let device = try ImageChain.open(file, format: format.format, forceShare: share.forceShare)
-            defer { try? device.close() }
-            var layers = ImageChain.layers(of: device, name: file)
-            if !backingChain { layers = Array(layers.prefix(1)) }
-            infos = layers.map(ImageInfo.init(layer:))
-        } catch {
-            // Like qemu-img, describe the image even when its backing file cannot be opened.
-            guard !backingChain, Self.isBackingFailure(error, top: file),
-                  let info = try? ImageInfo(headerOf: file), info.backingFilename != nil else { throw error }
-            infos = [info]
-        }
+        let infos = try describe()
         switch output.output {
         case .json:
             let value: JSONValue = backingChain ? .array(infos.map(\.json)) : infos[0].json
@@ -40,14 +28,34 @@ struct Info: ParsableCommand {
             print(infos.map(\.human).joined(separator: "\n"), terminator: "")
         }
     }
-}
 
-extension Info {
-    /// True when opening failed because of the backing chain, not the image itself.
-    static func isBackingFailure(_ error: Error, top: String) -> Bool {
-        guard let e = error as? StrataError else { return false }
-        if case .backingFormatUnknown = e { return true }
-        return !e.description.hasPrefix(top + ":")
+    /// Opens each image of the chain on its own (without its backing file, as qemu-img
+    /// does), so the top image is described even when its backing file is missing or loops;
+    /// with --backing-chain, follows the chain one image at a time, refusing loops.
+    func describe() throws -> [ImageInfo] {
+        var infos: [ImageInfo] = []
+        var seen: Set<String> = []
+        var path = file, displayName = file
+        var layerFormat = format.format
+        while true {
+            guard seen.insert(BackingChain.realPath(path)).inserted else {
+                throw CLIError.refused(file: file, reason: "backing file '\(displayName)' makes the chain loop back to an image already in it")
+            }
+            guard infos.count <= Limits.maxBackingChainDepth else {
+                throw StrataError.backingChainTooDeep(path: file, limit: Limits.maxBackingChainDepth)
+            }
+            var options = OpenOptions(format: layerFormat, forceShare: share.forceShare)
+            options.noBacking = true
+            let device = try openImage(path: path, options: options)
+            defer { try? device.close() }
+            let q = device as? Qcow2Image
+            infos.append(ImageInfo(device: device, displayName: displayName))
+            guard backingChain, let q, let name = q.backingFileName else { return infos }
+            guard let next = q.backingFormat else { throw StrataError.backingFormatUnknown(path: displayName, backing: name) }
+            path = q.backingFilePath ?? name
+            displayName = BackingChain.resolve(name, relativeTo: displayName)
+            layerFormat = next
+        }
     }
 }
 
@@ -64,49 +72,26 @@ struct ImageInfo {
     var fullBackingFilename: String?
     var backingFormat: ImageFormat?
     var qcow2: Qcow2Header?
+    var bitmaps: [BitmapDirectoryEntry] = []
 
-    init(layer: ChainLayer) {
-        filename = layer.displayName
-        format = layer.format
-        virtualSize = layer.device.size
-        actualSize = ImageChain.allocatedBytes(layer.displayName)
-        if let q = layer.qcow2 {
-            let h = q.header
-            qcow2 = h
-            clusterSize = h.clusterSize
-            dirty = h.incompatibleFeatures.contains(.dirty)
-            backingFilename = q.backingFileName
-            fullBackingFilename = q.backingFileName.map { ImageChain.combine(layer.displayName, $0) }
-            backingFormat = q.backingFormat
+    /// Describes one open image, named as the user (or the chain) spelled it.
+    init(device: any BlockDevice, displayName: String) {
+        filename = displayName
+        virtualSize = device.size
+        actualSize = ImageChain.allocatedBytes(displayName)
+        guard let q = device as? Qcow2Image else {
+            format = .raw
+            return
         }
-    }
-
-    /// Reads the header of a qcow2 image alone, without its backing chain (for an image whose
-    /// backing file is missing). Read-only; no lock is taken, as with `-U`.
-    init(headerOf path: String) throws {
-        let file = try FileStorage(path: path, mode: .readOnly)
-        defer { file.close() }
-        let length = try withFile(path) { try file.length() }
-        var first = [UInt8](repeating: 0, count: Int(min(length, 2 << 20)))
-        try withFile(path) { _ = try first.withUnsafeMutableBytes { try file.read(into: $0, at: 0) } }
-        let h = try Qcow2Header.decode(first, path: path, fileSize: length)
-        let extStart = Int(h.version == 2 ? Qcow2Header.v2Length : h.headerLength)
-        let extLimit = Int(h.backingFileOffset != 0 ? min(h.backingFileOffset, h.clusterSize) : h.clusterSize)
-        let ext = try HeaderExtensions.decode(first, start: extStart, limit: min(extLimit, first.count), path: path)
-        filename = path
         format = .qcow2
-        virtualSize = h.size
-        actualSize = ImageChain.allocatedBytes(path)
+        let h = q.header
         qcow2 = h
+        bitmaps = q.bitmaps
         clusterSize = h.clusterSize
         dirty = h.incompatibleFeatures.contains(.dirty)
-        let nameStart = Int(h.backingFileOffset), nameEnd = nameStart + Int(h.backingFileSize)
-        if h.backingFileOffset != 0, nameEnd <= first.count {
-            let name = String(decoding: first[nameStart..<nameEnd], as: UTF8.self)
-            backingFilename = name
-            fullBackingFilename = ImageChain.combine(path, name)
-            backingFormat = ext.backingFormat.flatMap(ImageFormat.init(rawValue:))
-        }
+        backingFilename = q.backingFileName
+        fullBackingFilename = q.backingFileName.map { BackingChain.resolve($0, relativeTo: displayName) }
+        backingFormat = q.backingFormat
     }
 
     /// QEMU's key order (it comes from its hash table; kept so outputs diff cleanly).
@@ -121,7 +106,7 @@ struct ImageInfo {
         if let h = qcow2 {
             fields.append(("format-specific", .object([
                 ("type", .string("qcow2")),
-                ("data", .object(Self.qcow2Specific(h).map { ($0.key, $0.json) })),
+                ("data", .object(Self.qcow2Specific(h, bitmaps: bitmaps).map { ($0.key, $0.json) })),
             ])))
         }
         if let full = fullBackingFilename { fields.append(("full-backing-filename", .string(full))) }
@@ -149,8 +134,10 @@ struct ImageInfo {
         if let f = backingFormat { s += "backing file format: \(f.rawValue)\n" }
         if let h = qcow2 {
             s += "Format specific information:\n"
-            for field in Self.qcow2Specific(h) {
-                s += "    \(String(field.key.map { $0 == "-" ? " " : $0 })): \(field.text)\n"
+            for field in Self.qcow2Specific(h, bitmaps: bitmaps) {
+                // A nested field (its text starts a new line) has no space after the colon.
+                let gap = field.text.hasPrefix("\n") ? "" : " "
+                s += "    \(String(field.key.map { $0 == "-" ? " " : $0 })):\(gap)\(field.text)\n"
             }
         }
         return s
@@ -164,7 +151,7 @@ struct ImageInfo {
     }
 
     /// `ImageInfoSpecificQCow2` in QEMU's order; version 2 images have only the first three.
-    static func qcow2Specific(_ h: Qcow2Header) -> [SpecificField] {
+    static func qcow2Specific(_ h: Qcow2Header, bitmaps: [BitmapDirectoryEntry]) -> [SpecificField] {
         func bool(_ k: String, _ b: Bool) -> SpecificField { SpecificField(key: k, json: .bool(b), text: b ? "true" : "false") }
         if h.version < 3 {
             return [
@@ -177,9 +164,29 @@ struct ImageInfo {
             SpecificField(key: "compat", json: .string("1.1"), text: "1.1"),
             SpecificField(key: "compression-type", json: .string(h.compressionType.name), text: h.compressionType.name),
             bool("lazy-refcounts", h.compatibleFeatures.contains(.lazyRefcounts)),
+        ] + (bitmaps.isEmpty ? [] : [bitmapsField(bitmaps)]) + [
             SpecificField(key: "refcount-bits", json: .uint(h.refcountBits), text: String(h.refcountBits)),
             bool("corrupt", h.incompatibleFeatures.contains(.corrupt)),
             bool("extended-l2", h.extendedL2),
         ]
+    }
+
+    /// The `bitmaps` list: flags (in-use, auto), name and granularity of each, JSON and the
+    /// nested text qemu-img prints.
+    static func bitmapsField(_ bitmaps: [BitmapDirectoryEntry]) -> SpecificField {
+        var items: [JSONValue] = []
+        var text = ""
+        for (i, b) in bitmaps.enumerated() {
+            var flags: [String] = []
+            if b.flags & BitmapDirectoryEntry.inUse != 0 { flags.append("in-use") }
+            if b.flags & BitmapDirectoryEntry.auto != 0 { flags.append("auto") }
+            let granularity = UInt64(1) << UInt64(min(b.granularityBits, 63))
+            items.append(.object([("flags", .array(flags.map(JSONValue.string))), ("name", .string(b.name)),
+                                  ("granularity", .uint(granularity))]))
+            text += "\n        [\(i)]:\n            flags:"
+            for (k, f) in flags.enumerated() { text += "\n                [\(k)]: \(f)" }
+            text += "\n            name: \(b.name)\n            granularity: \(granularity)"
+        }
+        return SpecificField(key: "bitmaps", json: .array(items), text: text)
     }
 }

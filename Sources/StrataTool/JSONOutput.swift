@@ -40,7 +40,8 @@ indirect enum JSONValue: Equatable {
             }
             out += pretty ? "\n" + closePad + "}" : "}"
         case .array(let items):
-            if items.isEmpty { out += "[]"; return }
+            // QEMU prints an empty list over two lines, the bracket at the key's indent.
+            if items.isEmpty { out += pretty ? "[\n" + closePad + "]" : "[]"; return }
             out += pretty ? "[\n" : "["
             for (i, value) in items.enumerated() {
                 if pretty { out += pad }

@@ -97,9 +97,6 @@ struct MapEntry: Equatable {
         return true
     }
 
-    /// Bytes asked of the engine per block-status call.
-    static let window: UInt64 = 1 << 30
-
     /// Walks `[start, start+length)` with block status and turns the engine's extents into
     /// qemu-img's entries, merged.
     ///
@@ -121,43 +118,38 @@ struct MapEntry: Equatable {
         func stopLayer(_ x: UInt64) -> Int {
             (0..<layers.count).first { $0 == layers.count - 1 || x >= sizes[$0 + 1] } ?? 0
         }
-        var pos = start
-        let end = start + length
-        while pos < end {
-            let extents = try top.device.blockStatus(at: pos, length: min(window, end - pos))
-            var advanced = false
-            for ext in extents {
-                let s = max(ext.offset, pos), e = min(ext.offset + ext.length, end)
-                guard e > s else { continue }
-                // qemu-img's "data" is false for anything known to read as zeroes (a zero
-                // cluster keeps its host offset but is not data).
-                let zero = ext.status.contains(.zero), data = !ext.status.contains(.hole) && !zero
-                if ext.depth >= 1, Int(ext.depth) <= layers.count {
-                    let i = Int(ext.depth) - 1
+        try top.device.forEachRun(from: start, to: start + length) { s, n, ext in
+            guard let ext else {
+                throw CLIError.refused(file: top.displayName, reason: "block status returned no extent at offset \(s)")
+            }
+            let e = s + n
+            // qemu-img's "data" is false for anything known to read as zeroes (a zero
+            // cluster keeps its host offset but is not data).
+            let zero = ext.status.contains(.zero), data = !ext.status.contains(.hole) && !zero
+            if ext.depth >= 1, Int(ext.depth) <= layers.count {
+                let i = Int(ext.depth) - 1
+                let raw = layers[i].format == .raw
+                let offset: UInt64? = raw ? s : (ext.compressed ? nil : ext.hostOffset.map { $0 + (s - ext.offset) })
+                append(MapEntry(start: s, length: e - s, depth: i, present: true, zero: zero, data: data,
+                                offset: offset, file: offset == nil ? nil : layers[i].displayName))
+            } else {
+                // Unallocated everywhere: split where a backing file ends. An unallocated
+                // subcluster of an allocated cluster (extended L2) still has its host offset
+                // in the image where the walk stops, which qemu-img shows.
+                var x = s
+                while x < e {
+                    let i = stopLayer(x)
+                    // The answer stays until x passes the end of a shallower backing file.
+                    var pieceEnd = e
+                    for j in stride(from: 1, through: i, by: 1) { pieceEnd = min(pieceEnd, sizes[j]) }
                     let raw = layers[i].format == .raw
-                    let offset: UInt64? = raw ? s : (ext.compressed ? nil : ext.hostOffset.map { $0 + (s - ext.offset) })
-                    append(MapEntry(start: s, length: e - s, depth: i, present: true, zero: zero, data: data,
+                    let offset = raw ? x : ext.hostOffset.map { $0 + (x - ext.offset) }
+                    append(MapEntry(start: x, length: pieceEnd - x, depth: i, present: raw, zero: zero, data: data,
                                     offset: offset, file: offset == nil ? nil : layers[i].displayName))
-                } else {
-                    // Unallocated everywhere: split where a backing file ends.
-                    var x = s
-                    while x < e {
-                        let i = stopLayer(x)
-                        // The answer stays until x passes the end of a shallower backing file.
-                        var pieceEnd = e
-                        for j in stride(from: 1, through: i, by: 1) { pieceEnd = min(pieceEnd, sizes[j]) }
-                        let raw = layers[i].format == .raw
-                        append(MapEntry(start: x, length: pieceEnd - x, depth: i, present: raw, zero: zero, data: data,
-                                        offset: raw ? x : nil, file: raw ? layers[i].displayName : nil))
-                        x = pieceEnd
-                    }
+                    x = pieceEnd
                 }
-                pos = e
-                advanced = true
             }
-            guard advanced else {
-                throw CLIError.refused(file: top.displayName, reason: "block status returned no extent at offset \(pos)")
-            }
+            return true
         }
         return out
     }

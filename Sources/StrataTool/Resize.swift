@@ -59,7 +59,9 @@ struct Resize: ParsableCommand {
             guard newSize % 512 == 0 else {
                 throw CLIError.refused(file: file, reason: "the new size must be a multiple of 512 (got \(newSize))")
             }
-            try resizeQcow2(q, to: newSize, from: current)
+            // --shrink: the engine drops the clusters past the new end, as qemu-img does.
+            // Growing zero-fills the new area, so a longer backing file never shows through.
+            try q.resize(to: newSize, droppingData: true)
         case let r as RawImage:
             try withFile(file) { try r.storage.setLength(newSize) }
         default:
@@ -68,20 +70,5 @@ struct Resize: ParsableCommand {
         closed = true
         try device.close()
         if !quiet.quiet { print("Image resized.") }
-    }
-
-    /// Grows, or shrinks. The engine shrinks only when nothing is allocated past the new end;
-    /// qemu-img frees that data, and so do we (the user said --shrink): discard the whole
-    /// clusters past the end, then shrink again. (Growing zero-fills the new area in the
-    /// engine, so a longer backing file never shows through.)
-    private func resizeQcow2(_ q: Qcow2Image, to newSize: UInt64, from current: UInt64) throws {
-        do {
-            try q.resize(to: newSize)
-        } catch StrataError.cannotShrink {
-            let cluster = q.header.clusterSize
-            let start = (newSize + cluster - 1) / cluster * cluster
-            if start < current { try q.discard(at: start, length: current - start) }
-            try q.resize(to: newSize)
-        }
     }
 }
