@@ -3,10 +3,6 @@ import XCTest
 
 /// `strata create`, `resize` and `io` against qemu-img and qemu-io; user mistakes.
 final class CreateResizeIOTests: ToolTestCase {
-    func virtualSize(_ image: String) throws -> Int? {
-        (json(try qemuImg("info", "--output", "json", "-U", image).stdout) as? [String: Any])?["virtual-size"] as? Int
-    }
-
     func testCreateAnnouncesLikeQemu() throws {
         ok(try qemuImg("create", "-q", "-f", "raw", "b.raw", "3M"), "backing")
         let cases: [[String]] = [

@@ -115,7 +115,13 @@ class ToolTestCase: XCTestCase {
     }
 
     @discardableResult
+    func strata(_ args: [String]) throws -> RunResult { try run(Self.strataBinary!, args) }
+
+    @discardableResult
     func qemuImg(_ args: String...) throws -> RunResult { try run(Self.qemuImg!, args) }
+
+    @discardableResult
+    func qemuImg(_ args: [String]) throws -> RunResult { try run(Self.qemuImg!, args) }
 
     @discardableResult
     func qemuIO(_ args: String...) throws -> RunResult { try run(Self.qemuIO!, args) }
@@ -149,6 +155,11 @@ class ToolTestCase: XCTestCase {
     }
 
     func contents(_ name: String) throws -> Data { try Data(contentsOf: dir.appendingPathComponent(name)) }
+
+    /// The virtual size qemu-img reports for an image.
+    func virtualSize(_ image: String) throws -> Int? {
+        (json(try qemuImg("info", "--output", "json", "-U", image).stdout) as? [String: Any])?["virtual-size"] as? Int
+    }
 
     /// Parses JSON text into Foundation objects (dictionaries compare with `NSDictionary`).
     func json(_ text: String, file: StaticString = #filePath, line: UInt = #line) -> Any? {

@@ -34,7 +34,10 @@ public struct SizeMeasurement: Sendable, Equatable {
         let cs = UInt64(options.clusterSize)
         let aligned = alignUp(virtual, cs)
         var required: UInt64 = 0  // a new image holds no data
-        if let source {
+        if source != nil, options.backingFile != nil {
+            // How much of the source the backing file already holds is unknown: count all of it.
+            required = aligned
+        } else if let source {
             // Whole clusters under data that is allocated somewhere in the chain; ranges that
             // read as zeroes need nothing.
             var pos: UInt64 = 0
