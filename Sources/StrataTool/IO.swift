@@ -58,6 +58,7 @@ struct IO: ParsableCommand {
     func run() throws {
         let device = try ImageChain.open(file, format: format.format, writable: !readOnly,
                                          forceShare: share.forceShare, cache: try cacheMode())
+        ImageChain.warnIfProbedRaw(device, name: file)
         var runner = IORunner(device: device)
         var refused = false
         for text in commands {

@@ -41,6 +41,14 @@ enum ImageChain {
         return out
     }
 
+    /// Says, once on stderr, that a writable raw image was probed rather than named: probing
+    /// raw images is dangerous (a guest could write another format's header), so writes
+    /// that would change what the first sector probes as are refused. As QEMU warns.
+    static func warnIfProbedRaw(_ device: any BlockDevice, name: String) {
+        guard let raw = device as? RawImage, raw.probed, !raw.isReadOnly else { return }
+        printError("strata: warning: \(name): no format given, and it probed as raw; writes that would make its first sector look like another image format are refused. Give -f raw to lift the restriction.")
+    }
+
     /// Bytes the file occupies on its file system (`st_blocks * 512`), qemu's "actual-size".
     static func allocatedBytes(_ path: String) -> UInt64? {
         var st = stat()

@@ -209,4 +209,20 @@ final class NewUserTests: ToolTestCase {
         try truncate("r.raw", to: 1 << 20)
         assertUserError(try strata("amend", "-f", "raw", "-o", "size=2M", "r.raw"), mentions: ["r.raw"])
     }
+
+    /// A raw image opened for writing without its format: a warning, and writes that would
+    /// make it probe as qcow2 are refused; named with -f raw, it takes anything.
+    func testProbedRawImagesWarnAndKeepTheirFormat() throws {
+        try truncate("guest.raw", to: 1 << 20)
+        let probed = try strata("io", "-c", "write -P 0x51 0 1", "-c", "write -P 0x46 1 1", "-c", "write -P 0x49 2 1",
+                                "-c", "write -P 0xfb 3 1", "guest.raw")
+        XCTAssertEqual(probed.status, 1)
+        XCTAssertTrue(probed.stderr.contains("warning: guest.raw") && probed.stderr.contains("-f raw"), probed.stderr)
+        XCTAssertTrue(probed.stdout.contains("write failed") && probed.stdout.contains("look like qcow2"), probed.stdout)
+        XCTAssertTrue(try qemuImg("info", "guest.raw").stdout.contains("file format: raw"))
+        let named = try strata("io", "-f", "raw", "-c", "write -P 0xfb 3 1", "guest.raw")
+        ok(named, "named raw")
+        XCTAssertEqual(named.stderr, "")
+        XCTAssertEqual(Array(try contents("guest.raw").prefix(4)), [0x51, 0x46, 0x49, 0xfb], "the magic is complete now")
+    }
 }
