@@ -37,7 +37,7 @@ let package = Package(
         .testTarget(name: "StrataTests", dependencies: ["Strata", "TestSupport"]),
         .testTarget(name: "StrataNBDTests", dependencies: ["StrataNBD", "Strata", "TestSupport"]),
         .testTarget(name: "InteropTests", dependencies: ["Strata", "TestSupport"]),
-        .testTarget(name: "StrataToolTests", dependencies: ["Strata"]),
+        .testTarget(name: "StrataToolTests", dependencies: ["Strata", "TestSupport"]),
     ],
     swiftLanguageModes: [.v5]
 )

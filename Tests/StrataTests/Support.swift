@@ -46,15 +46,7 @@ func assertQemuCheckClean(_ path: String, file: StaticString = #filePath, line: 
 
 /// Runs a program and returns its standard output bytes.
 func runToolData(_ args: [String]) throws -> [UInt8] {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    p.arguments = args
-    let o = Pipe()
-    p.standardOutput = o
-    try p.run()
-    let d = o.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return [UInt8](d)
+    [UInt8](try runProcess(args).outData)
 }
 
 /// Sets a byte range of a model disk (memset: quick in debug builds too).

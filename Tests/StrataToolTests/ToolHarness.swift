@@ -1,10 +1,6 @@
 import Foundation
 import XCTest
-
-/// Holds bytes read on another thread (written once, read after the group is waited on).
-final class DataBox: @unchecked Sendable {
-    var data = Data()
-}
+import TestSupport
 
 /// What one run of a program produced.
 struct RunResult {
@@ -81,32 +77,11 @@ class ToolTestCase: XCTestCase {
 
     // MARK: Running
 
-    /// Runs a program in the scratch directory.
+    /// Runs a program in the scratch directory (the one runner of the test targets).
     @discardableResult
     func run(_ program: String, _ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> RunResult {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: program)
-        p.arguments = args
-        p.currentDirectoryURL = dir
-        var env = ProcessInfo.processInfo.environment
-        env["SWIFT_BACKTRACE"] = "enable=no"
-        p.environment = env
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        // Read both pipes while the process runs (large outputs would block it otherwise).
-        let outBox = DataBox()
-        let group = DispatchGroup()
-        group.enter()
-        DispatchQueue.global().async { outBox.data = out.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-        let errData = err.fileHandleForReading.readDataToEndOfFile()
-        group.wait()
-        let outData = outBox.data
-        p.waitUntilExit()
-        return RunResult(status: p.terminationStatus,
-                         stdout: String(decoding: outData, as: UTF8.self),
-                         stderr: String(decoding: errData, as: UTF8.self))
+        let r = try runProcess([program] + args, cwd: dir.path)
+        return RunResult(status: r.status, stdout: r.out, stderr: r.err)
     }
 
     @discardableResult
