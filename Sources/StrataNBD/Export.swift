@@ -15,7 +15,7 @@ public enum DiscardMode: String, Sendable, CaseIterable {
 ///
 /// What an export does with a request lives in `Export+Commands.swift`; how replies are cut
 /// into chunks and descriptors in `ReplyPlanning.swift`; the set of exports a server offers in
-/// `ExportCatalog.swift`.
+/// `ExportRegistry.swift`, which also owns the devices.
 public final class Export: Sendable {
     /// The export name clients ask for.
     public let name: String
@@ -27,8 +27,9 @@ public final class Export: Sendable {
     public let isReadOnly: Bool
     /// What trims do.
     public let discard: DiscardMode
-    /// Virtual size, fixed for the life of the export.
-    public let size: UInt64
+    /// Virtual size, read from the device each time it is asked: an image resized while it is
+    /// served is seen by new handshakes and by the request validator's range check.
+    public var size: UInt64 { device.size }
 
     /// - Parameters:
     ///   - readOnly: refuse writes even when the device accepts them.
@@ -39,7 +40,6 @@ public final class Export: Sendable {
         self.device = device
         self.isReadOnly = readOnly || device.isReadOnly
         self.discard = discard
-        self.size = device.size
     }
 
     /// Transmission flags for a client that did (or did not) negotiate structured replies.

@@ -89,13 +89,13 @@ struct Serve: ParsableCommand {
     }
 
     /// Positional files under their base names, then `--export` entries, in order.
-    func exportEntries() throws -> [ExportCatalog.Entry] {
-        var entries = files.map { ExportCatalog.Entry(name: Self.exportName(forFile: $0), path: $0) }
+    func exportEntries() throws -> [ExportRegistry.Entry] {
+        var entries = files.map { ExportRegistry.Entry(name: Self.exportName(forFile: $0), path: $0) }
         for spec in exports {
             guard let eq = spec.firstIndex(of: "="), eq != spec.startIndex, spec.index(after: eq) != spec.endIndex else {
                 throw ValidationError("--export expects NAME=FILE, got '\(spec)'")
             }
-            entries.append(ExportCatalog.Entry(name: String(spec[..<eq]), path: String(spec[spec.index(after: eq)...])))
+            entries.append(ExportRegistry.Entry(name: String(spec[..<eq]), path: String(spec[spec.index(after: eq)...])))
         }
         for e in entries where e.name.utf8.count > NBDLimits.maxStringLength {
             throw ValidationError("export name '\(e.name.prefix(32))…' is longer than \(NBDLimits.maxStringLength) bytes")
@@ -116,8 +116,9 @@ struct Serve: ParsableCommand {
 
         let options = OpenOptions(writable: !readOnly, format: format.flatMap(ImageFormat.init(rawValue:)),
                                   cache: CacheMode(rawValue: cache)!)
-        let catalog = try ExportCatalog.open(try exportEntries(), options: options,
-                                             discard: DiscardMode(rawValue: discard)!, description: description)
+        let registry = try ExportRegistry.open(try exportEntries(), options: options,
+                                               discard: DiscardMode(rawValue: discard)!, description: description,
+                                               logger: logger)
 
         var config = NBDServer.Configuration()
         if let socket {
@@ -128,11 +129,11 @@ struct Serve: ParsableCommand {
         config.maxConnections = maxConnections
         config.once = once
 
-        let server = NBDServer(catalog: catalog, configuration: config, logger: logger)
+        let server = NBDServer(registry: registry, configuration: config, logger: logger)
         do {
             try server.start()
         } catch {
-            for export in catalog.exports { try? export.device.close() }
+            try? registry.closeAll()
             fflush(stdout)
             fputs("strata: cannot listen on \(config.address): \(error)\n", stderr)
             throw ExitCode.failure
