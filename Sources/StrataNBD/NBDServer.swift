@@ -93,7 +93,9 @@ public final class NBDServer: Sendable {
     /// The address actually bound (with the real port when 0 was asked for).
     public var localAddress: SocketAddress? { boundAddress.withLock { $0 } }
 
-    /// Binds the listening socket and starts accepting.
+    /// Binds the listening socket and starts accepting. Throws ``NBDServerError/cannotListen(_:_:)``
+    /// saying why when the address cannot be bound. A Unix socket file left by a server that is
+    /// gone is replaced; one a server still listens on is left alone.
     public func start() throws {
         pool.start()
         let bootstrap = ServerBootstrap(group: group)
@@ -108,6 +110,7 @@ public final class NBDServer: Sendable {
         do {
             switch configuration.address {
             case .unix(let path):
+                if isServed(unixSocket: path) { throw NBDServerError.cannotListen(configuration.address, .socketInUse) }
                 channel = try bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait()
             case .tcp(let host, let port):
                 channel = try bootstrap
@@ -117,12 +120,25 @@ public final class NBDServer: Sendable {
         } catch {
             try? pool.syncShutdownGracefully()
             try? group.syncShutdownGracefully()
-            throw error
+            if let e = error as? NBDServerError { throw e }
+            throw NBDServerError.cannotListen(configuration.address,
+                                              NBDServerError.listenFailure(error, address: configuration.address))
         }
         boundAddress.withLock { $0 = channel.localAddress }
         connections.withLock { $0.serverChannel = channel }
         channel.closeFuture.whenComplete { [self] _ in checkDrained() }
         logger.info("listening on \(boundDescription), exports: \(registry.exports.map { "'\($0.name)'" }.joined(separator: ", "))")
+    }
+
+    /// True when something accepts connections on the Unix socket at `path`: binding there would
+    /// unlink a live server's socket.
+    private func isServed(unixSocket path: String) -> Bool {
+        guard path.utf8.count <= NBDServerError.maxUnixPathBytes,
+              let probe = try? ClientBootstrap(group: group).connectTimeout(.seconds(1))
+                .connect(unixDomainSocketPath: path).wait()
+        else { return false }
+        probe.close(promise: nil)
+        return true
     }
 
     /// The NBD URIs clients can use, one per export served now (the first export is also the

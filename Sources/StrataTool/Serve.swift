@@ -134,9 +134,7 @@ struct Serve: ParsableCommand {
             try server.start()
         } catch {
             try? registry.closeAll()
-            fflush(stdout)
-            fputs("strata: cannot listen on \(config.address): \(error)\n", stderr)
-            throw ExitCode.failure
+            throw CLIError.refused("\(error)")
         }
         server.installSignalHandlers()
 
