@@ -239,16 +239,14 @@ public final class NBDServer: Sendable {
             channel.close(promise: nil)
             return
         }
-        let peer = channel.remoteAddress.map { "\($0)" } ?? "unknown"
-        let stats = ConnectionStats(id: id, peer: peer)
+        let stats = ConnectionStats(id: id, peer: Self.peerDescription(channel.remoteAddress))
         var connectionLogger = logger
         connectionLogger[metadataKey: "conn"] = "\(id)"
-        connectionLogger.info("connection \(id) opened from \(peer)")
         let handshake = HandshakeHandler(registry: registry, pool: pool, logger: connectionLogger, stats: stats,
                                          timeout: configuration.handshakeTimeout)
         try channel.pipeline.syncOperations.addHandler(handshake)
         channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
-            connectionLogger.info("\(stats.summary)")
+            connectionLogger.debug("\(stats.summary)")
             closed(channel, negotiated: stats.negotiated)
         }
     }
@@ -280,6 +278,17 @@ public final class NBDServer: Sendable {
             return true
         }
         if done { drained.signal() }
+    }
+
+    /// A client's address for the logs: `HOST:PORT`, `[V6HOST]:PORT`, or "the Unix socket".
+    static func peerDescription(_ address: SocketAddress?) -> String {
+        switch address {
+        case .unixDomainSocket?: return "the Unix socket"
+        case let a?:
+            let host = a.ipAddress ?? "?"
+            return (host.contains(":") ? "[\(host)]" : host) + ":\(a.port ?? 0)"
+        case nil: return "an unknown address"
+        }
     }
 
     // MARK: URIs

@@ -59,7 +59,7 @@ struct Serve: ParsableCommand {
     @Option(name: [.customShort("D"), .long], help: ArgumentHelp("Export description shown to clients.", valueName: "text"))
     var description: String?
 
-    @Flag(name: [.customShort("v"), .long], help: "Log every request.")
+    @Flag(name: [.customShort("v"), .long], help: "Log each connection and every request (debug and trace levels).")
     var verbose = false
 
     @Option(name: [.customShort("f"), .long], help: ArgumentHelp("Image format (qcow2 or raw); probed when omitted.", valueName: "fmt"))

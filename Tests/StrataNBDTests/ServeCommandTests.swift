@@ -194,9 +194,35 @@ final class ServeCommandTests: XCTestCase {
         try Peer.expectSuccess("qemu-img", ["info", "\(dir)/ro.qcow2"])
         XCTAssertEqual(server.stop(), 0, server.stderr)
         XCTAssertFalse(FileManager.default.fileExists(atPath: pidFile), "pid file removed on exit")
-        XCTAssertTrue(server.stderr.contains("connection 1 opened"), server.stderr)
-        XCTAssertTrue(server.stderr.contains("connection 1 closed"), server.stderr)
+        XCTAssertTrue(server.stderr.contains("debug strata.serve: conn=1 [StrataNBD] connection 1 from the Unix socket closed"),
+                      server.stderr)
         XCTAssertTrue(server.stderr.contains("request"), "--verbose traces requests:\n\(server.stderr)")
+    }
+
+    /// Connections are logged at debug level only, one summary line each (with the peer), so
+    /// a busy server's default log holds no line per client; --verbose shows them.
+    func testEachConnectionLogsOneDebugLine() throws {
+        let dir = try makeTempDir(self)
+        try makeRaw("\(dir)/log.raw", size: 1 << 20)
+        for verbose in [false, true] {
+            let server = try serve(dir, (verbose ? ["-v"] : []) + ["--port", "0", "\(dir)/log.raw"])
+            let uri = try XCTUnwrap(server.waitForLines(1).first, server.stderr)
+            try Peer.expectSuccess("nbdinfo", ["--size", uri])
+            try Peer.expectSuccess("qemu-io", ["-f", "raw", uri, "-c", "read 0 4k"])
+            XCTAssertEqual(server.stop(), 0, server.stderr)
+            let lines = server.stderr.split(separator: "\n").filter { $0.contains("[StrataNBD] connection ") }
+            if verbose {
+                XCTAssertEqual(lines.count, 2, "one line per connection:\n\(server.stderr)")
+                for (i, line) in lines.enumerated() {
+                    XCTAssertTrue(line.contains("debug strata.serve: conn=\(i + 1) [StrataNBD] connection \(i + 1) from 127.0.0.1:"),
+                                  String(line))
+                }
+                XCTAssertTrue(lines.last?.contains("closed (export 'log'): ") ?? false, "\(lines)")
+                XCTAssertTrue(lines.last?.contains(" requests, 4096 bytes read, 0 bytes written") ?? false, "\(lines)")
+            } else {
+                XCTAssertEqual(lines, [], "no connection lines without --verbose:\n\(server.stderr)")
+            }
+        }
     }
 
     func testRefusesBadArgumentsAndUnopenableImages() throws {
