@@ -9,12 +9,15 @@ final class Spawned {
     private let errPath: String
     private let input = Pipe()
 
-    init(_ executable: String, _ arguments: [String], stderrPath: String) throws {
+    init(_ executable: String, _ arguments: [String], stderrPath: String, environment: [String: String] = [:]) throws {
         errPath = stderrPath
         FileManager.default.createFile(atPath: stderrPath, contents: nil)
         let out = Pipe()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         process.standardOutput = out
         process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: stderrPath))
         process.standardInput = input
@@ -87,8 +90,9 @@ final class ServeCommandTests: XCTestCase {
         return path
     }
 
-    private func serve(_ dir: String, _ arguments: [String]) throws -> Spawned {
-        try Spawned(try strata(), ["serve"] + arguments, stderrPath: "\(dir)/serve-\(UUID().uuidString.prefix(6)).log")
+    private func serve(_ dir: String, _ arguments: [String], environment: [String: String] = [:]) throws -> Spawned {
+        try Spawned(try strata(), ["serve"] + arguments, stderrPath: "\(dir)/serve-\(UUID().uuidString.prefix(6)).log",
+                    environment: environment)
     }
 
     func testPrintsOneURIPerExportAndStopsCleanlyOnSIGTERMWithWritesInFlight() throws {
@@ -324,5 +328,158 @@ final class ServeCommandTests: XCTestCase {
         XCTAssertEqual(second.waitForLines(1).count, 1, "a stale socket is replaced:\n\(second.stderr)")
         try Peer.expectSuccess("nbdinfo", ["--size", "nbd+unix:///other?socket=\(sock)"])
         XCTAssertEqual(second.stop(), 0, second.stderr)
+    }
+
+    /// Each qemu-nbd flag strata cannot honour: one line naming the flag and what to use
+    /// instead, exit 1, and nothing served.
+    func testRefusedQemuNbdFlagsSayWhatToUseInstead() throws {
+        let dir = try makeTempDir(self)
+        let strata = try strata()
+        try makeQcow2("\(dir)/q.qcow2", size: "1M")
+        let image = "\(dir)/q.qcow2"
+        let cases: [([String], String)] = [
+            (["-B", "bitmap0"], "-B/--bitmap: strata serve does not export persistent dirty bitmaps; use qemu-nbd -B"),
+            (["--bitmap=b"], "-B/--bitmap:"),
+            (["-l", "snap1"], "-l/--load-snapshot is not yet supported; use qemu-nbd -l"),
+            (["-c", "/dev/nbd0"], "-c/--connect: strata serve does not attach kernel NBD devices; use nbd-client"),
+            (["-d"], "-d/--disconnect: strata serve attaches no kernel NBD device, so there is none to disconnect; use nbd-client -d DEVICE"),
+            (["-L"], "-L/--list is a client's job: list a server's exports with 'nbdinfo --list URI'"),
+            (["--tls-creds", "tls0"], "--tls-creds: TLS is not yet supported; use qemu-nbd"),
+            (["--tls-authz", "auth0"], "--tls-authz: TLS is not yet supported"),
+            (["--object", "secret,id=s0,data=x"], "--object: strata has no QEMU objects"),
+            (["--image-opts"], "--image-opts: FILE is a plain file name here; give the format with -f"),
+            (["--aio", "native"], "--aio: strata always does its I/O on a thread pool"),
+            (["--detect-zeroes", "unmap"], "--detect-zeroes: strata does not scan written data for zeroes"),
+            (["-o", "1M"], "-o/--offset: strata exports whole images; use qemu-nbd -o, or nbdkit's offset filter"),
+            (["-x", "two", "\(dir)/other.raw"], "-x/--export-name names the export of a single FILE (2 given)"),
+            (["--once", "-t"], "--once and -t/--persistent contradict each other"),
+            (["-n", "--cache", "writeback"], "-n/--nocache means --cache=none"),
+        ]
+        for (flags, message) in cases {
+            let r = try Peer.run(strata, ["serve", "-k", "\(dir)/r.sock"] + flags + [image], timeout: 20)
+            XCTAssertEqual(r.status, 1, "\(flags): \(r.transcript)")
+            XCTAssertTrue(r.err.hasPrefix("strata: \(message)"), "\(flags): expected 'strata: \(message)…', got:\n\(r.err)")
+            XCTAssertEqual(r.err.filter { $0 == "\n" }.count, 1, "\(flags): one line:\n\(r.err)")
+            XCTAssertEqual(r.out, "")
+        }
+        try Peer.expectSuccess("qemu-img", ["check", image])
+    }
+
+    /// -x names the export, -t and -A are accepted (strata's defaults), -n opens the image
+    /// with O_DIRECT (--cache=none).
+    func testQemuNbdFlagsStrataHonours() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/h.qcow2", size: "4M")
+        func directFlags(_ pid: Int32) throws -> [Bool] {
+            try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").compactMap { fd in
+                guard (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(fd)")) == "\(dir)/h.qcow2"
+                else { return nil }
+                let info = try String(contentsOfFile: "/proc/\(pid)/fdinfo/\(fd)", encoding: .utf8)
+                let octal = info.split(separator: "\n").first { $0.hasPrefix("flags:") }?.split(separator: "\t").last
+                // O_DIRECT, which the Glibc module does not export.
+                #if arch(arm64)
+                let oDirect = 0o200000
+                #else
+                let oDirect = 0o40000
+                #endif
+                return (Int(octal.map(String.init) ?? "0", radix: 8) ?? 0) & oDirect != 0
+            }
+        }
+        for nocache in [false, true] {
+            let server = try serve(dir, ["-x", "named", "-t", "-A"] + (nocache ? ["-n"] : []) + ["-k", "\(dir)/h.sock", "\(dir)/h.qcow2"])
+            XCTAssertEqual(server.waitForLines(1), ["nbd+unix:///named?socket=\(dir)/h.sock"], server.stderr)
+            let info = try Peer.expectSuccess("nbdinfo", ["--json", "nbd+unix:///named?socket=\(dir)/h.sock"])
+            XCTAssertTrue(info.out.contains("qemu:allocation-depth"), info.out)
+            let direct = try directFlags(server.process.processIdentifier)
+            XCTAssertFalse(direct.isEmpty, "the image is open")
+            XCTAssertEqual(direct.contains(true), nocache, "O_DIRECT only with -n: \(direct)")
+            try Peer.expectSuccess("qemu-io", ["-f", "raw", "nbd+unix:///named?socket=\(dir)/h.sock", "-c", "write -P 3 0 64k"])
+            // -t: a client leaving does not stop the server.
+            usleep(200_000)
+            XCTAssertTrue(server.process.isRunning)
+            XCTAssertEqual(server.stop(), 0, server.stderr)
+        }
+        try Peer.expectSuccess("qemu-img", ["check", "\(dir)/h.qcow2"])
+    }
+
+    /// -s: writes land in an overlay under $TMPDIR that is unlinked at once; the file is
+    /// unchanged afterwards and locked against writers while served.
+    func testSnapshotLeavesTheFileUnchanged() throws {
+        let dir = try makeTempDir(self)
+        let tmp = "\(dir)/tmp"
+        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
+        try makeQcow2("\(dir)/base.qcow2", size: "8M")
+        try Peer.expectSuccess("qemu-io", ["-f", "qcow2", "\(dir)/base.qcow2", "-c", "write -P 1 0 1M"])
+        let before = try Data(contentsOf: URL(fileURLWithPath: "\(dir)/base.qcow2"))
+
+        let server = try serve(dir, ["-s", "-k", "\(dir)/s.sock", "\(dir)/base.qcow2"], environment: ["TMPDIR": tmp])
+        let uri = try XCTUnwrap(server.waitForLines(1).first, server.stderr)
+        let nbd = try Peer.expectSuccess("qemu-io", ["-f", "raw", uri, "-c", "read -P 1 0 1M", "-c", "write -P 9 64k 128k",
+                                                     "-c", "read -P 9 64k 128k", "-c", "write -z 4M 1M"])
+        XCTAssertFalse(nbd.out.contains("failed"), nbd.out)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: tmp), [], "the overlay has no name")
+        let writer = try Peer.run(try Peer.path("qemu-io"), ["-f", "qcow2", "\(dir)/base.qcow2", "-c", "write 0 512"])
+        XCTAssertNotEqual(writer.status, 0, "the file is locked against writers while served")
+        XCTAssertEqual(server.stop(), 0, server.stderr)
+
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: "\(dir)/base.qcow2")), before, "the file never changed")
+        try Peer.expectSuccess("qemu-img", ["check", "\(dir)/base.qcow2"])
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: tmp), [])
+    }
+
+    /// --fork: the command returns once the server listens, printing the URIs; the server runs
+    /// on in its own session with stdio on /dev/null, and stops cleanly by its pid file.
+    func testForkReturnsOnceListeningAndServesDetached() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/f.qcow2", size: "8M")
+        let pidFile = "\(dir)/f.pid", sock = "\(dir)/f.sock"
+        let launched = try Peer.run(try strata(), ["serve", "--fork", "--pid-file", pidFile, "-k", sock, "\(dir)/f.qcow2"],
+                                    timeout: 30)
+        XCTAssertEqual(launched.status, 0, launched.transcript)
+        XCTAssertEqual(launched.out, "nbd+unix:///f?socket=\(sock)\n")
+        let pid = try XCTUnwrap(Int32(try String(contentsOfFile: pidFile, encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines)))
+        defer { kill(pid, SIGKILL) }
+        // /proc/PID/stat: pid (comm) state ppid pgrp session ...
+        let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
+        let fields = stat[stat.range(of: ") ")!.upperBound...].split(separator: " ")
+        XCTAssertEqual(fields[3], "\(pid)", "the server leads its own session: \(stat)")
+        for fd in 0...2 {
+            XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(fd)"), "/dev/null",
+                           "fd \(fd)")
+        }
+        try Peer.expectSuccess("qemu-io", ["-f", "raw", launched.out.trimmingCharacters(in: .newlines),
+                                           "-c", "write -P 4 0 64k"])
+
+        kill(pid, SIGTERM)
+        let gone = { () -> Bool in
+            // Gone, or a zombie waiting for a parent that is not us.
+            guard let s = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
+            return s[s.range(of: ") ")!.upperBound...].hasPrefix("Z")
+        }
+        let deadline = Date().addingTimeInterval(20)
+        while !gone() && Date() < deadline { usleep(20_000) }
+        XCTAssertTrue(gone(), "the server stops on SIGTERM")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: sock), "socket removed")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: pidFile), "pid file removed")
+        try Peer.expectSuccess("qemu-img", ["check", "\(dir)/f.qcow2"])
+        let r = try Peer.expectSuccess("qemu-io", ["-f", "qcow2", "-r", "\(dir)/f.qcow2", "-c", "read -P 4 0 64k"])
+        XCTAssertFalse(r.out.contains("failed"), r.out)
+    }
+
+    /// --fork when the server fails before listening: its error on stderr, its status.
+    func testForkReportsAFailureBeforeTheServerIsReady() throws {
+        let dir = try makeTempDir(self)
+        let strata = try strata()
+        let missing = try Peer.run(strata, ["serve", "--fork", "-k", "\(dir)/m.sock", "\(dir)/missing.qcow2"], timeout: 30)
+        XCTAssertEqual(missing.status, 1, missing.transcript)
+        XCTAssertEqual(missing.err, "strata: \(dir)/missing.qcow2: cannot open: No such file or directory\n")
+        XCTAssertEqual(missing.out, "")
+
+        try makeRaw("\(dir)/p.raw", size: 1 << 20)
+        FileManager.default.createFile(atPath: "\(dir)/taken", contents: nil)
+        let taken = try Peer.run(strata, ["serve", "--fork", "-k", "\(dir)/taken", "\(dir)/p.raw"], timeout: 30)
+        XCTAssertEqual(taken.status, 1, taken.transcript)
+        XCTAssertEqual(taken.err, "strata: cannot listen on \(dir)/taken: \(dir)/taken exists and is not a socket\n")
     }
 }
