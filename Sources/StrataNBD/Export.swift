@@ -21,7 +21,8 @@ public final class Export: Sendable {
     public let name: String
     /// Free text shown by `nbdinfo` (`NBD_INFO_DESCRIPTION`, and after the name in `NBD_OPT_LIST`).
     public let description: String?
-    /// The image.
+    /// The image. Once the export is in an ``ExportRegistry``, the registry owns it and is the
+    /// only one to close it.
     public let device: any BlockDevice
     /// True when writes are refused (by `--read-only` or because the image is read-only).
     public let isReadOnly: Bool

@@ -13,11 +13,12 @@ final class FakeDevice: BlockDevice, @unchecked Sendable {
     private var _extents: [BlockExtent]?
     private var _failure: StrataError?
     private var _calls: [String] = []
+    private var _size: UInt64
     /// Writes wait while the gate is closed (to hold requests in flight).
     private let gate = NSCondition()
+    // Protected by `gate`.
     private var gateClosed = false
     private var _waitingWriters = 0
-    private var _size: UInt64
 
     let isReadOnly: Bool
     let preferredBlockSize: Int

@@ -289,7 +289,7 @@ final class ServeCommandTests: XCTestCase {
         }
 
         let plain = "\(dir)/plain-file"
-        FileManager.default.createFile(atPath: plain, contents: Data("keep me".utf8))
+        XCTAssertTrue(FileManager.default.createFile(atPath: plain, contents: Data("keep me".utf8)))
         XCTAssertEqual(try refused(["-k", plain, image]),
                        "strata: cannot listen on \(plain): \(plain) exists and is not a socket\n")
         XCTAssertEqual(try String(contentsOfFile: plain, encoding: .utf8), "keep me", "the file is left alone")
@@ -477,7 +477,7 @@ final class ServeCommandTests: XCTestCase {
         XCTAssertEqual(missing.out, "")
 
         try makeRaw("\(dir)/p.raw", size: 1 << 20)
-        FileManager.default.createFile(atPath: "\(dir)/taken", contents: nil)
+        XCTAssertTrue(FileManager.default.createFile(atPath: "\(dir)/taken", contents: nil))
         let taken = try Peer.run(strata, ["serve", "--fork", "-k", "\(dir)/taken", "\(dir)/p.raw"], timeout: 30)
         XCTAssertEqual(taken.status, 1, taken.transcript)
         XCTAssertEqual(taken.err, "strata: cannot listen on \(dir)/taken: \(dir)/taken exists and is not a socket\n")
