@@ -1,12 +1,12 @@
 import Logging
 import NIOCore
 
-/// What one connection did, for the single log line written when it closes.
+/// What one connection did, for the single log line (at debug level) written when it closes.
 /// Lives on the connection's event loop; only its handlers touch it.
 final class ConnectionStats {
     /// Server-wide connection number, for the logs.
     let id: Int
-    /// The client's address (or "unix" for a Unix socket).
+    /// The client's address (see ``NBDServer/peerDescription(_:)``).
     let peer: String
     /// The export chosen, once the handshake is over.
     var exportName: String?
@@ -27,7 +27,7 @@ final class ConnectionStats {
 
     /// The summary logged when the connection closes.
     var summary: String {
-        var s = "connection \(id) closed"
+        var s = "connection \(id) from \(peer) closed"
         if let exportName { s += " (export '\(exportName)')" }
         s += ": \(requests) requests, \(bytesRead) bytes read, \(bytesWritten) bytes written"
         if rejected > 0 { s += ", \(rejected) refused" }

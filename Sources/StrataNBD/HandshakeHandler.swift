@@ -4,8 +4,8 @@ import NIOPosix
 
 /// Drives one connection through the handshake: sends the greeting, frames client messages
 /// with ``HandshakeDecoder``, performs what ``HandshakeStateMachine`` decides, and on
-/// `NBD_OPT_GO` / `NBD_OPT_EXPORT_NAME` replaces itself with a ``TransmissionHandler``,
-/// handing over any bytes the client already sent.
+/// `NBD_OPT_GO` / `NBD_OPT_EXPORT_NAME` takes a lease on the chosen export and replaces itself
+/// with a ``TransmissionHandler``, handing over the lease and any bytes the client already sent.
 final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -13,15 +13,17 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var machine: HandshakeStateMachine
     private var decoder = HandshakeDecoder()
     private var buffer: ByteBuffer?
+    private let registry: ExportRegistry
     private let pool: NIOThreadPool
     private let logger: Logger
     private let stats: ConnectionStats
     private let timeLimit: TimeAmount
     private var timeout: Scheduled<Void>?
 
-    init(catalog: ExportCatalog, pool: NIOThreadPool, logger: Logger, stats: ConnectionStats,
+    init(registry: ExportRegistry, pool: NIOThreadPool, logger: Logger, stats: ConnectionStats,
          timeout: TimeAmount = .seconds(NBDLimits.handshakeTimeoutSeconds)) {
-        self.machine = HandshakeStateMachine(catalog: catalog)
+        self.machine = HandshakeStateMachine(registry: registry)
+        self.registry = registry
         self.pool = pool
         self.logger = logger
         self.stats = stats
@@ -115,6 +117,15 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func startTransmission(_ session: NBDSession, context: ChannelHandlerContext) {
         timeout?.cancel()
+        let channel = context.channel
+        guard let lease = registry.lease(session.export, onRemoved: {
+            channel.pipeline.fireUserInboundEventTriggered(NBDServerEvent.exportRemoved)
+        }) else {
+            // Removed between the lookup and now: the reply already went out, so all that is
+            // left is to hang up.
+            close(context: context, because: NBDProtocolError.exportRemoved(session.export.name))
+            return
+        }
         stats.exportName = session.export.name
         stats.negotiated = true
         logger.debug("""
@@ -123,8 +134,8 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
             """)
         let leftover = buffer ?? context.channel.allocator.buffer(capacity: 0)
         buffer = nil
-        let transmission = TransmissionHandler(session: session, pool: pool, logger: logger, stats: stats,
-                                               initialBytes: leftover)
+        let transmission = TransmissionHandler(session: session, lease: lease, pool: pool, logger: logger,
+                                               stats: stats, initialBytes: leftover)
         do {
             try context.pipeline.syncOperations.addHandler(transmission, position: .after(self))
         } catch {

@@ -55,7 +55,7 @@ struct HandshakeStateMachine {
         case finished
     }
 
-    private let catalog: ExportCatalog
+    private let registry: ExportRegistry
     private var state: State = .awaitingClientFlags
     private var optionCount = 0
     private var noZeroes = false
@@ -67,8 +67,9 @@ struct HandshakeStateMachine {
     /// The flags this server greets with.
     static let greetingFlags: NBDHandshakeFlags = [.fixedNewstyle, .noZeroes]
 
-    init(catalog: ExportCatalog) {
-        self.catalog = catalog
+    /// A machine answering from `registry`, which it asks afresh on every option.
+    init(registry: ExportRegistry) {
+        self.registry = registry
     }
 
     /// True once the handshake has handed over to transmission or decided to close.
@@ -106,7 +107,7 @@ struct HandshakeStateMachine {
         switch code {
         case .exportName:
             let name = String(buffer: data)
-            guard data.readableBytes <= NBDLimits.maxStringLength, let export = catalog.lookup(name) else {
+            guard data.readableBytes <= NBDLimits.maxStringLength, let export = registry.lookup(name) else {
                 return finish(.close(.unknownExport(name)))
             }
             return finish(.enterTransmissionAfterExportName(session(for: export), zeroes: !noZeroes))
@@ -117,7 +118,7 @@ struct HandshakeStateMachine {
 
         case .list:
             guard data.readableBytes == 0 else { return .send([.error(code, .errInvalid, "NBD_OPT_LIST takes no data")]) }
-            var replies = catalog.exports.map {
+            var replies = registry.exports.map {
                 NBDOptionReply(option: code, type: .server, payload: .server(name: $0.name, details: $0.description))
             }
             replies.append(.ack(code))
@@ -131,7 +132,7 @@ struct HandshakeStateMachine {
             guard let request = NBDInfoRequest.parse(data) else {
                 return .send([.error(code, .errInvalid, "malformed \(code) request")])
             }
-            guard let export = catalog.lookup(request.exportName) else {
+            guard let export = registry.lookup(request.exportName) else {
                 return .send([.error(code, .errUnknown, "no export named '\(request.exportName)'")])
             }
             let session = session(for: export)
@@ -177,7 +178,7 @@ struct HandshakeStateMachine {
             case .failure(.tooManyQueries):
                 return .send([.error(code, .errTooBig, "more than \(NBDLimits.maxMetaContextQueries) queries")])
             }
-            guard let export = catalog.lookup(request.exportName) else {
+            guard let export = registry.lookup(request.exportName) else {
                 return .send([.error(code, .errUnknown, "no export named '\(request.exportName)'")])
             }
             let matched = Self.matchContexts(request.queries, listing: !setting)

@@ -382,6 +382,9 @@ public enum NBDProtocolError: Error, Equatable, CustomStringConvertible {
     case truncatedMessage(phase: String, bytesLeft: Int)
     /// The handshake took longer than the server allows.
     case handshakeTimeout
+    /// The export chosen by `NBD_OPT_GO` / `NBD_OPT_EXPORT_NAME` was removed before
+    /// transmission began.
+    case exportRemoved(String)
 
     public var description: String {
         switch self {
@@ -394,6 +397,7 @@ public enum NBDProtocolError: Error, Equatable, CustomStringConvertible {
         case .badRequestMagic(let m): return "bad request magic 0x\(String(m, radix: 16))"
         case .truncatedMessage(let p, let n): return "connection closed in the middle of a \(p) message (\(n) bytes buffered)"
         case .handshakeTimeout: return "handshake not finished in time"
+        case .exportRemoved(let n): return "export '\(n)' was removed while the client was choosing it"
         }
     }
 }

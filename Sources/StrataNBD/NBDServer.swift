@@ -8,8 +8,9 @@ import NIOPosix
 import Strata
 import Synchronization
 
-/// An NBD server: listens on a Unix socket or TCP address and serves a catalog of exports
-/// to any number of clients at once.
+/// An NBD server: listens on a Unix socket or TCP address and serves the exports of an
+/// ``ExportRegistry`` to any number of clients at once. Exports can be added and removed while
+/// it runs (``add(_:)``, ``remove(_:)``).
 ///
 /// Life cycle: ``start()`` binds and returns; ``wait()`` blocks until the server has stopped
 /// and torn down; ``shutdown()`` (from any thread, or SIGINT/SIGTERM after
@@ -18,7 +19,7 @@ import Synchronization
 /// 2. connections still in the handshake are closed; connections in transmission stop reading,
 ///    answer anything already received with `NBD_ESHUTDOWN`, finish the requests in flight and
 ///    close;
-/// 3. the I/O pool stops; every export's image is flushed and closed (dirty bit cleared,
+/// 3. the I/O pool stops; the registry flushes and closes every image (dirty bit cleared,
 ///    lock released); the event loops stop; the Unix socket file is removed.
 public final class NBDServer: Sendable {
     /// Where to listen.
@@ -66,8 +67,8 @@ public final class NBDServer: Sendable {
         var serverChannel: Channel?
     }
 
-    /// The exports served.
-    public let catalog: ExportCatalog
+    /// The exports served; the owner of their images.
+    public let registry: ExportRegistry
     /// The settings it was started with.
     public let configuration: Configuration
     private let logger: Logger
@@ -79,9 +80,10 @@ public final class NBDServer: Sendable {
     private let boundAddress = Mutex<SocketAddress?>(nil)
     private let signalSources = Mutex<[DispatchSourceSignal]>([])
 
-    public init(catalog: ExportCatalog, configuration: Configuration, logger: Logger) {
-        precondition(!catalog.exports.isEmpty, "a server needs at least one export")
-        self.catalog = catalog
+    /// A server for the exports in `registry`, which it closes in ``wait()``. Nothing happens
+    /// until ``start()``.
+    public init(registry: ExportRegistry, configuration: Configuration, logger: Logger) {
+        self.registry = registry
         self.configuration = configuration
         self.logger = logger
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopThreads))
@@ -91,7 +93,9 @@ public final class NBDServer: Sendable {
     /// The address actually bound (with the real port when 0 was asked for).
     public var localAddress: SocketAddress? { boundAddress.withLock { $0 } }
 
-    /// Binds the listening socket and starts accepting.
+    /// Binds the listening socket and starts accepting. Throws ``NBDServerError/cannotListen(_:_:)``
+    /// saying why when the address cannot be bound. A Unix socket file left by a server that is
+    /// gone is replaced; one a server still listens on is left alone.
     public func start() throws {
         pool.start()
         let bootstrap = ServerBootstrap(group: group)
@@ -106,6 +110,7 @@ public final class NBDServer: Sendable {
         do {
             switch configuration.address {
             case .unix(let path):
+                if isServed(unixSocket: path) { throw NBDServerError.cannotListen(configuration.address, .socketInUse) }
                 channel = try bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait()
             case .tcp(let host, let port):
                 channel = try bootstrap
@@ -115,18 +120,44 @@ public final class NBDServer: Sendable {
         } catch {
             try? pool.syncShutdownGracefully()
             try? group.syncShutdownGracefully()
-            throw error
+            if let e = error as? NBDServerError { throw e }
+            throw NBDServerError.cannotListen(configuration.address,
+                                              NBDServerError.listenFailure(error, address: configuration.address))
         }
         boundAddress.withLock { $0 = channel.localAddress }
         connections.withLock { $0.serverChannel = channel }
         channel.closeFuture.whenComplete { [self] _ in checkDrained() }
-        logger.info("listening on \(boundDescription), exports: \(catalog.exports.map { "'\($0.name)'" }.joined(separator: ", "))")
+        logger.info("listening on \(boundDescription), exports: \(registry.exports.map { "'\($0.name)'" }.joined(separator: ", "))")
     }
 
-    /// The NBD URIs clients can use, one per export (the first export is also the default,
-    /// reached with an empty name).
+    /// True when something accepts connections on the Unix socket at `path`: binding there would
+    /// unlink a live server's socket.
+    private func isServed(unixSocket path: String) -> Bool {
+        guard path.utf8.count <= NBDServerError.maxUnixPathBytes,
+              let probe = try? ClientBootstrap(group: group).connectTimeout(.seconds(1))
+                .connect(unixDomainSocketPath: path).wait()
+        else { return false }
+        probe.close(promise: nil)
+        return true
+    }
+
+    /// The NBD URIs clients can use, one per export served now (the first export is also the
+    /// default, reached with an empty name).
     public var uris: [String] {
-        catalog.exports.map { NBDServer.uri(for: configuration.address, bound: localAddress, export: $0.name) }
+        registry.exports.map { NBDServer.uri(for: configuration.address, bound: localAddress, export: $0.name) }
+    }
+
+    /// Serves `export` from now on; new handshakes see it at once. The registry takes
+    /// ownership of its device (see ``ExportRegistry/add(_:)``).
+    public func add(_ export: Export) throws {
+        try registry.add(export)
+    }
+
+    /// Stops serving the export `name` (see ``ExportRegistry/remove(_:)``): new handshakes no
+    /// longer find it; its connections answer new requests with `NBD_ESHUTDOWN`, finish the
+    /// ones in flight and close; its image is closed once nothing uses it.
+    public func remove(_ name: String) throws {
+        try registry.remove(name)
     }
 
     /// Stops gracefully; returns at once (``wait()`` blocks until it is done). Idempotent,
@@ -152,14 +183,10 @@ public final class NBDServer: Sendable {
         drained.wait()
         try? pool.syncShutdownGracefully()
         var firstError: Error?
-        var closed = Set<ObjectIdentifier>()
-        for export in catalog.exports where closed.insert(ObjectIdentifier(export.device)).inserted {
-            do {
-                try export.device.close()
-            } catch {
-                logger.error("closing export '\(export.name)' failed: \(error)")
-                if firstError == nil { firstError = error }
-            }
+        do {
+            try registry.closeAll()
+        } catch {
+            firstError = error
         }
         try? group.syncShutdownGracefully()
         if case .unix(let path) = configuration.address { unlink(path) }
@@ -212,16 +239,14 @@ public final class NBDServer: Sendable {
             channel.close(promise: nil)
             return
         }
-        let peer = channel.remoteAddress.map { "\($0)" } ?? "unknown"
-        let stats = ConnectionStats(id: id, peer: peer)
+        let stats = ConnectionStats(id: id, peer: Self.peerDescription(channel.remoteAddress))
         var connectionLogger = logger
         connectionLogger[metadataKey: "conn"] = "\(id)"
-        connectionLogger.info("connection \(id) opened from \(peer)")
-        let handshake = HandshakeHandler(catalog: catalog, pool: pool, logger: connectionLogger, stats: stats,
+        let handshake = HandshakeHandler(registry: registry, pool: pool, logger: connectionLogger, stats: stats,
                                          timeout: configuration.handshakeTimeout)
         try channel.pipeline.syncOperations.addHandler(handshake)
         channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
-            connectionLogger.info("\(stats.summary)")
+            connectionLogger.debug("\(stats.summary)")
             closed(channel, negotiated: stats.negotiated)
         }
     }
@@ -253,6 +278,17 @@ public final class NBDServer: Sendable {
             return true
         }
         if done { drained.signal() }
+    }
+
+    /// A client's address for the logs: `HOST:PORT`, `[V6HOST]:PORT`, or "the Unix socket".
+    static func peerDescription(_ address: SocketAddress?) -> String {
+        switch address {
+        case .unixDomainSocket?: return "the Unix socket"
+        case let a?:
+            let host = a.ipAddress ?? "?"
+            return (host.contains(":") ? "[\(host)]" : host) + ":\(a.port ?? 0)"
+        case nil: return "an unknown address"
+        }
     }
 
     // MARK: URIs
@@ -296,4 +332,6 @@ public enum NBDServerEvent: Sendable {
     /// The server is stopping: finish what is in flight, answer anything already received
     /// with `NBD_ESHUTDOWN`, then close.
     case shutdown
+    /// The connection's export was removed: the same as ``shutdown``, for this connection only.
+    case exportRemoved
 }

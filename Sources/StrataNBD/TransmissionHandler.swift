@@ -14,6 +14,10 @@ import NIOPosix
 /// ``NBDLimits/maxInFlightBytes`` bytes are outstanding, or the socket's send buffer is full,
 /// the handler stops decoding and holds back `read()`, so the kernel's receive window
 /// throttles the client. Reading resumes as replies go out.
+///
+/// The handler holds the connection's ``ExportLease``, which keeps the export's image open.
+/// It lets go once the channel has closed and no request is in flight, so an image is never
+/// closed under a request still running on the I/O pool.
 final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
@@ -22,13 +26,16 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private enum State {
         /// Decoding and serving requests.
         case serving
-        /// `NBD_CMD_DISC` or server shutdown: no new requests; close once in-flight ones are answered.
+        /// `NBD_CMD_DISC`, server shutdown or the export's removal: no new requests; close once
+        /// in-flight ones are answered.
         case draining
         /// The channel is gone.
         case closed
     }
 
     private let session: NBDSession
+    /// Keeps the export's device open; dropped when closed and idle (see ``releaseLeaseIfIdle()``).
+    private var lease: ExportLease?
     private let pool: NIOThreadPool
     private let logger: Logger
     private let stats: ConnectionStats
@@ -40,8 +47,10 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// A `read()` from the channel that we are holding back for backpressure.
     private var readHeld = false
 
-    init(session: NBDSession, pool: NIOThreadPool, logger: Logger, stats: ConnectionStats, initialBytes: ByteBuffer) {
+    init(session: NBDSession, lease: consuming ExportLease, pool: NIOThreadPool, logger: Logger, stats: ConnectionStats,
+         initialBytes: ByteBuffer) {
         self.session = session
+        self.lease = .some(lease)
         self.pool = pool
         self.logger = logger
         self.stats = stats
@@ -77,24 +86,33 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if decoder.isMidRequest || buffer.readableBytes > 0, stats.closeReason == nil {
             stats.closeReason = "client disconnected in the middle of a request"
         }
+        releaseLeaseIfIdle()
         context.fireChannelInactive()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        guard case .shutdown? = event as? NBDServerEvent else {
+        switch event as? NBDServerEvent {
+        case .shutdown?:
+            stopServing(context: context, message: "server is shutting down", reason: "server shutting down")
+        case .exportRemoved?:
+            let name = session.export.name
+            stopServing(context: context, message: "export '\(name)' was removed", reason: "export '\(name)' was removed")
+        case nil:
             context.fireUserInboundEventTriggered(event)
-            return
         }
+    }
+
+    /// Answers every request already received in full with `ESHUTDOWN` (`message` tells the
+    /// client why), then waits for the in-flight ones and closes.
+    private func stopServing(context: ChannelHandlerContext, message: String, reason: String) {
         guard case .serving = state else { return }
-        // Answer every request already received in full with ESHUTDOWN, then wait for the
-        // in-flight ones.
         while let request = try? decoder.decode(buffer: &buffer) {
             if request.header.type == .disconnect { break }
             stats.requests += 1
             reject("\(request.header.type)", cookie: request.header.cookie,
-                   NBDRejection(error: .shutdown, message: "server is shutting down"), context: context)
+                   NBDRejection(error: .shutdown, message: message), context: context)
         }
-        beginDraining(context: context, reason: "server shutting down")
+        beginDraining(context: context, reason: reason)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
@@ -194,7 +212,14 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
                             NBDRejection(error: .shutdown, message: "server is shutting down"), context: context)
             }
             self.completed(context: context)
+            self.releaseLeaseIfIdle()
         }
+    }
+
+    /// Lets go of the export once the channel has closed and nothing is in flight: the last
+    /// use of the device by this connection is over.
+    private func releaseLeaseIfIdle() {
+        if case .closed = state, inFlight == 0 { lease = nil }
     }
 
     private func record(_ command: NBDCommand, reply: NBDReply) {

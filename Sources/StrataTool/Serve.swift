@@ -9,6 +9,9 @@ import Glibc
 
 /// `strata serve`: export images over NBD, like `qemu-nbd`, but several images per server
 /// (one named export each) and many clients at once.
+///
+/// qemu-nbd's flags are accepted where strata can honour them, and refused with a one-line
+/// reason (and what to use instead) where it cannot: see ``refusal()``.
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve",
@@ -20,7 +23,11 @@ struct Serve: ParsableCommand {
             name). Without --socket or --port the server listens on TCP 127.0.0.1:10809. \
             It prints one NBD URI per export on stdout once it is listening, and runs until \
             SIGINT or SIGTERM (or, with --once, until the first client has disconnected), \
-            then finishes in-flight requests, flushes and closes the images and exits 0.
+            then finishes in-flight requests, flushes and closes the images and exits 0. \
+            Unlike qemu-nbd, strata keeps serving after a client disconnects (qemu-nbd's \
+            --persistent); --once is qemu-nbd's default behaviour. qemu-nbd's -B, -l, -c, \
+            -d, -L, --tls-creds, --tls-authz, --object, --image-opts, --aio, --detect-zeroes \
+            and -o are refused with the reason and what to use instead.
             """)
 
     @Option(name: [.customShort("k"), .long], help: ArgumentHelp("Listen on a Unix socket.", valueName: "path"))
@@ -35,14 +42,25 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("export"), help: ArgumentHelp("Export FILE under NAME (repeatable).", valueName: "name=file"))
     var exports: [String] = []
 
+    @Option(name: [.customShort("x"), .customLong("export-name")],
+            help: ArgumentHelp("Export the single FILE under NAME (qemu-nbd's -x).", valueName: "name"))
+    var exportName: String?
+
     @Argument(help: ArgumentHelp("Images to export under their base names.", valueName: "file"))
     var files: [String] = []
 
     @Flag(name: [.customShort("r"), .long], help: "Export read-only.")
     var readOnly = false
 
-    @Option(help: ArgumentHelp("Cache mode: writeback, writethrough, none or unsafe.", valueName: "mode"))
-    var cache = "writeback"
+    @Flag(name: [.customShort("s"), .long],
+          help: "Write to a temporary overlay (in $TMPDIR, else /var/tmp) deleted at exit; FILE never changes.")
+    var snapshot = false
+
+    @Option(help: ArgumentHelp("Cache mode: writeback (default), writethrough, none or unsafe.", valueName: "mode"))
+    var cache: String?
+
+    @Flag(name: [.customShort("n"), .customLong("nocache")], help: "The same as --cache=none.")
+    var nocache = false
 
     @Option(help: ArgumentHelp("What trims do: unmap (free clusters) or ignore.", valueName: "mode"))
     var discard = "unmap"
@@ -50,8 +68,19 @@ struct Serve: ParsableCommand {
     @Option(name: [.customShort("e"), .long], help: ArgumentHelp("Connections served at once; more wait.", valueName: "n"))
     var maxConnections = 128
 
-    @Flag(help: "Exit after the first client disconnects.")
+    @Flag(help: "Exit after the first client disconnects (qemu-nbd's default).")
     var once = false
+
+    @Flag(name: [.customShort("t"), .long],
+          help: "Keep serving after clients disconnect: strata always does, unless --once is given.")
+    var persistent = false
+
+    @Flag(name: [.customShort("A"), .customLong("allocation-depth")],
+          help: "Offer qemu:allocation-depth: strata always does.")
+    var allocationDepth = false
+
+    @Flag(help: "Run in the background: return once the server is listening, printing its URIs.")
+    var fork = false
 
     @Option(help: ArgumentHelp("Write the server's process id to this file.", valueName: "path"))
     var pidFile: String?
@@ -59,26 +88,95 @@ struct Serve: ParsableCommand {
     @Option(name: [.customShort("D"), .long], help: ArgumentHelp("Export description shown to clients.", valueName: "text"))
     var description: String?
 
-    @Flag(name: [.customShort("v"), .long], help: "Log every request.")
+    @Flag(name: [.customShort("v"), .long], help: "Log each connection and every request (debug and trace levels).")
     var verbose = false
 
     @Option(name: [.customShort("f"), .long], help: ArgumentHelp("Image format (qcow2 or raw); probed when omitted.", valueName: "fmt"))
     var format: String?
 
+    // qemu-nbd flags strata refuses, each with its reason in `refusal()`.
+    @Option(name: [.customShort("B"), .customLong("bitmap")], help: .hidden) var bitmap: String?
+    @Option(name: [.customShort("l"), .customLong("load-snapshot")], help: .hidden) var loadSnapshot: String?
+    @Option(name: [.customShort("c"), .customLong("connect")], help: .hidden) var connect: String?
+    @Flag(name: [.customShort("d"), .customLong("disconnect")], help: .hidden) var disconnect = false
+    @Flag(name: [.customShort("L"), .customLong("list")], help: .hidden) var list = false
+    @Option(name: .customLong("tls-creds"), help: .hidden) var tlsCreds: String?
+    @Option(name: .customLong("tls-authz"), help: .hidden) var tlsAuthz: String?
+    @Option(name: .customLong("object"), help: .hidden) var object: [String] = []
+    @Flag(name: .customLong("image-opts"), help: .hidden) var imageOpts = false
+    @Option(name: .customLong("aio"), help: .hidden) var aio: String?
+    @Option(name: .customLong("detect-zeroes"), help: .hidden) var detectZeroes: String?
+    @Option(name: [.customShort("o"), .customLong("offset")], help: .hidden) var offset: String?
+
+    /// Set by `--fork` on the server it launches: where to say "ready" (see ``ServeDaemon``).
+    @Option(name: .customLong("ready-fd"), help: .private) var readyFD: Int32?
+
+    /// The first qemu-nbd flag given that strata does not support, as the message to print:
+    /// what it would do, and what to use instead.
+    func refusal() -> String? {
+        if bitmap != nil {
+            return "-B/--bitmap: strata serve does not export persistent dirty bitmaps; use qemu-nbd -B"
+        }
+        if loadSnapshot != nil { return "-l/--load-snapshot is not yet supported; use qemu-nbd -l" }
+        if connect != nil {
+            return "-c/--connect: strata serve does not attach kernel NBD devices; use nbd-client with the server's "
+                + "address, or give clients the nbd:// or nbd+unix:// URI"
+        }
+        if disconnect {
+            return "-d/--disconnect: strata serve attaches no kernel NBD device, so there is none to disconnect; "
+                + "use nbd-client -d DEVICE"
+        }
+        if list { return "-L/--list is a client's job: list a server's exports with 'nbdinfo --list URI'" }
+        if tlsCreds != nil || tlsAuthz != nil {
+            return "\(tlsCreds != nil ? "--tls-creds" : "--tls-authz"): TLS is not yet supported; use qemu-nbd, "
+                + "or carry the connection over an encrypted tunnel (ssh -L)"
+        }
+        if !object.isEmpty {
+            return "--object: strata has no QEMU objects (secrets, TLS credentials); serve plain images, or use qemu-nbd"
+        }
+        if imageOpts {
+            return "--image-opts: FILE is a plain file name here; give the format with -f, or use qemu-nbd --image-opts"
+        }
+        if aio != nil {
+            return "--aio: strata always does its I/O on a thread pool (qemu's aio=threads); there is no other mode"
+        }
+        if detectZeroes != nil {
+            return "--detect-zeroes: strata does not scan written data for zeroes; clients can send WRITE_ZEROES, "
+                + "or use qemu-nbd --detect-zeroes"
+        }
+        if offset != nil {
+            return "-o/--offset: strata exports whole images; use qemu-nbd -o, or nbdkit's offset filter"
+        }
+        return nil
+    }
+
+    /// The cache mode: `--cache`, `-n`, or writeback.
+    var cacheMode: String { cache ?? (nocache ? "none" : "writeback") }
+
     func validate() throws {
+        if let refusal = refusal() { throw CLIError.refused(refusal) }
         if socket != nil && (bind != nil || port != nil) {
             throw ValidationError("--socket cannot be combined with --bind or --port")
         }
         if let port, !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535") }
         if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
+        if once && persistent { throw ValidationError("--once and -t/--persistent contradict each other") }
+        if fork && readyFD != nil { throw ValidationError("--fork and --ready-fd cannot be combined") }
         if let format, ImageFormat(rawValue: format) == nil {
             throw ValidationError("unknown format '\(format)' (expected qcow2 or raw)")
         }
-        if CacheMode(rawValue: cache) == nil {
+        if let cache, CacheMode(rawValue: cache) == nil {
             throw ValidationError("unknown cache mode '\(cache)' (expected writeback, writethrough, none or unsafe)")
+        }
+        if nocache, let cache, cache != "none" {
+            throw ValidationError("-n/--nocache means --cache=none; it cannot be combined with --cache=\(cache)")
         }
         if DiscardMode(rawValue: discard) == nil {
             throw ValidationError("unknown discard mode '\(discard)' (expected unmap or ignore)")
+        }
+        if exportName != nil && files.count != 1 {
+            throw ValidationError("-x/--export-name names the export of a single FILE (\(files.count) given); "
+                                  + "name several with --export NAME=FILE")
         }
         let entries = try exportEntries()
         if entries.isEmpty { throw ValidationError("nothing to serve: give at least one FILE or --export NAME=FILE") }
@@ -88,14 +186,17 @@ struct Serve: ParsableCommand {
         }
     }
 
-    /// Positional files under their base names, then `--export` entries, in order.
-    func exportEntries() throws -> [ExportCatalog.Entry] {
-        var entries = files.map { ExportCatalog.Entry(name: Self.exportName(forFile: $0), path: $0) }
+    /// Positional files under their base names (or `-x`), then `--export` entries, in order.
+    func exportEntries() throws -> [ExportRegistry.Entry] {
+        var entries = files.map {
+            ExportRegistry.Entry(name: exportName ?? Self.exportName(forFile: $0), path: $0, snapshot: snapshot)
+        }
         for spec in exports {
             guard let eq = spec.firstIndex(of: "="), eq != spec.startIndex, spec.index(after: eq) != spec.endIndex else {
                 throw ValidationError("--export expects NAME=FILE, got '\(spec)'")
             }
-            entries.append(ExportCatalog.Entry(name: String(spec[..<eq]), path: String(spec[spec.index(after: eq)...])))
+            entries.append(ExportRegistry.Entry(name: String(spec[..<eq]), path: String(spec[spec.index(after: eq)...]),
+                                                snapshot: snapshot))
         }
         for e in entries where e.name.utf8.count > NBDLimits.maxStringLength {
             throw ValidationError("export name '\(e.name.prefix(32))…' is longer than \(NBDLimits.maxStringLength) bytes")
@@ -111,13 +212,19 @@ struct Serve: ParsableCommand {
     }
 
     func run() throws {
+        // --fork: this process only launches the server and relays its readiness. It opens no
+        // image and starts no thread, so the server can take the image locks.
+        if fork { throw ExitCode(ServeDaemon.launch(arguments: Array(CommandLine.arguments))) }
+        let ready = try readyFD.map { try ServeDaemon.ReadyChannel(fd: $0) }
+
         var logger = Logger(label: "strata.serve", factory: { StreamLogHandler.standardError(label: $0) })
         logger.logLevel = verbose ? .trace : .info
 
         let options = OpenOptions(writable: !readOnly, format: format.flatMap(ImageFormat.init(rawValue:)),
-                                  cache: CacheMode(rawValue: cache)!)
-        let catalog = try ExportCatalog.open(try exportEntries(), options: options,
-                                             discard: DiscardMode(rawValue: discard)!, description: description)
+                                  cache: CacheMode(rawValue: cacheMode)!)
+        let registry = try ExportRegistry.open(try exportEntries(), options: options,
+                                               discard: DiscardMode(rawValue: discard)!, description: description,
+                                               logger: logger)
 
         var config = NBDServer.Configuration()
         if let socket {
@@ -128,20 +235,14 @@ struct Serve: ParsableCommand {
         config.maxConnections = maxConnections
         config.once = once
 
-        let server = NBDServer(catalog: catalog, configuration: config, logger: logger)
+        let server = NBDServer(registry: registry, configuration: config, logger: logger)
         do {
             try server.start()
         } catch {
-            for export in catalog.exports { try? export.device.close() }
-            fflush(stdout)
-            fputs("strata: cannot listen on \(config.address): \(error)\n", stderr)
-            throw ExitCode.failure
+            try? registry.closeAll()
+            throw CLIError.refused("\(error)")
         }
         server.installSignalHandlers()
-
-        // Scripts wait for these lines: print them only once the socket accepts connections.
-        for uri in server.uris { print(uri) }
-        fflush(stdout)
 
         if let pidFile {
             let text = "\(getpid())\n"
@@ -152,6 +253,15 @@ struct Serve: ParsableCommand {
             if fd >= 0 { close(fd) }
         }
         defer { if let pidFile { unlink(pidFile) } }
+
+        // Scripts wait for these lines: print them only once the socket accepts connections
+        // (and the pid file is written).
+        if let ready {
+            ready.announce(uris: server.uris)
+        } else {
+            for uri in server.uris { print(uri) }
+            fflush(stdout)
+        }
 
         try server.wait()
     }

@@ -228,21 +228,23 @@ final class ExportTests: XCTestCase {
         try makeQcow2("\(dir)/shared.qcow2", size: "1M")
         try FileManager.default.createSymbolicLink(atPath: "\(dir)/link.qcow2", withDestinationPath: "\(dir)/shared.qcow2")
         // A second writable open would fail on the image lock; a shared device does not.
-        let catalog = try ExportCatalog.open([.init(name: "a", path: "\(dir)/shared.qcow2"),
-                                              .init(name: "b", path: "\(dir)/link.qcow2")],
-                                             options: OpenOptions(writable: true), discard: .unmap, description: nil)
-        XCTAssertTrue(catalog.exports[0].device === catalog.exports[1].device)
-        XCTAssertTrue(catalog.lookup("")?.name == "a", "the first export is the default")
-        XCTAssertNil(catalog.lookup("c"))
-        try catalog.exports[0].device.close()
+        let registry = try ExportRegistry.open([.init(name: "a", path: "\(dir)/shared.qcow2"),
+                                                .init(name: "b", path: "\(dir)/link.qcow2")],
+                                               options: OpenOptions(writable: true), discard: .unmap, description: nil,
+                                               logger: testLogger())
+        XCTAssertTrue(registry.exports[0].device === registry.exports[1].device)
+        XCTAssertTrue(registry.lookup("")?.name == "a", "the first export is the default")
+        XCTAssertNil(registry.lookup("c"))
+        try registry.closeAll()
     }
 
     func testAFailedOpenLeavesNoImageLocked() throws {
         let dir = try makeTempDir(self)
         try makeQcow2("\(dir)/ok.qcow2", size: "1M")
-        XCTAssertThrowsError(try ExportCatalog.open([.init(name: "ok", path: "\(dir)/ok.qcow2"),
-                                                     .init(name: "missing", path: "\(dir)/missing.qcow2")],
-                                                    options: OpenOptions(writable: true), discard: .unmap, description: nil))
+        XCTAssertThrowsError(try ExportRegistry.open([.init(name: "ok", path: "\(dir)/ok.qcow2"),
+                                                      .init(name: "missing", path: "\(dir)/missing.qcow2")],
+                                                     options: OpenOptions(writable: true), discard: .unmap, description: nil,
+                                                     logger: testLogger()))
         // The first image's lock was released: it opens again for writing.
         let again = try openImage(path: "\(dir)/ok.qcow2", options: OpenOptions(writable: true))
         try again.close()

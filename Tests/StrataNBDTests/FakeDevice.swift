@@ -13,20 +13,29 @@ final class FakeDevice: BlockDevice, @unchecked Sendable {
     private var _extents: [BlockExtent]?
     private var _failure: StrataError?
     private var _calls: [String] = []
+    private var _size: UInt64
     /// Writes wait while the gate is closed (to hold requests in flight).
     private let gate = NSCondition()
+    // Protected by `gate`.
     private var gateClosed = false
+    private var _waitingWriters = 0
 
-    let size: UInt64
     let isReadOnly: Bool
     let preferredBlockSize: Int
     var supportsDiscard: Bool { !isReadOnly }
 
     init(size: Int, readOnly: Bool = false, preferredBlockSize: Int = 65536) {
         bytes = [UInt8](repeating: 0, count: size)
-        self.size = UInt64(size)
+        self._size = UInt64(size)
         self.isReadOnly = readOnly
         self.preferredBlockSize = preferredBlockSize
+    }
+
+    /// The virtual size; setting it stands in for an online resize (the bytes are not resized,
+    /// so only the size checks see it).
+    var size: UInt64 {
+        get { lock.withLock { _size } }
+        set { lock.withLock { _size = newValue } }
     }
 
     /// What `blockStatus` answers (nil: the whole range as allocated data at depth 1).
@@ -56,6 +65,8 @@ final class FakeDevice: BlockDevice, @unchecked Sendable {
     }
     /// Stalls every write until ``openGate()``.
     func closeGate() { gate.withLock { gateClosed = true } }
+    /// Writes stalled at the closed gate right now.
+    var waitingWriters: Int { gate.withLock { _waitingWriters } }
     func openGate() {
         gate.withLock {
             gateClosed = false
@@ -64,7 +75,11 @@ final class FakeDevice: BlockDevice, @unchecked Sendable {
     }
 
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
-        gate.withLock { while gateClosed { gate.wait() } }
+        gate.withLock {
+            _waitingWriters += 1
+            while gateClosed { gate.wait() }
+            _waitingWriters -= 1
+        }
         try record("write \(offset) \(buffer.count)\(fua ? " fua" : "")")
         lock.withLock { bytes.replaceSubrange(Int(offset)..<Int(offset) + buffer.count, with: buffer) }
     }

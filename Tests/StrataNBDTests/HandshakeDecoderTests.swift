@@ -63,11 +63,11 @@ final class HandshakeDecoderTests: XCTestCase {
 
     /// Random bytes fed through the decoder and the state machine never crash or loop.
     func testRandomHandshakesNeverCrash() {
-        let catalog = ExportCatalog([Export(name: "d", device: FakeDevice(size: 4096))])
+        let registry = ExportRegistry([Export(name: "d", device: FakeDevice(size: 4096))])
         var rng = SeededRandom(seed: 7)
         for _ in 0..<2000 {
             var decoder = HandshakeDecoder()
-            var machine = HandshakeStateMachine(catalog: catalog)
+            var machine = HandshakeStateMachine(registry: registry)
             var bytes: [UInt8] = [0, 0, 0, UInt8.random(in: 0...3, using: &rng)]
             for _ in 0..<Int.random(in: 0..<6, using: &rng) {
                 let data = (0..<Int.random(in: 0..<24, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }

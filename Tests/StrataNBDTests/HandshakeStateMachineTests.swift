@@ -7,11 +7,11 @@ import XCTest
 final class HandshakeStateMachineTests: XCTestCase {
     private let disk = Export(name: "disk", description: "the disk", device: FakeDevice(size: 1 << 20))
     private let other = Export(name: "other", device: FakeDevice(size: 4096, readOnly: true, preferredBlockSize: 4096))
-    private lazy var catalog = ExportCatalog([disk, other])
+    private lazy var registry = ExportRegistry([disk, other])
 
     /// A machine that has received the client flags.
     private func negotiating(flags: UInt32 = 1) -> HandshakeStateMachine {
-        var m = HandshakeStateMachine(catalog: catalog)
+        var m = HandshakeStateMachine(registry: registry)
         XCTAssertEqual(m.receive(.clientFlags(flags)), .none)
         return m
     }
@@ -40,11 +40,11 @@ final class HandshakeStateMachineTests: XCTestCase {
     }
 
     func testClientFlagsMustBeKnownAndFixedNewstyle() {
-        var m = HandshakeStateMachine(catalog: catalog)
+        var m = HandshakeStateMachine(registry: registry)
         XCTAssertEqual(m.receive(.clientFlags(0x4)), .close(.unknownClientFlags(4)))
-        m = HandshakeStateMachine(catalog: catalog)
+        m = HandshakeStateMachine(registry: registry)
         XCTAssertEqual(m.receive(.clientFlags(0)), .close(.notFixedNewstyle))
-        m = HandshakeStateMachine(catalog: catalog)
+        m = HandshakeStateMachine(registry: registry)
         XCTAssertEqual(m.receive(.clientFlags(3)), .none)  // fixed newstyle + no zeroes
     }
 
@@ -104,6 +104,32 @@ final class HandshakeStateMachineTests: XCTestCase {
                                                          zeroes: true))
         m = negotiating()
         XCTAssertEqual(m.receive(.option(.exportName, ByteBuffer(string: "missing"))), .close(.unknownExport("missing")))
+    }
+
+    /// Every option asks the registry afresh: exports added or removed in the middle of a
+    /// handshake are seen by the next option, and their sizes are the current ones.
+    func testOptionsSeeTheCurrentExports() throws {
+        let device = FakeDevice(size: 4096)
+        let registry = ExportRegistry([Export(name: "a", device: device), Export(name: "b", device: FakeDevice(size: 512))])
+        var m = HandshakeStateMachine(registry: registry)
+        XCTAssertEqual(m.receive(.clientFlags(1)), .none)
+        func listed() -> [String] {
+            guard case .send(let replies) = m.receive(.option(.list, ByteBuffer())) else { return [] }
+            return replies.compactMap { if case .server(let name, _) = $0.payload { return name } else { return nil } }
+        }
+        XCTAssertEqual(listed(), ["a", "b"])
+        try registry.remove("a")
+        try registry.add(Export(name: "c", device: FakeDevice(size: 512)))
+        XCTAssertEqual(listed(), ["b", "c"])
+        guard case .send(let unknown) = m.receive(.option(.info, infoData("a"))) else { return XCTFail() }
+        XCTAssertEqual(unknown.map(\.type), [.errUnknown], "a removed export is unknown")
+        guard case .send(let info) = m.receive(.option(.info, infoData("", [1]))) else { return XCTFail() }
+        XCTAssertTrue(info.contains { $0.payload == .nameInfo("b") }, "the default is now b: \(info)")
+        try registry.add(Export(name: "a", device: device))
+        device.size = 8192
+        guard case .send(let grown) = m.receive(.option(.info, infoData("a"))) else { return XCTFail() }
+        XCTAssertEqual(grown.first?.payload,
+                       .exportInfo(size: 8192, flags: registry.lookup("a")!.transmissionFlags(structuredReplies: false)))
     }
 
     func testStructuredRepliesOnceThenInvalid() {

@@ -75,7 +75,7 @@ final class BackpressureTests: XCTestCase {
         let dir = try makeTempDir(self)
         let device = FakeDevice(size: 8 << 20)
         device.closeGate()
-        let server = try TestServer(dir: dir, catalog: ExportCatalog([Export(name: "gated", device: device)]))
+        let server = try TestServer(dir: dir, registry: ExportRegistry([Export(name: "gated", device: device)]))
         let client = try Spawned(try Peer.path("python3"),
                                  Peer.scriptArguments("backpressure.py", [server.socket, "gated", "\(count)", "\(size)"]),
                                  stderrPath: "\(dir)/client.log")
@@ -111,7 +111,7 @@ final class ConnectionLimitTests: XCTestCase {
         let dir = try makeTempDir(self)
         let device = FakeDevice(size: 1 << 20)
         device.closeGate()
-        let server = try TestServer(dir: dir, catalog: ExportCatalog([Export(name: "gated", device: device)]))
+        let server = try TestServer(dir: dir, registry: ExportRegistry([Export(name: "gated", device: device)]))
         let client = try Spawned(try Peer.path("python3"),
                                  Peer.scriptArguments("connection_limits.py", ["out-of-order", server.socket, "gated"]),
                                  stderrPath: "\(dir)/client.log")

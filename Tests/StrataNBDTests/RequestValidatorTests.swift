@@ -88,6 +88,17 @@ final class RequestValidatorTests: XCTestCase {
         assertAccepted(check(.read, offset: end - 512, length: 512, in: session(writable)))
     }
 
+    /// The range check uses the image's size now, not the size when the client connected.
+    func testTheRangeCheckFollowsTheImageSize() {
+        let device = FakeDevice(size: 1 << 20)
+        let s = session(Export(name: "g", device: device))
+        assertRejected(check(.write, offset: 1 << 20, length: 512, in: s), .noSpace)
+        device.size = 2 << 20
+        assertAccepted(check(.write, offset: 1 << 20, length: 512, in: s))
+        device.size = 1 << 19
+        assertRejected(check(.read, offset: 1 << 19, length: 512, in: s), .invalid)
+    }
+
     func testBlockStatusNeedsANegotiatedContext() {
         assertRejected(check(.blockStatus, in: session(writable, contexts: [])), .invalid)
     }

@@ -178,10 +178,10 @@ final class TestServer {
             opened.append(Export(name: e.name, description: e.description, device: device, readOnly: e.readOnly,
                                  discard: e.discard))
         }
-        try self.init(dir: dir, catalog: ExportCatalog(opened), once: once, configure: configure)
+        try self.init(dir: dir, registry: ExportRegistry(opened, logger: testLogger()), once: once, configure: configure)
     }
 
-    init(dir: String, catalog: ExportCatalog, once: Bool = false,
+    init(dir: String, registry: ExportRegistry, once: Bool = false,
          configure: (inout NBDServer.Configuration) -> Void = { _ in }) throws {
         socket = dir + "/nbd.sock"
         var config = NBDServer.Configuration(address: .unix(path: socket))
@@ -189,7 +189,7 @@ final class TestServer {
         config.eventLoopThreads = 2
         config.ioThreads = 8
         configure(&config)
-        server = NBDServer(catalog: catalog, configuration: config, logger: testLogger())
+        server = NBDServer(registry: registry, configuration: config, logger: testLogger())
         try server.start()
     }
 

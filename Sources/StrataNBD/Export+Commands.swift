@@ -1,0 +1,211 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import NIOCore
+import Strata
+
+// The middle room of the server: below the validator, above the image. It turns one validated
+// ``NBDCommand`` into blocking ``BlockDevice`` calls (on an I/O thread, never on the event
+// loop) and the calls' results into one complete reply, and it holds the single mapping from
+// engine errors to NBD error codes.
+
+// MARK: - Errors
+
+extension NBDErrno {
+    /// The one mapping from engine (and system) errors to the error values the protocol
+    /// allows. Anything without a closer match is `NBD_EIO`.
+    public init(mapping error: any Error) {
+        switch error {
+        case let e as StrataError: self.init(errno: e.errnoValue)
+        case let e as SystemCallError: self.init(errno: e.errno)
+        default: self = .io
+        }
+    }
+
+    /// Narrows a host errno to an NBD error value.
+    public init(errno value: Int32) {
+        switch value {
+        case EPERM, EROFS, EACCES: self = .perm
+        case EIO: self = .io
+        case ENOMEM: self = .noMemory
+        case EINVAL: self = .invalid
+        case ENOSPC, EDQUOT, EFBIG: self = .noSpace
+        case EOVERFLOW: self = .overflow
+        case ENOTSUP: self = .notSupported
+        case ESHUTDOWN: self = .shutdown
+        default: self = .io
+        }
+    }
+}
+
+// MARK: - Executing commands
+
+extension Export {
+    /// Runs one validated command against the device and returns the complete reply, ready
+    /// to write. Blocking: call it on an I/O thread.
+    ///
+    /// Errors from the device are logged with their cause here, then narrowed to an NBD error
+    /// code for the wire.
+    func perform(_ command: NBDCommand, cookie: UInt64, session: NBDSession, logger: Logger) -> NBDReply {
+        let allocator = ByteBufferAllocator()
+        do {
+            switch command {
+            case .read(let offset, let length, let dontFragment):
+                if session.structuredReplies {
+                    return NBDReply(bytes: try structuredRead(offset: offset, length: length, dontFragment: dontFragment,
+                                                              cookie: cookie, allocator: allocator))
+                }
+                var reply = allocator.buffer(capacity: ReplyEncoder.simpleReplySize + Int(length))
+                ReplyEncoder.writeSimpleReply(cookie: cookie, error: nil, into: &reply)
+                try readData(offset: offset, count: Int(length), into: &reply)
+                return NBDReply(bytes: reply)
+
+            case .write(let offset, let data, let fua):
+                try data.withUnsafeReadableBytes { try device.write($0, at: offset, fua: fua) }
+
+            case .writeZeroes(let offset, let length, let noHole, let fua, let fast):
+                if fast && !device.zeroingIsCheap(at: offset, length: UInt64(length)) {
+                    // Fast only when nothing has to be written: the engine can zero the range
+                    // through metadata alone, or it already reads as zeroes (and is allocated,
+                    // if the client wants no holes).
+                    guard try alreadyZero(offset: offset, length: UInt64(length), needAllocated: noHole) else {
+                        return errorReply(.notSupported, "fast zeroing is not possible for this range",
+                                          cookie: cookie, session: session)
+                    }
+                } else {
+                    try device.writeZeroes(at: offset, length: UInt64(length), mayUnmap: !noHole && discard == .unmap,
+                                           fua: fua)
+                }
+
+            case .trim(let offset, let length, let fua):
+                if discard == .unmap && device.supportsDiscard {
+                    try device.discard(at: offset, length: UInt64(length))
+                    if fua { try device.flush() }
+                }
+
+            case .flush:
+                try device.flush()
+
+            case .cache:
+                // A hint. Our images are local files whose pages the host already caches, so
+                // there is nothing useful to prefetch; the range was validated, which is all
+                // the protocol asks for.
+                break
+
+            case .blockStatus(let offset, let length, let requestOne):
+                return NBDReply(bytes: try blockStatusReply(offset: offset, length: length, requestOne: requestOne,
+                                                            cookie: cookie, session: session, allocator: allocator))
+
+            case .disconnect:
+                preconditionFailure("NBD_CMD_DISC has no reply and never reaches the export")
+            }
+            var reply = allocator.buffer(capacity: ReplyEncoder.simpleReplySize)
+            ReplyEncoder.writeSimpleReply(cookie: cookie, error: nil, into: &reply)
+            return NBDReply(bytes: reply)
+        } catch {
+            let code = NBDErrno(mapping: error)
+            logger.error("\(command.name) failed on export '\(name)': \(error) (sent \(code))",
+                         metadata: ["cookie": "\(cookie)"])
+            let what = command.rangeDescription.isEmpty ? command.name : "\(command.name) \(command.rangeDescription)"
+            return errorReply(code, "\(what) failed: \(code)", cookie: cookie, session: session)
+        }
+    }
+
+    /// A reply carrying only an error: a structured error chunk (with a message) when the
+    /// client negotiated structured replies, a simple reply otherwise.
+    func errorReply(_ code: NBDErrno, _ message: String, cookie: UInt64, session: NBDSession) -> NBDReply {
+        var reply = ByteBufferAllocator().buffer(capacity: 64 + message.utf8.count)
+        if session.structuredReplies {
+            ReplyEncoder.writeErrorChunk(cookie: cookie, error: code, message: message, into: &reply)
+        } else {
+            ReplyEncoder.writeSimpleReply(cookie: cookie, error: code, into: &reply)
+        }
+        return NBDReply(bytes: reply, error: code)
+    }
+
+    /// Reads `count` bytes straight into the reply buffer.
+    private func readData(offset: UInt64, count: Int, into reply: inout ByteBuffer) throws {
+        guard count > 0 else { return }
+        try reply.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { space in
+            try device.read(into: UnsafeMutableRawBufferPointer(rebasing: space[0..<count]), at: offset)
+            return count
+        }
+    }
+
+    /// True when every byte of the range reads as zero (and, with `needAllocated`, none of it
+    /// is a hole).
+    private func alreadyZero(offset: UInt64, length: UInt64, needAllocated: Bool) throws -> Bool {
+        var zero = true
+        forEachPiece(of: try device.blockStatus(at: offset, length: length), offset: offset, length: length) { _, e in
+            // A gap is unknown content, so not zero.
+            guard let e, e.status.contains(.zero), !(needAllocated && e.status.contains(.hole)) else {
+                zero = false
+                return false
+            }
+            return true
+        }
+        return zero
+    }
+
+    /// One `NBD_REPLY_TYPE_BLOCK_STATUS` chunk per negotiated context, the last one marked done.
+    private func blockStatusReply(offset: UInt64, length: UInt32, requestOne: Bool, cookie: UInt64,
+                                  session: NBDSession, allocator: ByteBufferAllocator) throws -> ByteBuffer {
+        let extents = try device.blockStatus(at: offset, length: UInt64(length))
+        var reply = allocator.buffer(capacity: 256)
+        for (i, context) in session.metaContexts.enumerated() {
+            let descriptors = BlockStatusDescriptor.plan(extents, context: context, offset: offset,
+                                                         length: UInt64(length), requestOne: requestOne)
+            ReplyEncoder.writeBlockStatusChunk(cookie: cookie, contextID: context.rawValue, descriptors: descriptors,
+                                               flags: i == session.metaContexts.count - 1 ? .done : [], into: &reply)
+        }
+        return reply
+    }
+}
+
+// MARK: - Structured reads
+
+extension Export {
+    /// A structured read: holes (ranges the image says read as zeroes) become
+    /// `NBD_REPLY_TYPE_OFFSET_HOLE` chunks, everything else `OFFSET_DATA`. With DF the whole
+    /// range is one data chunk. The last chunk carries `NBD_REPLY_FLAG_DONE`, which is safe
+    /// because the reply is sent only after every read has succeeded.
+    ///
+    /// Everything a structured read asks of the engine is asked here, in one place: the range's
+    /// block status, then the data runs.
+    private func structuredRead(offset: UInt64, length: UInt32, dontFragment: Bool, cookie: UInt64,
+                                allocator: ByteBufferAllocator) throws -> ByteBuffer {
+        let runs: [ContentRun]
+        if dontFragment {
+            runs = [ContentRun(offset: offset, length: UInt64(length), isZero: false)]
+        } else {
+            runs = ContentRun.plan(try device.blockStatus(at: offset, length: UInt64(length)),
+                                   offset: offset, length: UInt64(length))
+        }
+        var capacity = 0
+        for run in runs {
+            capacity += ReplyEncoder.chunkHeaderSize + (run.isZero ? 12 : 8 + Int(run.length))
+        }
+        var reply = allocator.buffer(capacity: capacity)
+        for (i, run) in runs.enumerated() {
+            let flags: NBDReplyFlags = i == runs.count - 1 ? .done : []
+            if run.isZero {
+                ReplyEncoder.writeHoleChunk(cookie: cookie, offset: run.offset, length: UInt32(run.length),
+                                            flags: flags, into: &reply)
+            } else {
+                ReplyEncoder.writeDataChunkHeader(cookie: cookie, offset: run.offset, dataLength: Int(run.length),
+                                                  flags: flags, into: &reply)
+                try readData(offset: run.offset, count: Int(run.length), into: &reply)
+            }
+        }
+        return reply
+    }
+}
+
+/// A complete reply to one request, ready to write.
+struct NBDReply: Sendable {
+    /// Every byte of the reply: a simple reply (with read data), or all chunks of a structured one.
+    var bytes: ByteBuffer
+    /// The error it reports, if any.
+    var error: NBDErrno? = nil
+}
