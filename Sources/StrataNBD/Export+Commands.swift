@@ -151,11 +151,22 @@ extension Export {
     /// One `NBD_REPLY_TYPE_BLOCK_STATUS` chunk per negotiated context, the last one marked done.
     private func blockStatusReply(offset: UInt64, length: UInt32, requestOne: Bool, cookie: UInt64,
                                   session: NBDSession, allocator: ByteBufferAllocator) throws -> ByteBuffer {
-        let extents = try device.blockStatus(at: offset, length: UInt64(length))
+        // No more extents than a reply may carry; the reply then ends where they end, and
+        // the client asks again from there.
+        let limit = requestOne ? 1 : NBDLimits.maxBlockStatusExtents
+        var extents: [BlockExtent] = []
+        try device.forEachExtent(at: offset, length: UInt64(length)) { e in
+            extents.append(e)
+            return extents.count < limit
+        }
+        var covered = UInt64(length)
+        if extents.count == limit, let last = extents.last, last.offset + last.length > offset {
+            covered = min(covered, last.offset + last.length - offset)
+        }
         var reply = allocator.buffer(capacity: 256)
         for (i, context) in session.metaContexts.enumerated() {
             let descriptors = BlockStatusDescriptor.plan(extents, context: context, offset: offset,
-                                                         length: UInt64(length), requestOne: requestOne)
+                                                         length: covered, requestOne: requestOne)
             ReplyEncoder.writeBlockStatusChunk(cookie: cookie, contextID: context.rawValue, descriptors: descriptors,
                                                flags: i == session.metaContexts.count - 1 ? .done : [], into: &reply)
         }
@@ -173,30 +184,27 @@ extension Export {
     ///
     /// Everything a structured read asks of the engine is asked here, in one place: the range's
     /// block status, then the data runs.
+    ///
+    /// One pass over the mapping (``BlockDevice/read(at:length:runs:)``): each run's chunk
+    /// header goes into the reply, then its data is read straight behind it; neighbouring
+    /// runs of one kind share a chunk.
     private func structuredRead(offset: UInt64, length: UInt32, dontFragment: Bool, cookie: UInt64,
                                 allocator: ByteBufferAllocator) throws -> ByteBuffer {
-        let runs: [ContentRun]
+        let count = Int(length)
         if dontFragment {
-            runs = [ContentRun(offset: offset, length: UInt64(length), isZero: false)]
-        } else {
-            runs = ContentRun.plan(try device.blockStatus(at: offset, length: UInt64(length)),
-                                   offset: offset, length: UInt64(length))
+            var reply = allocator.buffer(capacity: ReplyEncoder.chunkHeaderSize + 8 + count)
+            ReplyEncoder.writeDataChunkHeader(cookie: cookie, offset: offset, dataLength: count, flags: .done, into: &reply)
+            try readData(offset: offset, count: count, into: &reply)
+            return reply
         }
-        var capacity = 0
-        for run in runs {
-            capacity += ReplyEncoder.chunkHeaderSize + (run.isZero ? 12 : 8 + Int(run.length))
-        }
-        var reply = allocator.buffer(capacity: capacity)
-        for (i, run) in runs.enumerated() {
-            let flags: NBDReplyFlags = i == runs.count - 1 ? .done : []
-            if run.isZero {
-                ReplyEncoder.writeHoleChunk(cookie: cookie, offset: run.offset, length: UInt32(run.length),
-                                            flags: flags, into: &reply)
-            } else {
-                ReplyEncoder.writeDataChunkHeader(cookie: cookie, offset: run.offset, dataLength: Int(run.length),
-                                                  flags: flags, into: &reply)
-                try readData(offset: run.offset, count: Int(run.length), into: &reply)
+        let room = StructuredReadWriter.capacity(forLength: count)
+        var reply = allocator.buffer(capacity: room)
+        try reply.writeWithUnsafeMutableBytes(minimumWritableBytes: room) { space in
+            var writer = StructuredReadWriter(space: space, cookie: cookie)
+            try device.read(at: offset, length: count) { off, n, zero in
+                try writer.run(offset: off, length: n, zero: zero)
             }
+            return writer.finish()
         }
         return reply
     }

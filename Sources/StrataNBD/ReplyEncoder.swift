@@ -179,3 +179,72 @@ enum ReplyEncoder {
         }
     }
 }
+
+/// Lays out a structured read reply in place, run by run, as the engine reads it: a chunk
+/// header, then (for data) the bytes the engine reads straight behind it. A run of the same
+/// kind as the previous one extends its chunk; the last chunk gets `NBD_REPLY_FLAG_DONE`.
+/// Big-endian fields are stored here, in the reply codec, like the rest of the wire format.
+struct StructuredReadWriter {
+    private let space: UnsafeMutableRawBufferPointer
+    private let cookie: UInt64
+    private var written = 0
+    /// Where the last chunk's header starts, and whether it is a data chunk.
+    private var last: (at: Int, data: Bool)?
+
+    /// Bytes of a data chunk before its payload (header + offset), of a whole hole chunk.
+    static let dataOverhead = ReplyEncoder.chunkHeaderSize + 8
+    static let holeSize = ReplyEncoder.chunkHeaderSize + 12
+
+    /// Room for any structured read of `length` bytes: every run but the first and the last
+    /// spans at least a sector (engine runs break at (sub)cluster or file-block boundaries), so
+    /// there are at most `length / 512 + 2` chunks.
+    static func capacity(forLength length: Int) -> Int {
+        length + (length / 512 + 2) * max(dataOverhead, holeSize)
+    }
+
+    init(space: UnsafeMutableRawBufferPointer, cookie: UInt64) {
+        self.space = space
+        self.cookie = cookie
+    }
+
+    private func store<T: FixedWidthInteger>(_ v: T, at i: Int) {
+        space.storeBytes(of: v.bigEndian, toByteOffset: i, as: T.self)
+    }
+    private func load32(at i: Int) -> UInt32 {
+        UInt32(bigEndian: space.loadUnaligned(fromByteOffset: i, as: UInt32.self))
+    }
+
+    /// The destination of the next run's data (nil for a zero run).
+    mutating func run(offset: UInt64, length: Int, zero: Bool) throws -> UnsafeMutableRawBufferPointer? {
+        if let l = last, l.data == !zero {
+            if zero {
+                store(load32(at: l.at + 28) + UInt32(length), at: l.at + 28)   // hole size
+            } else {
+                store(load32(at: l.at + 16) + UInt32(length), at: l.at + 16)   // payload length
+            }
+        } else {
+            precondition(written + (zero ? Self.holeSize : Self.dataOverhead + length) <= space.count,
+                         "structured read reply outgrew its room")
+            last = (written, !zero)
+            store(NBDMagic.structuredReply, at: written)
+            store(UInt16(0), at: written + 4)
+            store((zero ? NBDReplyType.offsetHole : NBDReplyType.offsetData).rawValue, at: written + 6)
+            store(cookie, at: written + 8)
+            store(UInt32(zero ? 12 : 8 + length), at: written + 16)
+            store(offset, at: written + 20)
+            if zero { store(UInt32(length), at: written + 28) }
+            written += zero ? Self.holeSize : Self.dataOverhead
+        }
+        guard !zero else { return nil }
+        precondition(written + length <= space.count, "structured read reply outgrew its room")
+        let out = UnsafeMutableRawBufferPointer(rebasing: space[written..<written + length])
+        written += length
+        return out
+    }
+
+    /// Marks the last chunk done; returns the bytes written.
+    mutating func finish() -> Int {
+        if let l = last { store(NBDReplyFlags.done.rawValue, at: l.at + 4) }
+        return written
+    }
+}

@@ -1,7 +1,7 @@
 import Strata
 
-// Reply planning: pure functions from the engine's extents to the pieces of a reply (the runs
-// of a structured read, the descriptors of a block status chunk). No I/O.
+// Reply planning: pure functions from the engine's extents to the descriptors of a block
+// status chunk. No I/O.
 
 /// Lays the engine's extents over the range `[offset, offset+length)`, calling `body` for
 /// each consecutive piece in order: the extent covering it, or nil for a gap the engine did not
@@ -25,31 +25,6 @@ func forEachPiece(of extents: [BlockExtent], offset: UInt64, length: UInt64,
         cursor += piece
     }
     if cursor < end { _ = body(end - cursor, nil) }
-}
-
-/// A piece of a structured read: data to send, or a run that reads as zeroes.
-struct ContentRun: Equatable {
-    var offset: UInt64
-    var length: UInt64
-    var isZero: Bool
-
-    /// The runs of a read: neighbours of the same kind merge, and gaps or anything not known
-    /// to read as zeroes count as data.
-    static func plan(_ extents: [BlockExtent], offset: UInt64, length: UInt64) -> [ContentRun] {
-        var runs: [ContentRun] = []
-        var cursor = offset
-        forEachPiece(of: extents, offset: offset, length: length) { len, extent in
-            let zero = extent?.status.contains(.zero) ?? false
-            if let last = runs.last, last.isZero == zero {
-                runs[runs.count - 1].length += len
-            } else {
-                runs.append(ContentRun(offset: cursor, length: len, isZero: zero))
-            }
-            cursor += len
-            return true
-        }
-        return runs
-    }
 }
 
 /// One descriptor of a block status chunk: 32-bit length and 32-bit flags.

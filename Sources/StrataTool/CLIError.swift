@@ -27,6 +27,9 @@ enum CLIError: Error, CustomStringConvertible {
     case refused(file: String, reason: String)
     /// A first argument that is no subcommand.
     case unknownCommand(String)
+    /// A refusal about no one file, its whole message (a flag that cannot be honoured, a
+    /// server that cannot start).
+    case message(String)
 
     var description: String {
         switch self {
@@ -50,6 +53,8 @@ enum CLIError: Error, CustomStringConvertible {
             return "\(file): \(reason)"
         case .unknownCommand(let name):
             return "unknown command '\(name)' (see 'strata --help')"
+        case .message(let text):
+            return text
         }
     }
 }

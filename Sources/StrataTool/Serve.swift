@@ -154,7 +154,7 @@ struct Serve: ParsableCommand {
     var cacheMode: String { cache ?? (nocache ? "none" : "writeback") }
 
     func validate() throws {
-        if let refusal = refusal() { throw CLIError.refused(refusal) }
+        if let refusal = refusal() { throw CLIError.message(refusal) }
         if socket != nil && (bind != nil || port != nil) {
             throw ValidationError("--socket cannot be combined with --bind or --port")
         }
@@ -225,6 +225,9 @@ struct Serve: ParsableCommand {
         let registry = try ExportRegistry.open(try exportEntries(), options: options,
                                                discard: DiscardMode(rawValue: discard)!, description: description,
                                                logger: logger)
+        for export in registry.exports {
+            ImageChain.warnIfProbedRaw(export.device, name: (export.device as? RawImage)?.storage.name ?? export.name)
+        }
 
         var config = NBDServer.Configuration()
         if let socket {
@@ -240,7 +243,7 @@ struct Serve: ParsableCommand {
             try server.start()
         } catch {
             try? registry.closeAll()
-            throw CLIError.refused("\(error)")
+            throw CLIError.message("\(error)")
         }
         server.installSignalHandlers()
 

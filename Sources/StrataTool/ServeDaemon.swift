@@ -111,7 +111,7 @@ enum ServeDaemon {
         /// Takes over `fd` (from `--ready-fd`) and leaves the launcher's session.
         init(fd: Int32) throws {
             guard fd > 2, fcntl(fd, F_GETFD) >= 0 else {
-                throw CLIError.refused("--ready-fd \(fd) is not an open file descriptor")
+                throw CLIError.message("--ready-fd \(fd) is not an open file descriptor")
             }
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
             self.fd = fd

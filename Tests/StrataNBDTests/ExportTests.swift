@@ -202,9 +202,6 @@ final class ExportTests: XCTestCase {
                        [.init(length: 50, flags: 1), .init(length: 50, flags: 2)])
         XCTAssertEqual(BlockStatusDescriptor.plan([], context: .baseAllocation, offset: 0, length: 10, requestOne: false),
                        [.init(length: 10, flags: 0)], "an empty answer still yields one descriptor")
-        XCTAssertEqual(ContentRun.plan(extents, offset: 0, length: 1000),
-                       [.init(offset: 0, length: 200, isZero: true), .init(offset: 200, length: 100, isZero: false),
-                        .init(offset: 300, length: 700, isZero: true)])
     }
 
     func testTransmissionFlagsAreTruthful() {

@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 import TestSupport
 
+import Strata
 @testable import StrataNBD
 
 /// Real NBD clients against an in-process server: nbdinfo, nbdcopy, qemu-img, qemu-io, fio.
@@ -177,5 +178,33 @@ final class PeerToolTests: XCTestCase {
         XCTAssertEqual(verified, 32 * M, "every block was read back and verified")
         try server.stop()
         try Peer.expectSuccess("qemu-img", ["check", "\(dir)/fio.qcow2"])
+    }
+
+    /// A fragmented image (every other 512-byte cluster), a probed raw image and an empty
+    /// 16 TiB image, through libnbd; then nbdinfo --map and qemu-img map of the huge disk.
+    func testOnePassReadsProbedRawAndHugeDisks() throws {
+        let dir = try makeTempDir(self)
+        let fragmented = "\(dir)/frag.qcow2"
+        try makeQcow2(fragmented, size: "4M", options: ["cluster_size=512"])
+        let img = try Qcow2Image(path: fragmented, options: OpenOptions(writable: true))
+        for k in stride(from: 0, to: 8192, by: 2) {
+            let bytes = [UInt8](repeating: UInt8(k % 251 + 1), count: 512)
+            try bytes.withUnsafeBytes { try img.write($0, at: UInt64(k * 512), fua: false) }
+        }
+        try img.close()
+        try makeRaw("\(dir)/guest.raw", size: M)
+        try makeQcow2("\(dir)/huge.qcow2", size: "16T")
+        let server = try TestServer(dir: dir, exports: [
+            TestExport(name: "frag", path: fragmented), TestExport(name: "raw", path: "\(dir)/guest.raw"),
+            TestExport(name: "huge", path: "\(dir)/huge.qcow2"),
+        ])
+        try Peer.python("one_pass_reads.py", [server.uri("frag"), server.uri("raw"), server.uri("huge")])
+        let map = try Peer.expectSuccess("nbdinfo", ["--map", server.uri("huge")], timeout: 60)
+        XCTAssertEqual(map.out.split(separator: "\n").count, 1, map.out)
+        XCTAssertTrue(map.out.contains("17592186044416") && map.out.contains("hole,zero"), map.out)
+        let qmap = try Peer.expectSuccess("qemu-img", ["map", "--output=json", "-f", "raw", server.uri("huge")], timeout: 60)
+        XCTAssertEqual(qmap.out.split(separator: "\n").count, 1, qmap.out)
+        try server.stop()
+        XCTAssertEqual(try probeFormat(path: "\(dir)/guest.raw"), .raw)
     }
 }

@@ -173,7 +173,7 @@ final class ServeCommandTests: XCTestCase {
             bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
         } }
         _ = listen(fd, 1)  // fails harmlessly if another program already listens on 10809
-        let r = try Peer.run(try strata(), ["serve", "\(dir)/default.raw"], timeout: 20,
+        let r = try Peer.run(try strata(), ["serve", "-f", "raw", "\(dir)/default.raw"], timeout: 20,
                              environment: ["SWIFT_BACKTRACE": "enable=no"])
         XCTAssertEqual(r.status, 1, r.transcript)
         XCTAssertEqual(r.err, "strata: cannot listen on 127.0.0.1:10809: address already in use\n")
@@ -319,7 +319,7 @@ final class ServeCommandTests: XCTestCase {
         let first = try serve(dir, ["-k", sock, image])
         XCTAssertEqual(first.waitForLines(1).count, 1, first.stderr)
         try makeRaw("\(dir)/other.raw", size: 1 << 20)
-        XCTAssertEqual(try refused(["-k", sock, "\(dir)/other.raw"]),
+        XCTAssertEqual(try refused(["-k", sock, "-f", "raw", "\(dir)/other.raw"]),
                        "strata: cannot listen on \(sock): another server is listening on it\n")
         try Peer.expectSuccess("nbdinfo", ["--size", "nbd+unix:///l?socket=\(sock)"])
         XCTAssertEqual(first.stop(SIGKILL), SIGKILL)
@@ -478,7 +478,7 @@ final class ServeCommandTests: XCTestCase {
 
         try makeRaw("\(dir)/p.raw", size: 1 << 20)
         XCTAssertTrue(FileManager.default.createFile(atPath: "\(dir)/taken", contents: nil))
-        let taken = try Peer.run(strata, ["serve", "--fork", "-k", "\(dir)/taken", "\(dir)/p.raw"], timeout: 30)
+        let taken = try Peer.run(strata, ["serve", "--fork", "-k", "\(dir)/taken", "-f", "raw", "\(dir)/p.raw"], timeout: 30)
         XCTAssertEqual(taken.status, 1, taken.transcript)
         XCTAssertEqual(taken.err, "strata: cannot listen on \(dir)/taken: \(dir)/taken exists and is not a socket\n")
     }

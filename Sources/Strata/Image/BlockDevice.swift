@@ -84,10 +84,18 @@ extension BlockDevice {
         for e in try blockStatus(at: offset, length: length) where try !body(e) { return }
     }
 
-    /// One data run covering the whole read, for devices that report no zero runs.
+    /// Runs from the device's extents: ranges its block status says read as zeroes are zero
+    /// runs, the rest is read (a raw file's holes, or any device that describes its extents).
     public func read(at offset: UInt64, length: Int, runs sink: ReadSink) throws {
-        guard let out = try sink(offset, length, false) else { return }
-        try read(into: out, at: offset)
+        guard offset <= size, UInt64(length) <= size - offset else {
+            throw StrataError.outOfRange(offset: offset, length: UInt64(length), size: size)
+        }
+        try forEachRun(from: offset, to: offset + UInt64(length)) { o, n, ext in
+            let zero = ext?.status.contains(.zero) ?? false
+            guard let out = try sink(o, Int(n), zero) else { return true }
+            if zero { out.zero() } else { try read(into: out, at: o) }
+            return true
+        }
     }
 
     /// Walks `[start, end)` in the order of the device's extents, as runs known to read as

@@ -72,19 +72,6 @@ public final class RawImage: BlockDevice {
         _ = try storage.read(into: buffer, at: offset)
     }
 
-    /// One pass: the file's holes (SEEK_HOLE) are zero runs, the rest is read.
-    public func read(at offset: UInt64, length: Int, runs sink: ReadSink) throws {
-        guard offset <= size, UInt64(length) <= size - offset else {
-            throw StrataError.outOfRange(offset: offset, length: UInt64(length), size: size)
-        }
-        try forEachRun(from: offset, to: offset + UInt64(length)) { o, n, ext in
-            let zero = ext?.status.contains(.zero) ?? false
-            guard let out = try sink(o, Int(n), zero) else { return true }
-            if zero { out.zero() } else { _ = try storage.read(into: out, at: o) }
-            return true
-        }
-    }
-
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
         try check(offset, UInt64(buffer.count))
         if probed, offset < UInt64(FormatProbe.sectorSize), buffer.count > 0 {
