@@ -2,17 +2,12 @@ import Foundation
 import Logging
 import Strata
 import XCTest
+import TestSupport
 
 @testable import StrataNBD
 
-/// The result of running a peer program.
-struct ToolResult {
-    var status: Int32
-    var out: String
-    var err: String
-    /// Everything the program printed, for failure messages.
-    var transcript: String { "exit \(status)\n--- stdout\n\(out)\n--- stderr\n\(err)" }
-}
+/// The result of running a peer program (TestSupport's one runner).
+typealias ToolResult = ProcessResult
 
 /// Peer programs the tests drive, and the Debian package that provides each. A missing peer
 /// fails the test with the package to install; nothing is skipped.
@@ -28,7 +23,7 @@ enum Peer {
     static func path(_ name: String, file: StaticString = #filePath, line: UInt = #line) throws -> String {
         if name == "python3" {
             let py = "/usr/bin/python3"
-            let probe = try run(py, ["-c", "import nbd"], mustExist: false)
+            let probe = try run(py, ["-c", "import nbd"])
             guard probe.status == 0 else {
                 XCTFail("/usr/bin/python3 cannot import nbd: install the Debian package python3-libnbd", file: file, line: line)
                 throw PeerMissing(name: name)
@@ -49,32 +44,10 @@ enum Peer {
     /// deadlocks), failing the test if it runs longer than `timeout` seconds.
     @discardableResult
     static func run(_ executable: String, _ arguments: [String], timeout: TimeInterval = 120,
-                    environment: [String: String]? = nil, mustExist: Bool = true) throws -> ToolResult {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("strata-nbd-out-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let outURL = dir.appendingPathComponent("out"), errURL = dir.appendingPathComponent("err")
-        FileManager.default.createFile(atPath: outURL.path, contents: nil)
-        FileManager.default.createFile(atPath: errURL.path, contents: nil)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = arguments
-        if let environment { p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
-        p.standardOutput = try FileHandle(forWritingTo: outURL)
-        p.standardError = try FileHandle(forWritingTo: errURL)
-        p.standardInput = FileHandle.nullDevice
-        try p.run()
-        let deadline = Date().addingTimeInterval(timeout)
-        while p.isRunning && Date() < deadline { usleep(10_000) }
-        if p.isRunning {
-            p.terminate()
-            p.waitUntilExit()
-            XCTFail("\(executable) \(arguments.joined(separator: " ")) ran longer than \(timeout) s")
-        }
-        p.waitUntilExit()
-        return ToolResult(status: p.terminationStatus,
-                          out: (try? String(contentsOf: outURL, encoding: .utf8)) ?? "",
-                          err: (try? String(contentsOf: errURL, encoding: .utf8)) ?? "")
+                    environment: [String: String]? = nil) throws -> ToolResult {
+        let r = try runProcess([executable] + arguments, environment: environment ?? [:], timeout: timeout)
+        if r.timedOut { XCTFail("\(executable) \(arguments.joined(separator: " ")) ran longer than \(timeout) s") }
+        return r
     }
 
     /// Runs a peer by name and asserts it succeeded.
