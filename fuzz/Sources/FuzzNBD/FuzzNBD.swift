@@ -34,14 +34,14 @@ enum Fixture {
     }()
     static let logger = Logger(label: "fuzz_nbd") { _ in SwiftLogNoOpLogHandler() }
 
-    static func catalog() -> ExportCatalog {
+    static func registry() -> ExportRegistry {
         let disk = try! Qcow2Image(storage: MemoryStorage(name: "disk.qcow2", bytes: template),
                                    options: OpenOptions(writable: true, format: .qcow2))
         let raw = try! RawImage(storage: MemoryStorage(name: "ro.raw", bytes: [UInt8](repeating: 1, count: 65536)), writable: false)
-        return ExportCatalog([
+        return ExportRegistry([
             Export(name: "disk", description: "fuzz disk", device: disk),
             Export(name: "ro", device: raw, readOnly: true),
-        ])
+        ], logger: logger)
     }
 }
 
@@ -74,14 +74,14 @@ public func fuzzNBD(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     guard size >= 1 else { return 0 }
     let control = data[0]
     let stream = ClientStream(UnsafeBufferPointer(start: data + 1, count: size - 1), piece: Int(control & 0x3F) + 1)
-    let catalog = Fixture.catalog()
-    defer { for e in catalog.exports { try? e.device.close() } }
+    let registry = Fixture.registry()
+    defer { try? registry.closeAll() }
 
     let session: NBDSession
     if control & 0x80 != 0 {
-        session = NBDSession(export: catalog.exports[0], structuredReplies: true, metaContexts: NBDMetaContext.allCases)
+        session = NBDSession(export: registry.exports[0], structuredReplies: true, metaContexts: NBDMetaContext.allCases)
     } else {
-        guard let s = handshake(catalog: catalog, stream) else { return 0 }
+        guard let s = handshake(registry: registry, stream) else { return 0 }
         session = s
     }
     transmission(session: session, stream)
@@ -89,9 +89,9 @@ public func fuzzNBD(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
 }
 
 /// Runs the handshake until it hands over to transmission (returning the session) or ends.
-private func handshake(catalog: ExportCatalog, _ stream: ClientStream) -> NBDSession? {
+private func handshake(registry: ExportRegistry, _ stream: ClientStream) -> NBDSession? {
     var decoder = HandshakeDecoder()
-    var machine = HandshakeStateMachine(catalog: catalog)
+    var machine = HandshakeStateMachine(registry: registry)
     var out = ByteBuffer()
     ReplyEncoder.writeGreeting(flags: HandshakeStateMachine.greetingFlags, into: &out)
     while stream.feed() {
