@@ -22,7 +22,7 @@ import Glibc
 extension Qcow2Image {
     public func flush() throws {
         if isReadOnly || cache == .unsafe { return }
-        try flushNow()
+        try guarded { try flushNow() }
     }
 
     func flushNow() throws {
@@ -40,6 +40,15 @@ extension Qcow2Image {
         var refTableOffset: UInt64 = 0
         var decrements: [UInt64: UInt64] = [:]
         var oldEpoch = 0
+    }
+
+    /// The overlap guard's last word before tables reach the file: each lands where that
+    /// kind of table lives (or where no metadata is claimed, for a snapshot's L2 table).
+    private func checkBatch(_ s: FlushBatch) throws {
+        for (t, _) in s.refBlocks { try md.overlap.checkTable(t.offset, as: .refcountBlock) }
+        for (t, _) in s.l2 { try md.overlap.checkTable(t.offset, as: .l2Table) }
+        if s.refTable != nil { try md.overlap.checkTable(s.refTableOffset, as: .refcountTable) }
+        if s.l1 != nil { try md.overlap.checkTable(s.l1Offset, as: .l1Table) }
     }
 
     private func takeBatch() -> FlushBatch {
@@ -83,6 +92,7 @@ extension Qcow2Image {
         if lock.withLock({ markedCorrupt }) { return }
         let s = lock.withLock { takeBatch() }
         do {
+            try lock.withLock { try checkBatch(s) }
             try storage.sync()
             // 2. refcounts
             var wrote = false

@@ -208,7 +208,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
             (storage as? FileStorage)?.close()
             try? backing?.close()
         }
-        if !isReadOnly { try flushNow() }
+        if !isReadOnly { try guarded { try flushNow() } }
     }
 
     // MARK: Range checks, I/O registration, quiescing
