@@ -131,7 +131,7 @@ extension Qcow2Image {
     private func inPlaceHost(_ g: UInt64, _ range: Range<UInt64>) throws -> UInt64? {
         let (raw, bitmap) = try md.map.entry(g)
         let e = L2Entry(raw: raw)
-        guard let host = e.ownedHost(extended: geometry.extendedL2) else { return nil }
+        guard let host = e.ownedHost else { return nil }
         if geometry.extendedL2 {
             let sc = geometry.subclusterSize
             let mask = subclusterMask(Int(range.lowerBound / sc), Int((range.upperBound - 1) / sc))
@@ -158,7 +158,7 @@ extension Qcow2Image {
             let j = first + clusters.count
             guard j < Int(perTable), !busy.contains(gc) else { break }  // a batch stays in one L2 table
             let raw = ClusterMap.read(table, j, extended: geometry.extendedL2).raw
-            if L2Entry(raw: raw).ownedHost(extended: geometry.extendedL2) != nil { break }  // written in place instead
+            if L2Entry(raw: raw).ownedHost != nil { break }  // written in place instead
             clusters.append(gc)
             old.append(raw)
         }
@@ -186,7 +186,7 @@ extension Qcow2Image {
         }
         let ext = geometry.extendedL2
         let sc = geometry.subclusterSize
-        let owned = e.ownedHost(extended: ext)
+        let owned = e.ownedHost
         var region: Range<UInt64>
         if ext {
             let first = data.lowerBound / sc * sc
@@ -242,7 +242,7 @@ extension Qcow2Image {
         while busy.contains(g) { lock.wait() }
         let (raw, bitmap) = try md.map.entry(g)
         let e = L2Entry(raw: raw)
-        let keepHost = !mayUnmap && e.ownedHost(extended: ext) != nil
+        let keepHost = !mayUnmap && e.ownedHost != nil
         if !v3 {
             guard backing == nil, whole else { return false }
             if raw == 0 { return true }
@@ -324,13 +324,8 @@ extension Qcow2Image {
 
         case .copyOnWrite(let cw):
             let inCluster = guest & (clusterSize - 1)
-            let count = Int(min(clusterSize - inCluster, UInt64(Int.max)))
-            let bytes: UnsafeRawBufferPointer
-            if case .data(let buffer) = request {
-                bytes = UnsafeRawBufferPointer(rebasing: buffer[pos..<min(buffer.count, pos + count)])
-            } else {
-                preconditionFailure("copy-on-write plan for a request without data")
-            }
+            guard case .data(let buffer) = request else { preconditionFailure("copy-on-write plan for a request without data") }
+            let bytes = UnsafeRawBufferPointer(rebasing: buffer[pos..<min(buffer.count, pos + Int(clusterSize - inCluster))])
             do {
                 try performCluster(cw, data: bytes, dataStart: inCluster)
             } catch {
@@ -416,7 +411,7 @@ extension L2Entry {
     /// the one test of "ours, writable in place". Zero clusters that keep a preallocated
     /// host cluster count too (their writes fill the rest with zeroes).
     @inline(__always)
-    func ownedHost(extended: Bool) -> UInt64? {
+    var ownedHost: UInt64? {
         guard !isCompressed, isCopied, hostOffset != 0 else { return nil }
         return hostOffset
     }

@@ -60,7 +60,7 @@ final class OverlapGuard {
     /// holds metadata.
     @inline(__always)
     func checkData(_ host: UInt64, _ length: UInt64) throws {
-        guard !owners.isEmpty, length > 0 else { return }
+        guard length > 0 else { return }
         var c = host >> file.clusterBits
         let last = (host + length - 1) >> file.clusterBits
         while c <= last {
