@@ -1,5 +1,8 @@
 import Foundation
 import XCTest
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// What a new user hit first, each as the command they typed, with qemu-img beside it.
 final class NewUserTests: ToolTestCase {
@@ -224,5 +227,27 @@ final class NewUserTests: ToolTestCase {
         ok(named, "named raw")
         XCTAssertEqual(named.stderr, "")
         XCTAssertEqual(Array(try contents("guest.raw").prefix(4)), [0x51, 0x46, 0x49, 0xfb], "the magic is complete now")
+    }
+
+    /// `write -z -u` on a raw file frees the space (a hole, as qemu-io leaves); `write -z`
+    /// without -u keeps it allocated; both read as zeroes.
+    func testZeroWritesOnRawFilesPunchHolesWhenAllowed() throws {
+        func allocated(_ name: String) throws -> Int {
+            var st = stat()
+            XCTAssertEqual(stat(path(name), &st), 0)
+            return Int(st.st_blocks) * 512
+        }
+        try truncate("z.raw", to: 4 << 20)
+        ok(try strata("io", "-f", "raw", "-c", "write -P 7 0 4M", "z.raw"), "fill")
+        XCTAssertGreaterThanOrEqual(try allocated("z.raw"), 4 << 20)
+        ok(try strata("io", "-f", "raw", "-c", "write -z 0 1M", "z.raw"), "zero, keep")
+        XCTAssertGreaterThanOrEqual(try allocated("z.raw"), 4 << 20)
+        ok(try strata("io", "-f", "raw", "-c", "write -z -u 1M 2M", "z.raw"), "zero, unmap")
+        XCTAssertLessThanOrEqual(try allocated("z.raw"), 2 << 20 + 65536)
+        ok(try qemuIO("-f", "raw", "-c", "read -P 0 0 3M", "-c", "read -P 7 3M 1M", "z.raw"), "content")
+        // qemu-io does the same to its twin.
+        try truncate("q.raw", to: 4 << 20)
+        ok(try qemuIO("-f", "raw", "-c", "write -P 7 0 4M", "-c", "write -z -u 1M 2M", "q.raw"), "qemu-io")
+        XCTAssertEqual(try allocated("z.raw"), try allocated("q.raw"))
     }
 }
