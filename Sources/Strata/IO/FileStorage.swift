@@ -53,6 +53,24 @@ public final class FileStorage: BlockStorage {
         self.created = created
     }
 
+    /// Makes `path` a new, empty file for an image and lets `body` write it: the file is
+    /// opened (created when missing), locked like a writable image (so a file another process
+    /// uses is refused, not clobbered), truncated (nothing of its former life survives), then
+    /// handed to `body`; closed afterwards. A file this call made is removed when it fails.
+    public static func replacing(_ path: String, _ body: (FileStorage) throws -> Void) throws {
+        let file = try FileStorage(creating: path)
+        do {
+            defer { file.close() }
+            let lock = try ImageLock(file: file, writable: true)
+            _ = consume lock
+            try file.setLength(0)
+            try body(file)
+        } catch {
+            if file.created { unlink(path) }
+            throw error
+        }
+    }
+
     /// True when ``init(creating:)`` made the file.
     public let created: Bool
 

@@ -1,7 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Options for a new qcow2 image (qemu-img's `-o` names in comments).
 public struct CreateOptions: Sendable, Equatable {
     /// Virtual size; nil takes the backing file's size.
@@ -103,17 +99,7 @@ extension Qcow2Image {
     /// if creating fails.
     public static func create(path: String, options: CreateOptions) throws {
         let o = try options.resolved(for: path)
-        let storage = try FileStorage(creating: path)
-        do {
-            defer { storage.close() }
-            let lock = try ImageLock(file: storage, writable: true)
-            _ = consume lock
-            try storage.setLength(0)
-            try create(storage: storage, path: path, resolved: o)
-        } catch {
-            if storage.created { unlink(path) }
-            throw error
-        }
+        try FileStorage.replacing(path) { try create(storage: $0, path: path, resolved: o) }
     }
 
     /// Creates a new image in `storage`, which must be empty.

@@ -44,17 +44,9 @@ public final class RawImage: BlockDevice {
     /// existing file is locked (refused while another process uses it), then truncated, so
     /// none of its old bytes or format survive. A file this call made is removed if it fails.
     public static func create(path: String, size: UInt64) throws {
-        let file = try FileStorage(creating: path)
-        do {
-            defer { file.close() }
-            let lock = try ImageLock(file: file, writable: true)
-            _ = consume lock
-            try file.setLength(0)
+        try FileStorage.replacing(path) { file in
             try file.setLength(size)
             try file.sync()
-        } catch {
-            if file.created { unlink(path) }
-            throw error
         }
     }
 
