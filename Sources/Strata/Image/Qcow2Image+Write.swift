@@ -48,7 +48,16 @@ extension Qcow2Image {
         var pos: UInt64 = 0
         while pos < length {
             let guest = offset + pos
-            let plan = try lock.withLock { try self.plan(request, guest: guest, remaining: length - pos) }
+            let plan = try lock.withLock {
+                let plan = try self.plan(request, guest: guest, remaining: length - pos)
+                // A change of entries alone is committed in the same hold of the lock, so
+                // nothing can change the entry between its plan and its commit.
+                switch plan {
+                case .zero(let change), .discard(let change): try commit(change)
+                default: break
+                }
+                return plan
+            }
             pos += try execute(plan, request, dataOffset: Int(pos), guest: guest)
         }
     }
@@ -74,15 +83,18 @@ extension Qcow2Image {
             }
             return .copyOnWrite(try planCluster(g, data: (guest & (clusterSize - 1))..<min(clusterSize, (guest & (clusterSize - 1)) + remaining)))
         case .zeroes(let mayUnmap):
-            if backing == nil && mayUnmap, let skip = unmappedTables(guest, remaining) { return .metadata(length: skip) }
+            if backing == nil && mayUnmap, let skip = unmappedTables(guest, remaining) { return .unchanged(length: skip) }
             let (g, range, whole) = piece(guest, remaining)
-            if try zeroCluster(g, range: range, whole: whole, mayUnmap: mayUnmap) { return .metadata(length: UInt64(range.count)) }
-            return .zeroData(length: UInt64(range.count))
+            guard let change = try planZero(g, range: range, whole: whole, mayUnmap: mayUnmap) else {
+                return .zeroData(length: UInt64(range.count))
+            }
+            return change.map { .zero($0) } ?? .unchanged(length: UInt64(range.count))
         case .discard:
-            if backing == nil || md.header.version < 3, let skip = unmappedTables(guest, remaining) { return .metadata(length: skip) }
+            if backing == nil || md.header.version < 3, let skip = unmappedTables(guest, remaining) { return .unchanged(length: skip) }
             let (g, range, whole) = piece(guest, remaining)
-            if whole { try discardCluster(g) }  // partial-cluster discards are ignored, like QEMU
-            return .metadata(length: UInt64(range.count))
+            // Partial-cluster discards are ignored, like QEMU.
+            guard whole, let change = try planDiscard(g, length: UInt64(range.count)) else { return .unchanged(length: UInt64(range.count)) }
+            return .discard(change)
         }
     }
 
@@ -230,55 +242,46 @@ extension Qcow2Image {
                             padding: padding, oldRaw: raw, oldBitmap: bitmap)
     }
 
-    /// Makes a cluster (or whole subclusters of it) read as zero through its L2 entry.
-    /// Returns false when the bytes must be written as zero data instead.
-    private func zeroCluster(_ g: UInt64, range: Range<UInt64>, whole: Bool, mayUnmap: Bool) throws -> Bool {
+    /// How a cluster (or whole subclusters of it) comes to read as zero through its L2
+    /// entry: the change (nil inside when it already does), or nil when the bytes must be
+    /// written as zero data instead.
+    private func planZero(_ g: UInt64, range: Range<UInt64>, whole: Bool, mayUnmap: Bool) throws -> EntryChange?? {
         let v3 = md.header.version >= 3
         let ext = geometry.extendedL2
         let sc = geometry.subclusterSize
+        let length = UInt64(range.count)
         if !whole && !(ext && (range.lowerBound % sc == 0) && (range.upperBound % sc == 0 || (g << clusterBits) + range.upperBound == md.header.size)) {
-            return false
+            return nil
         }
         while busy.contains(g) { lock.wait() }
         let (raw, bitmap) = try md.map.entry(g)
         let e = L2Entry(raw: raw)
         let keepHost = !mayUnmap && e.ownedHost != nil
+        func change(_ newRaw: UInt64, _ newBitmap: UInt64, releasing: Bool) -> EntryChange?? {
+            if newRaw == raw && newBitmap == bitmap { return .some(nil) }
+            return EntryChange(guestCluster: g, raw: newRaw, bitmap: newBitmap, released: releasing ? raw : 0, length: length)
+        }
         if !v3 {
-            guard backing == nil, whole else { return false }
-            if raw == 0 { return true }
-            try md.map.setEntry(g, raw: 0, bitmap: 0)
-            md.map.release(raw: raw)
-            return true
+            guard backing == nil, whole else { return nil }
+            return change(0, 0, releasing: true)
         }
         if ext {
             let mask = whole ? UInt32.max : subclusterMask(Int(range.lowerBound / sc), Int((alignUp(range.upperBound, sc) - 1) / sc))
             let old = SubclusterBitmap(raw: bitmap)
             if e.isCompressed || (!e.isCopied && e.hostOffset != 0) {
-                guard whole else { return false }  // shared/compressed: only whole clusters
+                guard whole else { return nil }  // shared/compressed: only whole clusters
             }
-            if whole && !keepHost {
-                if raw == 0 && old == .allZero { return true }
-                try md.map.setEntry(g, raw: 0, bitmap: SubclusterBitmap.allZero.raw)
-                md.map.release(raw: raw)
-                return true
-            }
-            let newBitmap = SubclusterBitmap(allocated: old.allocated & ~mask, zero: old.zero | mask)
-            if newBitmap == old { return true }
-            try md.map.setEntry(g, raw: raw, bitmap: newBitmap.raw)
-            return true
+            if whole && !keepHost { return change(0, SubclusterBitmap.allZero.raw, releasing: true) }
+            return change(raw, SubclusterBitmap(allocated: old.allocated & ~mask, zero: old.zero | mask).raw, releasing: false)
         }
         // Standard entries.
-        if raw == 0 && backing == nil && mayUnmap { return true }  // already reads as zero
-        let newRaw = keepHost ? (e.hostOffset | L2Entry.copied | L2Entry.zeroFlag) : L2Entry.zeroFlag
-        if newRaw == raw { return true }
-        try md.map.setEntry(g, raw: newRaw, bitmap: 0)
-        if !keepHost { md.map.release(raw: raw) }
-        return true
+        if raw == 0 && backing == nil && mayUnmap { return .some(nil) }  // already reads as zero
+        return change(keepHost ? (e.hostOffset | L2Entry.copied | L2Entry.zeroFlag) : L2Entry.zeroFlag, 0, releasing: !keepHost)
     }
 
-    /// Frees a whole cluster: unallocated, or a zero cluster over a backing file (v3), so
-    /// the range reads as zeroes.
-    private func discardCluster(_ g: UInt64) throws {
+    /// How a whole cluster is freed: unallocated, or a zero cluster over a backing file (v3),
+    /// so the range reads as zeroes. Nil when it already is.
+    private func planDiscard(_ g: UInt64, length: UInt64) throws -> EntryChange? {
         while busy.contains(g) { lock.wait() }
         let (raw, bitmap) = try md.map.entry(g)
         var newRaw: UInt64 = 0
@@ -286,9 +289,8 @@ extension Qcow2Image {
         if backing != nil && md.header.version >= 3 {
             if geometry.extendedL2 { newBitmap = SubclusterBitmap.allZero.raw } else { newRaw = L2Entry.zeroFlag }
         }
-        if raw == newRaw && bitmap == newBitmap { return }
-        try md.map.setEntry(g, raw: newRaw, bitmap: newBitmap)
-        md.map.release(raw: raw)
+        if raw == newRaw && bitmap == newBitmap { return nil }
+        return EntryChange(guestCluster: g, raw: newRaw, bitmap: newBitmap, released: raw, length: length)
     }
 
     // MARK: Performing and committing
@@ -338,7 +340,10 @@ extension Qcow2Image {
             }
             return UInt64(bytes.count)
 
-        case .metadata(let n):
+        case .zero(let change), .discard(let change):
+            return change.length
+
+        case .unchanged(let n):
             return n
 
         case .zeroData(let n):
@@ -389,6 +394,13 @@ extension Qcow2Image {
         }
         md.map.set(table, j, raw: host | L2Entry.copied, bitmap: bitmap)
         if !reuse { md.map.release(raw: oldRaw) }
+    }
+
+    /// Applies a change of one entry (zero, discard): the new entry, and the old one's
+    /// reference dropped (deferred until the change is durable). Lock held.
+    private func commit(_ change: EntryChange) throws {
+        try md.map.setEntry(change.guestCluster, raw: change.raw, bitmap: change.bitmap)
+        if change.released != 0 { md.map.release(raw: change.released) }
     }
 
     /// Ends a plan: its clusters are no longer busy and its table may be evicted. Lock held.

@@ -21,11 +21,27 @@ enum WritePlan {
     case allocate(ClusterRun)
     /// One cluster written with copy-on-write fill around the new bytes.
     case copyOnWrite(ClusterWrite)
-    /// Only metadata changed (clusters zeroed or discarded through their entries, or nothing
-    /// to do), and the change is already made.
-    case metadata(length: UInt64)
+    /// A cluster (or whole subclusters) made to read as zeroes through its entry.
+    case zero(EntryChange)
+    /// A whole cluster freed through its entry.
+    case discard(EntryChange)
+    /// Bytes already as asked (zeroes over nothing, a partial-cluster discard, unallocated L2
+    /// tables stepped over): nothing to do.
+    case unchanged(length: UInt64)
     /// Bytes of a zero request that must be written as zero data (part of a cluster).
     case zeroData(length: UInt64)
+}
+
+/// A change of one L2 entry with no data I/O (zero, discard).
+struct EntryChange {
+    var guestCluster: UInt64
+    /// The new entry and extended bitmap.
+    var raw: UInt64
+    var bitmap: UInt64
+    /// The old entry whose references are dropped, or 0 when the host cluster is kept.
+    var released: UInt64
+    /// Guest bytes the change covers.
+    var length: UInt64
 }
 
 /// A run of whole guest clusters in one L2 table, all pointed at a fresh contiguous host run.
