@@ -53,6 +53,20 @@ final class NewUserTests: ToolTestCase {
         assertUserError(try strata("convert", "-O", "raw", "held.qcow2", "held.qcow2"), mentions: ["held.qcow2"])
         holder.waitUntilExit()
         ok(try qemuIO("-c", "read -P 3 0 64k", "held.qcow2"), "untouched")
+
+        // Held by strata serve: refused as well; once the server is gone, create works.
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: Self.strataBinary!)
+        server.arguments = ["serve", "--socket", path("s.sock"), path("held.qcow2")]
+        server.standardError = FileHandle.nullDevice
+        server.standardOutput = FileHandle.nullDevice
+        try server.run()
+        for _ in 0..<200 where !FileManager.default.fileExists(atPath: path("s.sock")) { usleep(20_000) }
+        assertUserError(try strata("create", "-q", "-f", "qcow2", "held.qcow2", "2M"), mentions: ["held.qcow2", "lock"])
+        server.terminate()
+        server.waitUntilExit()
+        ok(try qemuIO("-c", "read -P 3 0 64k", "held.qcow2"), "still untouched")
+        ok(try strata("create", "-q", "-f", "qcow2", "held.qcow2", "2M"), "free again")
     }
 
     /// A refused create leaves nothing behind; an existing file keeps its bytes.
