@@ -351,6 +351,26 @@ final class EngineRoomsTests: XCTestCase {
         try img.close()
         try assertQemuCheckClean(path)
     }
+
+    /// Zeroing a whole disk over a backing file sets a zero entry in every L2 table; the
+    /// dirty tables are written back as the request goes (the cache holds 4), and the result
+    /// is what qemu-img reads and checks clean.
+    func testLongRequestsWriteBackTablesAsTheyGo() throws {
+        let base = "\(dir)/base.qcow2", top = "\(dir)/top.qcow2"
+        XCTAssertEqual(try runTool(["qemu-img", "create", "-q", "-f", "qcow2", base, "64M"]).status, 0)
+        XCTAssertEqual(try runTool(["qemu-io", "-f", "qcow2", base, "-c", "write -P 1 0 64M"]).status, 0)
+        var o = CreateOptions()
+        o.clusterSize = 4096
+        o.backingFile = "base.qcow2"
+        o.backingFormat = .qcow2
+        try Qcow2Image.create(path: top, options: o)
+        let img = try Qcow2Image(path: top, options: OpenOptions(writable: true, l2CacheBytes: 4 * 4096, refcountCacheBytes: 4 * 4096))
+        try img.writeZeroes(at: 0, length: 64 << 20, mayUnmap: true, fua: false)
+        XCTAssertLessThanOrEqual(img.lock.withLock { img.md.map.cache.tables.count }, 8, "tables written back and evicted")
+        try img.close()
+        try assertQemuCheckClean(top)
+        XCTAssertEqual(try qemuRaw(top, dir: dir), [UInt8](repeating: 0, count: 64 << 20))
+    }
 }
 
 /// Items appended from several threads, in order.

@@ -29,6 +29,13 @@ extension Qcow2Image {
         try flushLock.withLock { _ in try flushLocked() }
     }
 
+    /// Steps 1 to 3 only: makes the dirty tables durable so the caches may drop them, and
+    /// leaves the deferred decrements (and the epoch) for the next full flush. Safe in the
+    /// middle of a request: it waits for no request, its own included.
+    func writeBackTables() throws {
+        try flushLock.withLock { _ in try flushLocked(applyingDecrements: false) }
+    }
+
     /// What one flush writes: copies of the dirty metadata, taken under the lock.
     private struct FlushBatch {
         var refBlocks: [(Table, [UInt8])] = []
@@ -51,7 +58,9 @@ extension Qcow2Image {
         if s.l1 != nil { try md.overlap.checkTable(s.l1Offset, as: .l1Table) }
     }
 
-    private func takeBatch() -> FlushBatch {
+    /// Copies of the dirty metadata; with `decrements`, also the deferred decrements, and a
+    /// new epoch begins (the requests of the old one are waited for before they apply).
+    private func takeBatch(decrements: Bool) -> FlushBatch {
         var s = FlushBatch()
         let refcounts = md.refcounts, map = md.map
         s.refBlocks = refcounts.cache.takeDirty()
@@ -70,10 +79,12 @@ extension Qcow2Image {
             map.l1Dirty = false
         }
         s.l1Offset = md.header.l1TableOffset
-        s.decrements = refcounts.pending
-        refcounts.pending = [:]
-        s.oldEpoch = epoch & 1
-        epoch += 1
+        if decrements {
+            s.decrements = refcounts.pending
+            refcounts.pending = [:]
+            s.oldEpoch = epoch & 1
+            epoch += 1
+        }
         return s
     }
 
@@ -87,10 +98,10 @@ extension Qcow2Image {
         for (c, n) in s.decrements { md.refcounts.pending[c, default: 0] += n }
     }
 
-    private func flushLocked() throws {
+    private func flushLocked(applyingDecrements: Bool = true) throws {
         // After a corruption was found, nothing more is written (QEMU stops the same way).
         if lock.withLock({ markedCorrupt }) { return }
-        let s = lock.withLock { takeBatch() }
+        let s = lock.withLock { takeBatch(decrements: applyingDecrements) }
         do {
             try lock.withLock { try checkBatch(s) }
             try storage.sync()

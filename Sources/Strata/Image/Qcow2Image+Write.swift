@@ -48,7 +48,7 @@ extension Qcow2Image {
         var pos: UInt64 = 0
         while pos < length {
             let guest = offset + pos
-            let plan = try lock.withLock {
+            let (plan, cachesFull) = try lock.withLock {
                 let plan = try self.plan(request, guest: guest, remaining: length - pos)
                 // A change of entries alone is committed in the same hold of the lock, so
                 // nothing can change the entry between its plan and its commit.
@@ -56,9 +56,12 @@ extension Qcow2Image {
                 case .zero(let change), .discard(let change): try commit(change)
                 default: break
                 }
-                return plan
+                return (plan, md.map.cache.needsWriteback || md.refcounts.cache.needsWriteback)
             }
             pos += try execute(plan, request, dataOffset: Int(pos), guest: guest)
+            // A long request (zeroing a whole disk over a backing file) must not hold more
+            // dirty tables than the caches: they are written back as it goes.
+            if cachesFull { try writeBackTables() }
         }
     }
 
