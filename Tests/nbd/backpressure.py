@@ -14,7 +14,7 @@ import struct
 import sys
 import time
 
-from nbdtest import check, done
+from nbdtest import check, done, recv_exactly
 
 sock_path, export, count, size = sys.argv[1], sys.argv[2].encode(), int(sys.argv[3]), int(sys.argv[4])
 
@@ -23,13 +23,7 @@ s.connect(sock_path)
 
 
 def recv(n):
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise EOFError("server closed the connection")
-        data += chunk
-    return data
+    return recv_exactly(s, n)
 
 
 recv(18)

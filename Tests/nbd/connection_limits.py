@@ -16,7 +16,7 @@ import struct
 import sys
 import time
 
-from nbdtest import check, done
+from nbdtest import check, done, recv_exactly as recv
 
 
 def connect(path):
@@ -25,14 +25,6 @@ def connect(path):
     return s
 
 
-def recv(s, n):
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise EOFError("server closed the connection")
-        data += chunk
-    return data
 
 
 def go(s, export):

@@ -80,6 +80,17 @@ def chunks(h, offset, length, flags=0):
     return sorted(seen), data
 
 
+def recv_exactly(s, n):
+    """Reads exactly n bytes from socket s (EOFError if the server closes first)."""
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
 def done():
     print(f"all {checks} checks passed", flush=True)
     sys.exit(0)

@@ -10,7 +10,7 @@ import socket
 import struct
 import sys
 
-from nbdtest import check, done, fail
+from nbdtest import check, done, fail, recv_exactly
 
 sock_path, export, size = sys.argv[1], sys.argv[2].encode(), int(sys.argv[3])
 
@@ -32,13 +32,7 @@ class Conn:
         self.s.connect(sock_path)
 
     def recv(self, n):
-        data = b""
-        while len(data) < n:
-            chunk = self.s.recv(n - len(data))
-            if not chunk:
-                raise EOFError(f"connection closed after {len(data)} of {n} bytes")
-            data += chunk
-        return data
+        return recv_exactly(self.s, n)
 
     def send(self, data):
         self.s.sendall(data)

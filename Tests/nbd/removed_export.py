@@ -21,7 +21,7 @@ import struct
 import sys
 import time
 
-from nbdtest import check, done, fail
+from nbdtest import check, done, fail, recv_exactly
 
 
 def idle(uri):
@@ -57,13 +57,7 @@ def send_writes(sock_path, export, count):
     s.connect(sock_path)
 
     def recv(n):
-        data = b""
-        while len(data) < n:
-            chunk = s.recv(n - len(data))
-            if not chunk:
-                raise EOFError(f"connection closed after {len(data)} of {n} bytes")
-            data += chunk
-        return data
+        return recv_exactly(s, n)
 
     recv(18)                                            # NBDMAGIC, IHAVEOPT, handshake flags
     s.sendall(struct.pack(">I", 3))                     # client flags: FIXED_NEWSTYLE | NO_ZEROES
