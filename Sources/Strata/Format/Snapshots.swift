@@ -94,7 +94,7 @@ public struct SnapshotRecord: Sendable, Equatable {
     }
 
     /// Bytes of the whole table holding `records`.
-    public static func tableLength(_ records: [SnapshotRecord], count: Int? = nil) -> Int {
-        records.prefix(count ?? records.count).reduce(0) { $0 + $1.encodedLength }
+    public static func tableLength(_ records: [SnapshotRecord]) -> Int {
+        records.reduce(0) { $0 + $1.encodedLength }
     }
 }

@@ -43,9 +43,6 @@ final class OverlapGuard {
         conflicts.remove(c)
     }
 
-    /// The kind of metadata in cluster `c`, if any.
-    func owner(ofCluster c: UInt64) -> MetadataKind? { owners[c] }
-
     /// Refuses writing a table of `kind` at `host` (one cluster) when that cluster holds
     /// metadata of another kind, or was claimed by two kinds.
     func checkTable(_ host: UInt64, as kind: MetadataKind) throws {
