@@ -20,6 +20,9 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
     case corrupt(Corruption)
     case imageIsCorruptBit(path: String)
     case imageIsDirty(path: String)
+    /// The image is a template (``StrataExtension/Flags/template``): its linked clones read
+    /// through it, so it is never opened for writing.
+    case imageIsTemplate(path: String)
     case imageLocked(path: String, detail: String)
     case backingChainTooDeep(path: String, limit: Int)
     case backingChainLoop(path: String)
@@ -45,6 +48,8 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
         case .corrupt(let c): return c.description
         case .imageIsCorruptBit(let p): return "\(p): image is marked corrupt; it can only be opened read-only (repair with 'qemu-img check -r all')"
         case .imageIsDirty(let p): return "\(p): image is marked dirty (lazy refcounts were in use); repair it with 'qemu-img check -r all' before writing"
+        case .imageIsTemplate(let p):
+            return "\(p): image is a template, which is never opened for writing (its linked clones read through it); make a clone with 'strata clone', or an independent copy with 'strata clone --full'"
         case .imageLocked(let p, let d): return "\(p): failed to get \(d) lock: is another process using the image?"
         case .backingChainTooDeep(let p, let l): return "\(p): backing chain is deeper than \(l) images"
         case .backingChainLoop(let p): return "\(p): backing chain loops back to an image already in the chain"
@@ -63,7 +68,7 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
     public var errnoValue: Int32 {
         switch self {
         case .io(_, let e): return e.errno == ENOSPC ? ENOSPC : EIO
-        case .readOnly, .formatChangeRefused: return EPERM
+        case .readOnly, .formatChangeRefused, .imageIsTemplate: return EPERM
         case .outOfRange, .invalidOption: return EINVAL
         case .noSpace: return ENOSPC
         case .openFailed(_, let e): return e

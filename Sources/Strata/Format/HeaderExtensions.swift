@@ -9,11 +9,16 @@ public struct HeaderExtensions: Sendable, Equatable {
     public static let bitmapsType: UInt32 = 0x2385_2875
     public static let encryptionType: UInt32 = 0x0537_be77
     public static let dataFileType: UInt32 = 0x4441_5441
+    /// Strata's own extension ("STRA"; see ``StrataExtension``). QEMU skips extensions it does
+    /// not know and keeps them when it rewrites the header.
+    public static let strataType: UInt32 = 0x5354_5241
 
     public var backingFormat: String?
     /// The persistent bitmaps extension (its data is valid only while the header's
     /// autoclear bitmaps bit is set).
     public var bitmaps: BitmapsExtension?
+    /// Strata's own extension, when the image has one.
+    public var strata: StrataExtension?
     /// Leave the feature name table out when encoding (clusters too small to hold it).
     public var omitFeatureTable = false
     /// (type, bit, name) triples from the feature name table.
@@ -30,7 +35,7 @@ public struct HeaderExtensions: Sendable, Equatable {
     public init() {}
 
     public static func == (a: HeaderExtensions, b: HeaderExtensions) -> Bool {
-        a.backingFormat == b.backingFormat && a.bitmaps == b.bitmaps && a.featureNames == b.featureNames
+        a.backingFormat == b.backingFormat && a.bitmaps == b.bitmaps && a.strata == b.strata && a.featureNames == b.featureNames
             && a.unknown.map(\.type) == b.unknown.map(\.type) && a.unknown.map(\.data) == b.unknown.map(\.data)
     }
 
@@ -63,6 +68,8 @@ public struct HeaderExtensions: Sendable, Equatable {
                 }
             case bitmapsType:
                 e.bitmaps = try BitmapsExtension.decode(data, path: path)
+            case strataType:
+                e.strata = try StrataExtension.decode(data, path: path)
             case encryptionType:
                 throw StrataError.unsupportedFeature(path: path, feature: "encryption")
             case dataFileType:
@@ -96,6 +103,7 @@ public struct HeaderExtensions: Sendable, Equatable {
         }
         if !table.isEmpty { put(Self.featureTableType, table) }
         if let b = bitmaps { put(Self.bitmapsType, b.encode()) }
+        if let st = strata { put(Self.strataType, st.encode()) }
         for u in unknown { put(u.type, u.data) }
         out += [UInt8](repeating: 0, count: 8)
         return out
@@ -122,6 +130,43 @@ public struct HeaderExtensions: Sendable, Equatable {
     }
 }
 
+/// Strata's header extension: what the image is for, in a form QEMU ignores and keeps.
+/// ```
+/// 0-7  flags (big endian): bit 0 template (a read-only base that linked clones stand on)
+/// 8-   more fields of later versions, kept verbatim
+/// ```
+public struct StrataExtension: Sendable, Equatable {
+    /// The flags word.
+    public struct Flags: OptionSet, Sendable {
+        public let rawValue: UInt64
+        public init(rawValue: UInt64) { self.rawValue = rawValue }
+        /// A template: Strata refuses to open it for writing.
+        public static let template = Flags(rawValue: 1 << 0)
+    }
+    public var flags: Flags
+    /// Bytes past the flags word (fields we do not know yet), kept on rewrite.
+    public var rest: [UInt8]
+
+    public init(flags: Flags = [], rest: [UInt8] = []) {
+        self.flags = flags
+        self.rest = rest
+    }
+
+    static func decode(_ data: [UInt8], path: String) throws -> StrataExtension {
+        guard data.count >= 8 else {
+            throw StrataError.invalidHeader(path: path, field: extensionName(HeaderExtensions.strataType), value: UInt64(data.count),
+                                            reason: "the Strata extension is shorter than its 8-byte flags word")
+        }
+        return StrataExtension(flags: Flags(rawValue: data.be64(0)), rest: Array(data[8...]))
+    }
+
+    func encode() -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: 8)
+        b.put64(flags.rawValue, 0)
+        return b + rest
+    }
+}
+
 /// "header extension 0x6803f857", for messages.
 func extensionName(_ v: UInt32) -> String {
     let hex = String(v, radix: 16)
@@ -140,7 +185,7 @@ public enum FirstCluster {
         // Version 2 images carry no feature table (QEMU writes none); a small cluster may have
         // no room for it either, and it is optional.
         ext.omitFeatureTable = header.version < 3 || extensions.omitFeatureTable
-        var extBytes = header.version >= 3 || backingName != nil || ext.bitmaps != nil || !ext.unknown.isEmpty ? ext.encode() : []
+        var extBytes = header.version >= 3 || backingName != nil || ext.bitmaps != nil || ext.strata != nil || !ext.unknown.isEmpty ? ext.encode() : []
         let fixed = header.version == 2 ? Int(Qcow2Header.v2Length) : Int(header.headerLength)
         if fixed + extBytes.count + name.count > cs, !ext.omitFeatureTable {
             ext.omitFeatureTable = true

@@ -32,6 +32,10 @@ public struct OpenOptions: Sendable {
     /// return zeroes); for inspecting an image whose backing file is missing.
     public var noBacking: Bool = false
 
+    /// Open the state an internal snapshot holds (its id or name) instead of the active
+    /// disk: read-only, with the snapshot's size (`qemu-nbd -l`, `qemu-img convert -l`).
+    public var snapshot: String? = nil
+
     public init(writable: Bool = false, format: ImageFormat? = nil, cache: CacheMode = .writeback,
                 forceShare: Bool = false, backingFormat: ImageFormat? = nil,
                 l2CacheBytes: Int? = nil, refcountCacheBytes: Int? = nil) {

@@ -57,23 +57,6 @@ extension Qcow2Image {
         }
     }
 
-    // MARK: Header
-
-    /// Rewrites the first cluster (header, extensions, backing file name) after `change`,
-    /// and makes it durable. Metadata must be flushed.
-    private func rewriteFirstCluster(_ change: (inout Qcow2Header) -> Void) throws {
-        try lock.withLock {
-            var h = md.header
-            change(&h)
-            guard let first = FirstCluster.encode(header: &h, extensions: extensions, backingName: backingFileName) else {
-                throw StrataError.invalidOption(path: path, reason: "the header does not fit in one \(clusterSize)-byte cluster")
-            }
-            try storage.writeBytes(first, at: 0)
-            try storage.sync()
-            md.header = h
-        }
-    }
-
     // MARK: Version
 
     /// 0.10 → 1.1: the version 3 header, and snapshot entries with the extra data version 3

@@ -47,14 +47,17 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     public var supportsDiscard: Bool { !isReadOnly }
     /// The backing image, if any (already open, read-only).
     public let backing: (any BlockDevice)?
-    /// The backing file name as recorded in the image.
-    public let backingFileName: String?
+    /// The backing file name as recorded in the image (changed by ``setBackingFile(name:format:)``;
+    /// ``backing`` stays the file opened at open time).
+    public var backingFileName: String? { lock.withLock { md.file.backingName } }
     /// The backing file name resolved against the image's folder.
     public let backingFilePath: String?
     /// The backing file's format (recorded or given).
     public let backingFormat: ImageFormat?
-    /// Header extensions as read (unknown ones are preserved on rewrite).
-    public let extensions: HeaderExtensions
+    /// Header extensions (unknown ones are preserved on rewrite).
+    public var extensions: HeaderExtensions { lock.withLock { md.file.extensions } }
+    /// The image is a template (see ``StrataExtension``).
+    public var isTemplate: Bool { extensions.strata?.flags.contains(.template) ?? false }
     /// Why the snapshot table could not be read, if it could not (the active disk still
     /// reads; the snapshots are not listed).
     public let snapshotTableError: StrataError?
@@ -99,6 +102,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         if options.writable {
             if header.incompatibleFeatures.contains(.corrupt) { throw StrataError.imageIsCorruptBit(path: path) }
             if header.incompatibleFeatures.contains(.dirty) { throw StrataError.imageIsDirty(path: path) }
+            if ext.strata?.flags.contains(.template) ?? false { throw StrataError.imageIsTemplate(path: path) }
         }
 
         // Backing chain.
@@ -164,7 +168,8 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
 
         self.storage = storage
         self.path = path
-        self.md = Metadata(storage: storage, path: path, header: header, fileLength: fileLength, l1: l1, refTable: refTable,
+        self.md = Metadata(storage: storage, path: path, header: header, extensions: ext, backingName: backingName,
+                           fileLength: fileLength, l1: l1, refTable: refTable,
                            snapshots: snapshots, bitmaps: bitmaps,
                            bitmapsExtension: header.autoclearFeatures.contains(.bitmaps) ? ext.bitmaps : nil,
                            l2CacheBytes: l2Bytes, refCacheBytes: refBytes)
@@ -174,10 +179,8 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         self.cache = options.cache
         self.isReadOnly = !options.writable
         self.backing = backing
-        self.backingFileName = backingName
         self.backingFilePath = backingPath
         self.backingFormat = backingFormat
-        self.extensions = ext
         self.snapshotTableError = snapshotError
         self.imageLock = imageLock
     }
@@ -300,7 +303,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         guard !prepared.load(ordering: .acquiring) else { return }
         try flushLock.withLock { _ in
             guard !prepared.load(ordering: .acquiring) else { return }
-            let (header, bitmaps, ext) = lock.withLock { (md.header, md.bitmaps, extensions) }
+            let (header, bitmaps, ext) = lock.withLock { (md.header, md.bitmaps, md.file.extensions) }
             let keep: AutoclearFeatures = bitmaps.isEmpty ? [] : .bitmaps
             if let dir = ext.bitmaps, !bitmaps.isEmpty {
                 for b in bitmaps where b.flags & BitmapDirectoryEntry.inUse == 0 {

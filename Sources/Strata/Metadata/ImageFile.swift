@@ -7,15 +7,21 @@ final class ImageFile {
     let clusterSize: UInt64
     let clusterBits: UInt64
     var header: Qcow2Header
+    /// The header extensions and the backing file name: the rest of the first cluster.
+    var extensions: HeaderExtensions
+    var backingName: String?
     /// The header must be rewritten at the next flush (relocated tables, new size).
     var headerDirty = false
     /// One past the highest host cluster in use or in the file.
     var hostEnd: UInt64
 
-    init(storage: any BlockStorage, path: String, header: Qcow2Header, fileLength: UInt64) {
+    init(storage: any BlockStorage, path: String, header: Qcow2Header, extensions: HeaderExtensions, backingName: String?,
+         fileLength: UInt64) {
         self.storage = storage
         self.path = path
         self.header = header
+        self.extensions = extensions
+        self.backingName = backingName
         self.geometry = Geometry(clusterBits: header.clusterBits, extendedL2: header.extendedL2)
         self.clusterSize = header.clusterSize
         self.clusterBits = UInt64(header.clusterBits)

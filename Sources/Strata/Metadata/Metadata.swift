@@ -19,10 +19,12 @@ final class Metadata {
     /// The persistent bitmaps (empty when the image has none or they are not valid).
     var bitmaps: [BitmapDirectoryEntry]
 
-    init(storage: any BlockStorage, path: String, header: Qcow2Header, fileLength: UInt64,
+    init(storage: any BlockStorage, path: String, header: Qcow2Header, extensions: HeaderExtensions, backingName: String?,
+         fileLength: UInt64,
          l1: [UInt64], refTable: [UInt64], snapshots: [SnapshotRecord], bitmaps: [BitmapDirectoryEntry],
          bitmapsExtension: BitmapsExtension?, l2CacheBytes: Int, refCacheBytes: Int) {
-        file = ImageFile(storage: storage, path: path, header: header, fileLength: fileLength)
+        file = ImageFile(storage: storage, path: path, header: header, extensions: extensions, backingName: backingName,
+                         fileLength: fileLength)
         overlap = OverlapGuard(file: file)
         refcounts = Refcounts(file: file, overlap: overlap, table: refTable, cacheBytes: refCacheBytes)
         allocator = Allocator(file: file, refcounts: refcounts, overlap: overlap)
