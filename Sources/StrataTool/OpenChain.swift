@@ -60,6 +60,9 @@ final class OpenChain {
                     throw StrataError.backingChainLoop(path: file)
                 }
                 if base == nil || matches(base!, name: name, path: path, overlay: currentPath) {
+                    if chainPaths(path, format: fmt).contains(BackingChain.realPath(file)) {
+                        throw StrataError.backingChainLoop(path: file)
+                    }
                     let b: any BlockDevice
                     do {
                         b = try openImage(path: path, options: OpenOptions(writable: true, format: fmt, cache: cache))
@@ -80,6 +83,26 @@ final class OpenChain {
             closeAll()
             throw error
         }
+    }
+
+    /// The canonical paths of `path` and the images below it, read without locks, each
+    /// image alone (best effort: the walk stops at the first image that does not open, at a
+    /// repeat, or at the depth limit). For finding loops before opening anything for writing.
+    static func chainPaths(_ path: String, format: ImageFormat) -> [String] {
+        var out: [String] = []
+        var next: (String, ImageFormat)? = (path, format)
+        while let (p, f) = next, out.count <= Limits.maxBackingChainDepth {
+            let real = BackingChain.realPath(p)
+            if out.contains(real) { break }
+            out.append(real)
+            guard f == .qcow2 else { break }
+            var o = OpenOptions(writable: false, format: .qcow2, forceShare: true)
+            o.noBacking = true
+            guard let q = try? Qcow2Image(path: p, options: o) else { break }
+            next = q.backingFilePath.map { ($0, q.backingFormat ?? .qcow2) }
+            try? q.close()
+        }
+        return out
     }
 
     /// Whether the user's `-b` names this backing file: its name as recorded, or the same

@@ -90,14 +90,8 @@ struct Rebase: ParsableCommand {
             let path = BackingChain.resolve(name, relativeTo: file)
             guard access(path, F_OK) == 0 else { throw CLIError.newBackingMissing(file: file, name: name, path: path) }
             let real = BackingChain.realPath(path)
-            if real == BackingChain.realPath(file) {
-                throw CLIError.refused(file: file, reason: "an image cannot be its own backing file")
-            }
-            do {
-                newBase = try openImage(path: path, options: OpenOptions(format: backingFormat, cache: sourceMode, forceShare: share.forceShare))
-            } catch StrataError.imageLocked(let p, _) where BackingChain.realPath(p) == BackingChain.realPath(file) {
-                throw CLIError.refused(file: file, reason: "'\(name)' reads through \(file) itself: the chain would loop")
-            }
+            try refuseLoop(name: name, path: path)
+            newBase = try openImage(path: path, options: OpenOptions(format: backingFormat, cache: sourceMode, forceShare: share.forceShare))
             // Rebasing onto an image of the old chain: what lies at or below it is the same.
             var depth: UInt32 = 2
             var layer: Qcow2Image? = top
@@ -135,6 +129,7 @@ struct Rebase: ParsableCommand {
         guard let top = device as? Qcow2Image else {
             throw CLIError.refused(file: file, reason: "raw images have no backing file; only qcow2 images can be rebased")
         }
+        if let name = newName { try refuseLoop(name: name, path: BackingChain.resolve(name, relativeTo: file)) }
         try top.setBackingFile(name: newName, format: newName == nil ? nil : backingFormat)
         closed = true
         try top.close()
@@ -143,6 +138,17 @@ struct Rebase: ParsableCommand {
             if access(path, F_OK) != 0 {
                 printError("strata: warning: \(file): the new backing file '\(name)' does not exist yet (looked for \(path)); the image cannot be read until it does")
             }
+        }
+    }
+
+    /// Refuses a new backing file that is FILE itself or reads through it.
+    private func refuseLoop(name: String, path: String) throws {
+        let me = BackingChain.realPath(file)
+        if BackingChain.realPath(path) == me {
+            throw CLIError.refused(file: file, reason: "an image cannot be its own backing file")
+        }
+        if OpenChain.chainPaths(path, format: backingFormat ?? .qcow2).contains(me) {
+            throw CLIError.refused(file: file, reason: "'\(name)' reads through \(file) itself: the backing chain would loop")
         }
     }
 

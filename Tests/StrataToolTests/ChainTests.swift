@@ -224,6 +224,25 @@ final class ChainTests: ToolTestCase {
         XCTAssertEqual(try backing("stop.qcow2"), ["smid.qcow2", "qcow2"], "nothing changed")
     }
 
+    /// A new backing file that reads through the image itself is refused in both modes (qemu-img
+    /// accepts it with -u, and the image no longer opens); a chain that loops is not committed.
+    func testRebaseRefusesLoopsAndCommitDetectsThem() throws {
+        try makeChain("s")
+        ok(try qemuImg("create", "-q", "-f", "qcow2", "-b", "stop.qcow2", "-F", "qcow2", "above.qcow2"), "overlay of top")
+        for u in [[], ["-u"]] {
+            assertUserError(try strata(["rebase"] + u + ["-b", "above.qcow2", "-F", "qcow2", "smid.qcow2"]), mentions: ["smid.qcow2", "would loop"])
+            assertUserError(try strata(["rebase"] + u + ["-b", "smid.qcow2", "-F", "qcow2", "smid.qcow2"]), mentions: ["its own backing file"])
+        }
+        XCTAssertEqual(try backing("smid.qcow2"), ["sbase.qcow2", "qcow2"])
+        ok(try qemuImg("rebase", "-u", "-b", "above.qcow2", "-F", "qcow2", "smid.qcow2"), "qemu-img makes the loop")
+        assertUserError(try strata("commit", "stop.qcow2"), mentions: ["loops"])
+        assertUserError(try strata("commit", "-b", "sbase.qcow2", "stop.qcow2"), mentions: ["loops"])
+        // -u mends it.
+        ok(try strata("rebase", "-u", "-b", "sbase.qcow2", "-F", "qcow2", "smid.qcow2"), "mend")
+        ok(try strata("commit", "-q", "stop.qcow2"), "commit after mending")
+        try assertClean(["stop.qcow2", "smid.qcow2", "sbase.qcow2"])
+    }
+
     // MARK: Cost
 
     /// A 4 TiB chain with a few MiB written: commit, rebase and flatten follow the data.
