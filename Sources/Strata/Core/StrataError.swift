@@ -23,7 +23,9 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
     /// The image is a template (``StrataExtension/Flags/template``): its linked clones read
     /// through it, so it is never opened for writing.
     case imageIsTemplate(path: String)
-    case imageLocked(path: String, detail: String)
+    /// Another process holds a conflicting lock; `holders` names the processes found holding
+    /// the file (empty when none could be found).
+    case imageLocked(path: String, detail: String, holders: [LockHolder] = [])
     case backingChainTooDeep(path: String, limit: Int)
     case backingChainLoop(path: String)
     case backingFormatUnknown(path: String, backing: String)
@@ -50,7 +52,9 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
         case .imageIsDirty(let p): return "\(p): image is marked dirty (lazy refcounts were in use); repair it with 'qemu-img check -r all' before writing"
         case .imageIsTemplate(let p):
             return "\(p): image is a template, which is never opened for writing (its linked clones read through it); make a clone with 'strata clone', or an independent copy with 'strata clone --full'"
-        case .imageLocked(let p, let d): return "\(p): failed to get \(d) lock: is another process using the image?"
+        case .imageLocked(let p, let d, let holders):
+            guard let first = holders.first else { return "\(p): failed to get \(d) lock: is another process using the image?" }
+            return "\(p): failed to get \(d) lock: held by \(holders.map(\.description).joined(separator: ", ")); \(first.advice)"
         case .backingChainTooDeep(let p, let l): return "\(p): backing chain is deeper than \(l) images"
         case .backingChainLoop(let p): return "\(p): backing chain loops back to an image already in the chain"
         case .backingFormatUnknown(let p, let b): return "\(p): backing file '\(b)' has no recorded format; give it explicitly (backing format qcow2 or raw), the content is never probed"
