@@ -93,3 +93,89 @@ final class SnapshotCrashTests: XCTestCase {
         }
     }
 }
+
+/// A snapshot taken while other threads write holds every write completed before the call
+/// and none started after it returned.
+final class LiveSnapshotTests: XCTestCase {
+    func testSnapshotDuringWritesIsConsistent() throws {
+        try requireTool("qemu-img", package: "qemu-utils")
+        let dir = try tempDir(self)
+        let path = "\(dir)/live.qcow2"
+        var o = CreateOptions(size: 16 << 20)
+        o.clusterSize = 4096
+        try Qcow2Image.create(path: path, options: o)
+        let img = try Qcow2Image(path: path, options: OpenOptions(writable: true))
+        let writers = 4, blocks = 64, block = 4096
+        // Per write: (block, counter, started, finished) in a monotonic clock; written under a lock.
+        struct Write { var block: Int; var counter: UInt32; var start: UInt64; var end: UInt64 }
+        let log = Locked<[Write]>([])
+        let stop = ManagedAtomicFlag()
+        var window: (UInt64, UInt64) = (0, 0)
+        let group = DispatchGroup()
+        for w in 0..<writers {
+            group.enter()
+            Thread.detachNewThread {
+                defer { group.leave() }
+                var counter: UInt32 = 0
+                var rng = SeededRandom(seed: UInt64(w + 1))
+                while !stop.isSet {
+                    counter += 1
+                    let b = w * blocks + Int(rng.next() % UInt64(blocks))
+                    var data = [UInt8](repeating: 0, count: block)
+                    data.withUnsafeMutableBytes { $0.storeBytes(of: counter, as: UInt32.self) }
+                    let start = DispatchTime.now().uptimeNanoseconds
+                    try! data.withUnsafeBytes { try img.write($0, at: UInt64(b * block), fua: false) }
+                    let end = DispatchTime.now().uptimeNanoseconds
+                    log.update { $0.append(Write(block: b, counter: counter, start: start, end: end)) }
+                }
+            }
+        }
+        usleep(100_000)
+        let s0 = DispatchTime.now().uptimeNanoseconds
+        try img.createSnapshot(name: "live")
+        let s1 = DispatchTime.now().uptimeNanoseconds
+        window = (s0, s1)
+        usleep(100_000)
+        stop.set()
+        group.wait()
+        try img.close()
+        XCTAssertEqual(try runTool(["qemu-img", "check", path]).status, 0)
+
+        let snap = try Qcow2Image(path: path, options: OpenOptions(writable: false, snapshot: "live"))
+        let bytes = try readAll(snap)
+        try snap.close()
+        let writes = log.value
+        var byBlock: [Int: [Write]] = [:]
+        for w in writes { byBlock[w.block, default: []].append(w) }
+        var checked = 0
+        for (b, list) in byBlock {
+            let held = bytes[(b * block)..<(b * block + 4)].withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
+            // Every write to b that completed before the call must be in (the latest of them or a later one).
+            let completed = list.filter { $0.end < window.0 }.map(\.counter).max() ?? 0
+            XCTAssertGreaterThanOrEqual(held, completed, "block \(b) lost a write completed before the snapshot")
+            // No write that started after the call returned may be in it.
+            if held != 0, let w = list.first(where: { $0.counter == held }) {
+                XCTAssertLessThan(w.start, window.1, "block \(b) holds a write started after the snapshot")
+            }
+            checked += 1
+        }
+        XCTAssertGreaterThan(checked, 0)
+        print("live snapshot: \(writes.count) writes, snapshot took \((window.1 - window.0) / 1000) µs")
+    }
+}
+
+/// A value shared between threads, guarded by `lock`.
+final class Locked<T>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored: T
+    init(_ v: T) { stored = v }
+    var value: T { lock.lock(); defer { lock.unlock() }; return stored }
+    func update(_ f: (inout T) -> Void) { lock.lock(); f(&stored); lock.unlock() }
+}
+
+/// A flag set once by one thread and read by others.
+final class ManagedAtomicFlag: @unchecked Sendable {
+    private let flag = Locked(false)
+    var isSet: Bool { flag.value }
+    func set() { flag.update { $0 = true } }
+}
