@@ -245,7 +245,8 @@ final class ChainTests: ToolTestCase {
 
     // MARK: Cost
 
-    /// A 4 TiB chain with a few MiB written: commit, rebase and flatten follow the data.
+    /// A 4 TiB chain with a few MiB written: commit, rebase and flatten follow the data (their
+    /// times are printed; a cost that followed the virtual size would take hours).
     func testHugeSparseChainsCostWhatIsAllocated() throws {
         ok(try qemuImg("create", "-q", "-f", "qcow2", "b.qcow2", "4T"), "base")
         ok(try qemuIO("-c", "write -P 1 1G 1M", "-c", "write -P 5 4095G 1M", "b.qcow2"), "base data")
@@ -263,9 +264,14 @@ final class ChainTests: ToolTestCase {
         let rebase = try timed("rebase", "-b", "n.qcow2", "-F", "qcow2", "t1.qcow2")
         let flatten = try timed("rebase", "-b", "", "t2.qcow2")
         let commit = try timed("commit", "-q", "t3.qcow2")
-        XCTAssertLessThan(rebase, 1.0)
-        XCTAssertLessThan(flatten, 1.0)
-        XCTAssertLessThan(commit, 1.0)
+        // Speed is measured, not asserted: the times are printed; what is asserted is that
+        // nothing proportional to the virtual size was written.
+        print("4 TiB sparse chain: rebase \(rebase) s, flatten \(flatten) s, commit \(commit) s")
+        for name in ["t1.qcow2", "t2.qcow2", "t3.qcow2", "b.qcow2"] {
+            var st = stat()
+            XCTAssertEqual(stat(path(name), &st), 0)
+            XCTAssertLessThan(Int(st.st_blocks) * 512, 64 << 20, "\(name) holds what is allocated, not the virtual size")
+        }
         try assertSame("t1.qcow2", "t2.qcow2")
         ok(try qemuIO("-c", "read -P 1 1G 1M", "-c", "read -P 5 4095G 1M", "-c", "read -P 2 3T 1M", "-c", "read -P 3 100k 1M", "t1.qcow2"), "rebased")
         ok(try qemuIO("-c", "read -P 2 3T 1M", "-c", "read -P 3 100k 1M", "-c", "read -P 5 4095G 1M", "b.qcow2"), "committed")
