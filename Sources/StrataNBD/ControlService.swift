@@ -269,8 +269,10 @@ public final class ControlService: Sendable {
             ("id", .string(r.id)), ("name", .string(r.name)),
             ("vm-state-size", .int(Int64(clamping: r.vmStateSize))),
             ("date-sec", .int(Int64(r.dateSeconds))), ("date-nsec", .int(Int64(r.dateNanoseconds))),
-            ("vm-clock-nsec", .int(Int64(clamping: r.vmClockNanoseconds))),
+            ("vm-clock-sec", .int(Int64(clamping: r.vmClockNanoseconds / 1_000_000_000))),
+            ("vm-clock-nsec", .int(Int64(r.vmClockNanoseconds % 1_000_000_000))),
         ]
+        if let icount = r.icount { fields.append(("icount", .int(Int64(clamping: icount)))) }
         if let size = r.diskSize { fields.append(("disk-size", .int(Int64(clamping: size)))) }
         if let usage { fields.append(("exclusive-bytes", .int(Int64(clamping: usage)))) }
         return .object(fields)

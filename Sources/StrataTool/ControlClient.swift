@@ -126,44 +126,39 @@ enum ControlClient {
             reply = try execute(server: server, "snapshot-delete", [("export", .string(export)), ("name", .string(try needName("NAME")))])
         case "list":
             reply = try execute(server: server, "snapshot-list", [("export", .string(export))])
-            if !json { return snapshotTable(reply.arrayValue ?? []) }
+            let listing = snapshotListing(reply.arrayValue ?? [])
+            return json ? listing.json.pretty + "\n" : listing.human
         case "external":
             reply = try execute(server: server, "snapshot-external",
                                 [("export", .string(export)), ("overlay", .string(absolute(try needName("OVERLAY"))))])
         default:
             throw CLIError.message("unknown snapshot action '\(verb)' (expected create, list, delete or external)")
         }
+        // Like qemu-img snapshot -c/-d: nothing on success, unless JSON was asked for.
         return json ? reply.text + "\n" : ""
     }
 
-    /// The list as `qemu-img snapshot -l` prints it, with one more column: the bytes only
-    /// that snapshot holds (what deleting it would free).
-    static func snapshotTable(_ records: [ControlJSON]) -> String {
-        var out = "Snapshot list:\n"
-        out += left("ID", 10) + left("TAG", 17) + right("VM SIZE", 8) + right("DATE", 20) + right("VM CLOCK", 13)
-            + right("ICOUNT", 11) + right("EXCLUSIVE", 16) + "\n"
+    /// The server's snapshot list as the offline `strata snapshot list` shows it (the same
+    /// columns and JSON fields, exclusive bytes included).
+    static func snapshotListing(_ records: [ControlJSON]) -> SnapshotListing {
+        var out: [SnapshotRecord] = []
+        var exclusive: [UInt64] = []
         for r in records {
-            let id = r["id"]?.stringValue ?? "", tag = r["name"]?.stringValue ?? ""
-            let vmSize = HumanFormat.size(UInt64(clamping: r["vm-state-size"]?.intValue ?? 0))
-            var t = time_t(r["date-sec"]?.intValue ?? 0)
-            var tm = tm()
-            localtime_r(&t, &tm)
-            var buf = [CChar](repeating: 0, count: 32)
-            strftime(&buf, buf.count, "%Y-%m-%d %H:%M:%S", &tm)
-            let date = String(cString: buf)
-            let ns = UInt64(clamping: r["vm-clock-nsec"]?.intValue ?? 0)
-            let secs = ns / 1_000_000_000
-            let clock = HumanFormat.c("%02llu:%02llu:%02llu.%03llu", secs / 3600, secs / 60 % 60, secs % 60,
-                                      ns / 1_000_000 % 1000)
-            let icount = r["icount"]?.intValue.map { String($0) } ?? ""
-            let exclusive = r["exclusive-bytes"]?.intValue.map { HumanFormat.size(UInt64(clamping: $0)) } ?? ""
-            out += left(id, 9) + " " + left(tag, 16) + " " + right(vmSize, 8) + right(date, 20) + right(clock, 13)
-                + right(icount, 11) + right(exclusive, 16) + "\n"
+            func u(_ key: String) -> UInt64 { UInt64(clamping: r[key]?.intValue ?? 0) }
+            var record = SnapshotRecord.new(id: r["id"]?.stringValue ?? "", name: r["name"]?.stringValue ?? "",
+                                            l1TableOffset: 0, l1Size: 0, diskSize: u("disk-size"),
+                                            dateSeconds: UInt32(clamping: u("date-sec")),
+                                            dateNanoseconds: UInt32(clamping: u("date-nsec")))
+            record.vmStateSize = u("vm-state-size")
+            record.vmClockNanoseconds = u("vm-clock-sec") &* 1_000_000_000 &+ u("vm-clock-nsec")
+            // icount lives in the extra data, bytes 16..<24, big-endian; all ones when absent.
+            let icount = r["icount"]?.intValue.map { UInt64(clamping: $0) } ?? .max
+            if record.extraData.count >= 24 {
+                for i in 0..<8 { record.extraData[16 + i] = UInt8(truncatingIfNeeded: icount >> (56 - 8 * UInt64(i))) }
+            }
+            out.append(record)
+            exclusive.append(u("exclusive-bytes"))
         }
-        return out
+        return SnapshotListing(out, exclusive: records.allSatisfy { $0["exclusive-bytes"] != nil } ? exclusive : nil)
     }
-
-    /// printf's `%-Ns` and `%Ns`: padded to `width` characters, never cut.
-    private static func left(_ s: String, _ width: Int) -> String { s + String(repeating: " ", count: max(0, width - s.count)) }
-    private static func right(_ s: String, _ width: Int) -> String { String(repeating: " ", count: max(0, width - s.count)) + s }
 }

@@ -73,6 +73,7 @@ struct ImageInfo {
     var backingFormat: ImageFormat?
     var qcow2: Qcow2Header?
     var bitmaps: [BitmapDirectoryEntry] = []
+    var snapshots: [SnapshotRecord] = []
 
     /// Describes one open image, named as the user (or the chain) spelled it.
     init(device: any BlockDevice, displayName: String) {
@@ -87,6 +88,7 @@ struct ImageInfo {
         let h = q.header
         qcow2 = h
         bitmaps = q.bitmaps
+        snapshots = q.snapshots
         clusterSize = h.clusterSize
         dirty = h.incompatibleFeatures.contains(.dirty)
         backingFilename = q.backingFileName
@@ -98,6 +100,7 @@ struct ImageInfo {
     var json: JSONValue {
         var fields: [(String, JSONValue)] = []
         if let f = backingFormat { fields.append(("backing-filename-format", .string(f.rawValue))) }
+        if !snapshots.isEmpty { fields.append(("snapshots", SnapshotListing(snapshots, exclusive: nil).json)) }
         fields.append(("virtual-size", .uint(virtualSize)))
         fields.append(("filename", .string(filename)))
         if let c = clusterSize { fields.append(("cluster-size", .uint(c))) }
@@ -132,6 +135,7 @@ struct ImageInfo {
             s += "\n"
         }
         if let f = backingFormat { s += "backing file format: \(f.rawValue)\n" }
+        if !snapshots.isEmpty { s += SnapshotListing(snapshots, exclusive: nil).human }
         if let h = qcow2 {
             s += "Format specific information:\n"
             for field in Self.qcow2Specific(h, bitmaps: bitmaps) {
