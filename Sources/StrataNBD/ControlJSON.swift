@@ -129,8 +129,10 @@ public indirect enum ControlJSON: Sendable, Equatable {
         }
 
         mutating func value(depth: Int) throws(ParseError) -> ControlJSON {
-            guard depth <= ControlLimits.maxDepth else { throw fail("nested deeper than \(ControlLimits.maxDepth) levels") }
             guard pos < bytes.count else { throw fail("unexpected end of input") }
+            if bytes[pos] == UInt8(ascii: "{") || bytes[pos] == UInt8(ascii: "[") {
+                guard depth < ControlLimits.maxDepth else { throw fail("nested deeper than \(ControlLimits.maxDepth) levels") }
+            }
             switch bytes[pos] {
             case UInt8(ascii: "{"):
                 pos += 1

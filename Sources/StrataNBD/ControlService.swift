@@ -50,10 +50,13 @@ public final class ControlService: Sendable {
         public var description: String?
         /// What `query-version` reports.
         public var version: String
+        /// Serve added files through a throwaway overlay, as the server's `--snapshot` does.
+        public var temporaryOverlay: Bool
 
         public init(options: OpenOptions, discard: DiscardMode = .unmap, description: String? = nil,
-                    version: String = "unknown") {
+                    version: String = "unknown", temporaryOverlay: Bool = false) {
             self.options = options
+            self.temporaryOverlay = temporaryOverlay
             self.discard = discard
             self.description = description
             self.version = version
@@ -177,22 +180,25 @@ public final class ControlService: Sendable {
         }
         if try a.optionalBool("read-only") == true { options.writable = false }
         let snapshot = try a.optionalString("snapshot", limit: ControlLimits.maxSnapshotNameBytes)
-        let entry = ExportRegistry.Entry(name: name, path: file)
+        let entry = ExportRegistry.Entry(name: name, path: file, snapshot: defaults.temporaryOverlay && snapshot == nil)
         let export: Export
         if let snapshot {
             // An internal snapshot's state: read-only, and never rewritten while the image is
-            // served (its clusters are shared, so writes copy them). Our own writable open
-            // holds the write lock, hence force-share; the view is opened while that image is
-            // still, so its header and tables are read whole.
+            // served (its clusters are shared, so writes copy them). When this server has the
+            // image open, its own writer holds the write lock, hence force-share, and the view
+            // is opened while that image is still, so its header and tables are read whole.
+            // Any other file is opened read-only with the usual locks.
             options.writable = false
-            options.forceShare = true
             options.snapshot = snapshot
-            let open = { try self.registry.open(entry, options: options, discard: self.defaults.discard,
-                                                description: self.defaults.description) }
             if let served = registry.device(openedFrom: file) {
-                export = try withQcow2(served, file: file) { q in try q.quiesce(open) }
+                options.forceShare = true
+                export = try withQcow2(served, file: file) { q in
+                    try q.quiesce {
+                        try registry.open(entry, options: options, discard: defaults.discard, description: defaults.description)
+                    }
+                }
             } else {
-                export = try open()
+                export = try registry.open(entry, options: options, discard: defaults.discard, description: defaults.description)
             }
         } else {
             export = try registry.open(entry, options: options, discard: defaults.discard, description: defaults.description)

@@ -260,7 +260,8 @@ struct Serve: ParsableCommand {
         if let control {
             let service = ControlService(registry: registry,
                                          defaults: .init(options: options, discard: DiscardMode(rawValue: discard)!,
-                                                         description: description, version: StrataCommand.version),
+                                                         description: description, version: StrataCommand.version,
+                                                         temporaryOverlay: snapshot),
                                          logger: logger)
             let c = ControlServer(path: control, service: service, logger: logger)
             do {
