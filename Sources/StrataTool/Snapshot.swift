@@ -104,7 +104,8 @@ struct Snapshot: ParsableCommand {
         case .list:
             if let e = q.snapshotTableError { throw e }
             let listing = SnapshotListing(q.snapshots, exclusive: try q.snapshotUsage())
-            print(output.output == .json ? listing.json.pretty + "\n" : listing.human, terminator: "")
+            // Like qemu-img, nothing at all for an image without snapshots.
+            if output.output == .json { print(listing.json.pretty) } else if !q.snapshots.isEmpty { print(listing.human, terminator: "") }
         case .create: try q.createSnapshot(name: r.name!)
         case .revert: try q.revertToSnapshot(r.name!)
         case .delete: try q.deleteSnapshot(r.name!)

@@ -181,8 +181,8 @@ extension Qcow2Image {
     // MARK: Space
 
     /// Bytes each snapshot holds alone, in the order of ``snapshots``: the clusters that
-    /// deleting it would free (those whose every reference comes through its L1 table, and
-    /// the L1 table itself). Walks each snapshot's tables; cost follows the metadata.
+    /// deleting it would free (those whose every reference comes through its L1 table, the
+    /// L1 table itself, and what the snapshot table shrinks by). Walks each snapshot's tables; cost follows the metadata.
     public func snapshotUsage() throws -> [UInt64] {
         try lock.withLock {
             if let e = snapshotTableError { throw e }
@@ -194,6 +194,11 @@ extension Qcow2Image {
                 for (c, n) in refs where try md.refcounts.get(c) == n { clusters += 1 }
                 let s = md.snapshots[i]
                 if s.l1TableOffset != 0 { clusters += max(1, divUp(UInt64(s.l1Size) * 8, clusterSize)) }
+                // The snapshot table is rewritten without the entry, maybe in fewer clusters.
+                var rest = md.snapshots
+                rest.remove(at: i)
+                clusters += divUp(UInt64(SnapshotRecord.tableLength(md.snapshots)), clusterSize)
+                    - divUp(UInt64(SnapshotRecord.tableLength(rest)), clusterSize)
                 out.append(clusters * clusterSize)
             }
             return out
@@ -352,6 +357,8 @@ extension Qcow2Image {
             let clusters = divUp(UInt64(bytes.count), cs)
             offset = try md.allocator.allocateContiguous(clusters)
             try md.overlap.checkData(offset, clusters * cs)
+            // Whole clusters, so the file never ends inside one.
+            bytes += [UInt8](repeating: 0, count: Int(clusters * cs) - bytes.count)
             try storage.writeBytes(bytes, at: offset)
             md.overlap.claim(offset, clusters: clusters, as: .snapshotTable)
         }

@@ -218,6 +218,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     private static func readSnapshotTable(_ storage: any BlockStorage, header h: Qcow2Header, fileLength: UInt64,
                                           path: String) throws -> [SnapshotRecord] {
         guard h.nbSnapshots > 0 else { return [] }
+        try h.checkSnapshotTable(fileSize: fileLength, path: path)
         let available = min(Limits.maxSnapshotTableBytes, fileLength - min(fileLength, h.snapshotsOffset))
         var want = min(available, 64 << 10)
         while true {
