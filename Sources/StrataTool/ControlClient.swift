@@ -89,6 +89,9 @@ enum ControlClient {
             guard n > 0 else {
                 throw CLIError.message("\(server): the server closed the connection without a reply (not a Strata control socket?)")
             }
+            if data.isEmpty, chunk[0..<n].starts(with: Array("NBDMAGIC".utf8)) {
+                throw CLIError.message("\(server): this is an NBD socket; give the server's --control socket")
+            }
             if let nl = chunk[0..<n].firstIndex(of: UInt8(ascii: "\n")) {
                 data += chunk[0..<nl]
                 return data

@@ -351,6 +351,9 @@ final class ControlSocketTests: XCTestCase {
             if !checked { usleep(100_000) }
         }
         XCTAssertTrue(checked, "the removed export's image is closed and clean")
+        let nbd = try Peer.run(cli, ["export", "list", "--server", "\(dir)/nbd.sock"])
+        XCTAssertEqual(nbd.status, 1)
+        XCTAssertTrue(nbd.err.contains("this is an NBD socket; give the server's --control socket"), nbd.err)
         let missing = try Peer.run(cli, ["export", "list", "--server", "\(dir)/none.sock"])
         XCTAssertEqual(missing.status, 1)
         XCTAssertTrue(missing.err.contains("no such control socket"), missing.err)
