@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Strata
+import Synchronization
 
 /// Why a live switch to an external snapshot overlay was refused or failed.
 public enum SwitchError: Error, Equatable, CustomStringConvertible {
@@ -28,8 +29,11 @@ public enum SwitchError: Error, Equatable, CustomStringConvertible {
 /// stream of requests cannot starve a switch. The hot path is one uncontended
 /// `pthread_rwlock_rdlock`/`unlock` pair: no allocation, no actor hop.
 ///
-/// Thread-safety (`@unchecked Sendable`): `current`, `path` and `format` are written only
-/// with `rwlock` held exclusive and read only with it held (shared or exclusive).
+/// ``size`` and ``preferredBlockSize`` never wait (the event loop asks for them): during a
+/// switch they answer what the image had when the switch began.
+///
+/// Thread-safety (`@unchecked Sendable`): `current`, `path`, `format` and `closed` are written
+/// only with `rwlock` held exclusive and read only with it held (shared or exclusive).
 public final class SwitchableDevice: BlockDevice, @unchecked Sendable {
     private let rwlock: UnsafeMutablePointer<pthread_rwlock_t>
     private var current: any BlockDevice
@@ -38,6 +42,12 @@ public final class SwitchableDevice: BlockDevice, @unchecked Sendable {
     private var closed = false
     /// How images are opened (writable, cache mode); the format is per file.
     private let options: OpenOptions
+    /// The size and block size as they were when a switch began: what ``size`` and
+    /// ``preferredBlockSize`` answer while the switch holds the lock, so the event loop
+    /// (the request validator and the handshake ask for the size) never waits for a switch.
+    /// A switch keeps the size.
+    private let sizeDuringSwitch = Atomic<UInt64>(0)
+    private let blockSizeDuringSwitch = Atomic<Int>(512)
 
     /// Opens `path` writable (format from `options`, probed when nil) behind a switch.
     public convenience init(path: String, options: OpenOptions) throws {
@@ -97,7 +107,11 @@ public final class SwitchableDevice: BlockDevice, @unchecked Sendable {
     /// is thrown. Returns the old file's path.
     @discardableResult
     public func switchToOverlay(_ overlay: String) throws -> String {
-        try exclusive {
+        shared { d in
+            sizeDuringSwitch.store(d.size, ordering: .releasing)
+            blockSizeDuringSwitch.store(d.preferredBlockSize, ordering: .releasing)
+        }
+        return try exclusive {
             guard !closed else { throw SwitchError.closed }
             guard access(overlay, F_OK) != 0 else { throw SwitchError.overlayExists(overlay) }
             let oldPath = path, oldFormat = format, size = current.size
@@ -130,9 +144,21 @@ public final class SwitchableDevice: BlockDevice, @unchecked Sendable {
 
     // MARK: BlockDevice
 
-    public var size: UInt64 { shared { $0.size } }
+    /// Never waits: during a switch, the size the image had when it began.
+    public var size: UInt64 {
+        guard pthread_rwlock_tryrdlock(rwlock) == 0 else { return sizeDuringSwitch.load(ordering: .acquiring) }
+        defer { pthread_rwlock_unlock(rwlock) }
+        return current.size
+    }
+
     public var isReadOnly: Bool { shared { $0.isReadOnly } }
-    public var preferredBlockSize: Int { shared { $0.preferredBlockSize } }
+
+    /// Never waits: during a switch, the block size of the image it replaces.
+    public var preferredBlockSize: Int {
+        guard pthread_rwlock_tryrdlock(rwlock) == 0 else { return blockSizeDuringSwitch.load(ordering: .acquiring) }
+        defer { pthread_rwlock_unlock(rwlock) }
+        return current.preferredBlockSize
+    }
     public var supportsDiscard: Bool { shared { $0.supportsDiscard } }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
