@@ -223,6 +223,26 @@ final class ControlSocketTests: XCTestCase {
         try server.stop()
     }
 
+    func testServeRefusesAControlPathItCannotUse() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/a.qcow2", size: "8M")
+        let same = try Peer.run(try strata(), ["serve", "--socket", "\(dir)/s.sock", "--control", "\(dir)/s.sock", "\(dir)/a.qcow2"])
+        XCTAssertEqual(same.status, 1)
+        XCTAssertTrue(same.err.contains("--control needs its own socket path"), same.err)
+        let long = "\(dir)/" + String(repeating: "c", count: 120)
+        let tooLong = try Peer.run(try strata(), ["serve", "--socket", "\(dir)/s.sock", "--control", long, "\(dir)/a.qcow2"])
+        XCTAssertEqual(tooLong.status, 1)
+        XCTAssertTrue(tooLong.err.contains("--control path is"), tooLong.err)
+        FileManager.default.createFile(atPath: "\(dir)/plain", contents: Data("x".utf8))
+        let notSocket = try Peer.run(try strata(), ["serve", "--socket", "\(dir)/s.sock", "--control", "\(dir)/plain", "\(dir)/a.qcow2"],
+                                     timeout: 20)
+        XCTAssertEqual(notSocket.status, 1, notSocket.transcript)
+        XCTAssertTrue(notSocket.err.contains("exists and is not a socket"), notSocket.err)
+        XCTAssertEqual(try String(contentsOfFile: "\(dir)/plain", encoding: .utf8), "x", "a file that is not a socket is left alone")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "\(dir)/s.sock"), "the NBD socket is removed again")
+        try Peer.expectSuccess("qemu-img", ["check", "\(dir)/a.qcow2"])
+    }
+
     // MARK: External snapshot
 
     func testAFailedSwitchKeepsServingTheOldFile() throws {
