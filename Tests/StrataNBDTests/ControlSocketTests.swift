@@ -101,7 +101,7 @@ final class ControlSocketTests: XCTestCase {
         try Spawned(try Peer.path("fio"), [
             "--name=live", "--ioengine=nbd", "--uri=nbd+unix:///\(export)?socket=\(dir)/nbd.sock",
             "--rw=randwrite", "--bs=4k", "--offset=\(offset)", "--size=\(size)", "--iodepth=8",
-            "--verify=crc32c", "--verify_fatal=1", "--randseed=1234",
+            "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0", "--randseed=1234",
         ], stderrPath: "\(dir)/fio-\(export).log")
     }
 
