@@ -53,6 +53,8 @@ public final class ExportRegistry: Sendable {
         let label: String
         /// The key it was opened under by ``ExportRegistry/open(_:options:discard:description:)``.
         var pathKey: String?
+        /// What it was opened from, for `query-exports` (nil for a device handed in).
+        var origin: Origin?
         /// Listed exports serving it.
         var exports = 0
         /// Connections in transmission on one of its exports.
@@ -81,11 +83,16 @@ public final class ExportRegistry: Sendable {
     /// Closes devices that fell out of use while the server runs, one at a time.
     private let closer = DispatchQueue(label: "strata.nbd.export-closer")
     private let logger: Logger
+    /// Writable images opened by ``open(_:options:discard:description:)`` are served through
+    /// a ``SwitchableDevice``, so a live external snapshot can swap their file (set when the
+    /// server has a control socket).
+    public let switchable: Bool
 
     /// A registry serving `exports` in this order; it takes ownership of their devices.
     /// Names must be unique.
-    public init(_ exports: [Export] = [], logger: Logger = Logger(label: "strata.nbd.exports",
-                                                                   factory: { _ in SwiftLogNoOpLogHandler() })) {
+    public init(_ exports: [Export] = [], switchable: Bool = false,
+                logger: Logger = Logger(label: "strata.nbd.exports", factory: { _ in SwiftLogNoOpLogHandler() })) {
+        self.switchable = switchable
         var s = State(exports: [])
         for export in exports {
             precondition(!s.exports.contains { $0.name == export.name }, "export name '\(export.name)' is used twice")
@@ -255,8 +262,8 @@ extension ExportRegistry {
     /// A registry serving `entries` in order (see ``open(_:options:discard:description:)``).
     /// On failure, the images already opened are closed again.
     public static func open(_ entries: [Entry], options: OpenOptions, discard: DiscardMode, description: String?,
-                            logger: Logger) throws -> ExportRegistry {
-        let registry = ExportRegistry(logger: logger)
+                            switchable: Bool = false, logger: Logger) throws -> ExportRegistry {
+        let registry = ExportRegistry(switchable: switchable, logger: logger)
         do {
             for entry in entries {
                 _ = try registry.open(entry, options: options, discard: discard, description: description)
@@ -275,7 +282,8 @@ extension ExportRegistry {
     @discardableResult
     public func open(_ entry: Entry, options: OpenOptions, discard: DiscardMode, description: String?) throws -> Export {
         let snapshot = entry.snapshot && options.writable
-        let key = (snapshot ? "snapshot of " : "") + Self.realPath(entry.path) + (options.snapshot.map { " at snapshot \($0)" } ?? "")
+        let key = Self.key(path: entry.path, overlay: snapshot, internalSnapshot: options.snapshot)
+        let origin = Origin(file: Self.realPath(entry.path), snapshot: options.snapshot, temporaryOverlay: snapshot)
         func export(_ device: any BlockDevice) -> Export {
             Export(name: entry.name, description: description, device: device, readOnly: !options.writable,
                    discard: discard)
@@ -285,7 +293,8 @@ extension ExportRegistry {
             guard !s.exports.contains(where: { $0.name == entry.name }) else { throw .duplicateName(entry.name) }
             let e = export(device)
             s.exports.append(e)
-            s.devices[ObjectIdentifier(device), default: DeviceUse(device: device, label: key, pathKey: key)].exports += 1
+            s.devices[ObjectIdentifier(device), default: DeviceUse(device: device, label: key, pathKey: key, origin: origin)]
+                .exports += 1
             s.paths[key] = ObjectIdentifier(device)
             return e
         }
@@ -308,8 +317,14 @@ extension ExportRegistry {
         }
 
         // Open outside the lock (it reads the image), then add, unless the world changed meanwhile.
-        let device = snapshot ? try SnapshotOverlay.open(over: entry.path, options: options)
-                              : try openImage(path: entry.path, options: options)
+        let device: any BlockDevice
+        if snapshot {
+            device = try SnapshotOverlay.open(over: entry.path, options: options)
+        } else if switchable && options.writable {
+            device = try SwitchableDevice(path: entry.path, options: options)
+        } else {
+            device = try openImage(path: entry.path, options: options)
+        }
         do {
             let added = try state.withLock { s throws(ExportRegistryError) -> Export in
                 if let id = s.paths[key], let use = s.devices[id] {
@@ -327,9 +342,76 @@ extension ExportRegistry {
         }
     }
 
+    /// The key a file is opened under: its real path, marked when it is served through a
+    /// throwaway overlay (`--snapshot`) or as an internal snapshot's state.
+    static func key(path: String, overlay: Bool = false, internalSnapshot: String? = nil) -> String {
+        if let name = internalSnapshot { return "internal snapshot '\(name)' of " + realPath(path) }
+        return (overlay ? "snapshot of " : "") + realPath(path)
+    }
+
     static func realPath(_ path: String) -> String {
         guard let resolved = realpath(path, nil) else { return path }
         defer { free(resolved) }
         return String(cString: resolved)
+    }
+}
+
+// MARK: - For the control socket
+
+extension ExportRegistry {
+    /// What an image was opened from.
+    public struct Origin: Sendable, Equatable {
+        /// The file (symlinks resolved); for a switchable device, the file it served first.
+        public var file: String
+        /// The internal snapshot whose state it serves, if any.
+        public var snapshot: String?
+        /// Served through a throwaway overlay (`--snapshot`).
+        public var temporaryOverlay: Bool
+    }
+
+    /// What `query-exports` reports about one export.
+    public struct ExportInfo: Sendable {
+        public var export: Export
+        /// What its image was opened from, or nil for a device handed in ready-made.
+        public var origin: Origin?
+        /// Connections in transmission on this export.
+        public var clients: Int
+    }
+
+    /// The exports served now, in order, with their image's key and their client count.
+    public var exportInfo: [ExportInfo] {
+        state.withLock { s in
+            s.exports.map { e in
+                ExportInfo(export: e, origin: s.devices[ObjectIdentifier(e.device)]?.origin,
+                           clients: s.leases.values.filter { $0.export === e }.count)
+            }
+        }
+    }
+
+    /// The device opened for `path` (writable or not; not an overlay or snapshot view), if
+    /// one is open.
+    public func device(openedFrom path: String) -> (any BlockDevice)? {
+        let key = Self.key(path: path)
+        return state.withLock { s in s.paths[key].flatMap { s.devices[$0]?.device } }
+    }
+
+    /// True when an export serves the state of internal snapshot `name` of `path`.
+    public func servesSnapshot(_ name: String, of path: String) -> Bool {
+        let key = Self.key(path: path, internalSnapshot: name)
+        return state.withLock { $0.paths[key] != nil }
+    }
+
+    /// Records that `device` now serves the file `newPath` (after a live external snapshot):
+    /// opening the old file again opens it anew, and opening `newPath` shares `device`.
+    public func deviceMoved(_ device: any BlockDevice, to newPath: String) {
+        let id = ObjectIdentifier(device)
+        let newKey = Self.key(path: newPath)
+        state.withLock { s in
+            guard var use = s.devices[id] else { return }
+            if let old = use.pathKey, s.paths[old] == id { s.paths[old] = nil }
+            use.pathKey = newKey
+            s.devices[id] = use
+            s.paths[newKey] = id
+        }
     }
 }

@@ -83,6 +83,10 @@ struct Serve: ParsableCommand {
           help: "Offer qemu:allocation-depth: strata always does.")
     var allocationDepth = false
 
+    @Option(help: ArgumentHelp("Also listen on this Unix socket for management commands (JSON lines; see spec/control.md).",
+                               valueName: "path"))
+    var control: String?
+
     @Flag(help: "Run in the background: return once the server is listening, printing its URIs.")
     var fork = false
 
@@ -159,6 +163,12 @@ struct Serve: ParsableCommand {
         if let refusal = refusal() { throw CLIError.message(refusal) }
         if socket != nil && (bind != nil || port != nil) {
             throw ValidationError("--socket cannot be combined with --bind or --port")
+        }
+        if let control {
+            if control == socket { throw ValidationError("--control needs its own socket path, not the NBD --socket") }
+            if control.utf8.count > NBDServerError.maxUnixPathBytes {
+                throw ValidationError("--control path is \(control.utf8.count) bytes, longer than \(NBDServerError.maxUnixPathBytes)")
+            }
         }
         if let port, !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535") }
         if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
@@ -239,9 +249,10 @@ struct Serve: ParsableCommand {
         options.snapshot = snapshotToLoad
         let registry = try ExportRegistry.open(try exportEntries(), options: options,
                                                discard: DiscardMode(rawValue: discard)!, description: description,
-                                               logger: logger)
+                                               switchable: control != nil, logger: logger)
         for export in registry.exports {
-            ImageChain.warnIfProbedRaw(export.device, name: (export.device as? RawImage)?.storage.name ?? export.name)
+            let device = (export.device as? SwitchableDevice)?.withCurrent { $0 } ?? export.device
+            ImageChain.warnIfProbedRaw(device, name: (device as? RawImage)?.storage.name ?? export.name)
         }
 
         var config = NBDServer.Configuration()
@@ -260,6 +271,24 @@ struct Serve: ParsableCommand {
             try? registry.closeAll()
             throw CLIError.message("\(error)")
         }
+        var controlServer: ControlServer?
+        if let control {
+            let service = ControlService(registry: registry,
+                                         defaults: .init(options: options, discard: DiscardMode(rawValue: discard)!,
+                                                         description: description, version: StrataCommand.version,
+                                                         temporaryOverlay: snapshot),
+                                         logger: logger)
+            let c = ControlServer(path: control, service: service, logger: logger)
+            do {
+                try c.start()
+            } catch {
+                server.shutdown()
+                try? server.wait()
+                throw CLIError.message("\(error)")
+            }
+            controlServer = c
+        }
+        defer { controlServer?.stop() }
         server.installSignalHandlers()
 
         if let pidFile {

@@ -92,7 +92,9 @@ struct Snapshot: ParsableCommand {
     func run() throws {
         let r = try request()
         if let server {
-            throw CLIError.refused(file: server, reason: "--server: pending")
+            print(try ControlClient.snapshot(server: server, verb: r.verb.rawValue, export: r.target, name: r.name,
+                                             json: output.output == .json), terminator: "")
+            return
         }
         let device = try ImageChain.open(r.target, format: format.format, writable: r.verb != .list,
                                          forceShare: forceShare.forceShare)
