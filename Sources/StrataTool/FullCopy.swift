@@ -13,11 +13,17 @@ enum FullCopy {
     static func refuseExisting(_ path: String, what: String) throws {
         var st = stat()
         guard lstat(path, &st) == 0 else { return }
-        if let q = try? openAlone(path, forceShare: true), q.isTemplate {
-            try? q.close()
+        try refuseReplacingTemplate(path)
+        throw CLIError.refused(file: path, reason: "already exists; \(what) never replaces a file (remove it first, or choose another name)")
+    }
+
+    /// Refuses when `path` is a template (`create` and `convert` replace other files, as qemu-img does).
+    static func refuseReplacingTemplate(_ path: String) throws {
+        guard (try? probeFormat(path: path)) == .qcow2, let q = try? openAlone(path, forceShare: true) else { return }
+        defer { try? q.close() }
+        if q.isTemplate {
             throw CLIError.refused(file: path, reason: "already exists and is a template: linked clones may stand on it, so it is never replaced (remove it yourself once no clone uses it)")
         }
-        throw CLIError.refused(file: path, reason: "already exists; \(what) never replaces a file (remove it first, or choose another name)")
     }
 
     /// Opens a qcow2 image read-only without its backing chain (reads only its first

@@ -49,7 +49,7 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
         case .imageIsCorruptBit(let p): return "\(p): image is marked corrupt; it can only be opened read-only (repair with 'qemu-img check -r all')"
         case .imageIsDirty(let p): return "\(p): image is marked dirty (lazy refcounts were in use); repair it with 'qemu-img check -r all' before writing"
         case .imageIsTemplate(let p):
-            return "\(p): image is a template, which is never opened for writing (its linked clones read through it); make a clone with 'strata clone', or an independent copy with 'strata clone --full'"
+            return "\(p): image is a template, which is never opened for writing (its linked clones read through it, and would be corrupted); open it read-only to read it, make a linked clone to change it with 'strata clone \(p) NEW', or an independent copy with 'strata clone --full \(p) NEW'"
         case .imageLocked(let p, let d): return "\(p): failed to get \(d) lock: is another process using the image?"
         case .backingChainTooDeep(let p, let l): return "\(p): backing chain is deeper than \(l) images"
         case .backingChainLoop(let p): return "\(p): backing chain loops back to an image already in the chain"
