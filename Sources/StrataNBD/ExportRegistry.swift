@@ -275,7 +275,7 @@ extension ExportRegistry {
     @discardableResult
     public func open(_ entry: Entry, options: OpenOptions, discard: DiscardMode, description: String?) throws -> Export {
         let snapshot = entry.snapshot && options.writable
-        let key = (snapshot ? "snapshot of " : "") + Self.realPath(entry.path)
+        let key = (snapshot ? "snapshot of " : "") + Self.realPath(entry.path) + (options.snapshot.map { " at snapshot \($0)" } ?? "")
         func export(_ device: any BlockDevice) -> Export {
             Export(name: entry.name, description: description, device: device, readOnly: !options.writable,
                    discard: discard)

@@ -67,16 +67,10 @@ struct Clone: ParsableCommand {
     func runFull() throws {
         var options = OpenOptions()
         options.snapshot = snapshot
-        if snapshot != nil, !Self.snapshotOpenSupported {
-            throw CLIError.refused(file: source, reason: "copying a snapshot's state (--snapshot) is not available in this build of the engine yet; copy the current state, or use 'qemu-img convert -l NAME'")
-        }
         let src = try openImage(path: source, options: options)
         defer { try? src.close() }
         try FullCopy.make(from: src, to: destination)
     }
-
-    /// Whether the engine honours ``OpenOptions/snapshot`` (it was declared before it was implemented).
-    static let snapshotOpenSupported = false
 
     /// Makes the linked clone: SRC's first cluster and tables are read (to check it is a
     /// template and take its geometry), nothing else.

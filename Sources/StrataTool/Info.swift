@@ -75,6 +75,7 @@ struct ImageInfo {
     var bitmaps: [BitmapDirectoryEntry] = []
     /// Strata's template mark (not one of QEMU's fields: shown only when set).
     var isTemplate = false
+    var snapshots: [SnapshotRecord] = []
 
     /// Describes one open image, named as the user (or the chain) spelled it.
     init(device: any BlockDevice, displayName: String) {
@@ -90,6 +91,7 @@ struct ImageInfo {
         qcow2 = h
         bitmaps = q.bitmaps
         isTemplate = q.isTemplate
+        snapshots = q.snapshots
         clusterSize = h.clusterSize
         dirty = h.incompatibleFeatures.contains(.dirty)
         backingFilename = q.backingFileName
@@ -101,6 +103,7 @@ struct ImageInfo {
     var json: JSONValue {
         var fields: [(String, JSONValue)] = []
         if let f = backingFormat { fields.append(("backing-filename-format", .string(f.rawValue))) }
+        if !snapshots.isEmpty { fields.append(("snapshots", SnapshotListing(snapshots, exclusive: nil).json)) }
         fields.append(("virtual-size", .uint(virtualSize)))
         fields.append(("filename", .string(filename)))
         if let c = clusterSize { fields.append(("cluster-size", .uint(c))) }
@@ -135,6 +138,7 @@ struct ImageInfo {
             s += "\n"
         }
         if let f = backingFormat { s += "backing file format: \(f.rawValue)\n" }
+        if !snapshots.isEmpty { s += SnapshotListing(snapshots, exclusive: nil).human }
         if let h = qcow2 {
             s += "Format specific information:\n"
             for field in Self.qcow2Specific(h, bitmaps: bitmaps, template: isTemplate) {

@@ -56,6 +56,10 @@ struct Serve: ParsableCommand {
           help: "Write to a temporary overlay (in $TMPDIR, else /var/tmp) deleted at exit; FILE never changes.")
     var snapshot = false
 
+    @Option(name: [.customShort("l"), .customLong("load-snapshot")],
+            help: ArgumentHelp("Export the internal snapshot NAME (id or name) of each FILE, read-only. 'strata serve --snapshot NAME FILE' means the same when NAME is not a file.", valueName: "name"))
+    var loadSnapshot: String?
+
     @Option(help: ArgumentHelp("Cache mode: writeback (default), writethrough, none or unsafe.", valueName: "mode"))
     var cache: String?
 
@@ -96,7 +100,6 @@ struct Serve: ParsableCommand {
 
     // qemu-nbd flags strata refuses, each with its reason in `refusal()`.
     @Option(name: [.customShort("B"), .customLong("bitmap")], help: .hidden) var bitmap: String?
-    @Option(name: [.customShort("l"), .customLong("load-snapshot")], help: .hidden) var loadSnapshot: String?
     @Option(name: [.customShort("c"), .customLong("connect")], help: .hidden) var connect: String?
     @Flag(name: [.customShort("d"), .customLong("disconnect")], help: .hidden) var disconnect = false
     @Flag(name: [.customShort("L"), .customLong("list")], help: .hidden) var list = false
@@ -117,7 +120,6 @@ struct Serve: ParsableCommand {
         if bitmap != nil {
             return "-B/--bitmap: strata serve does not export persistent dirty bitmaps; use qemu-nbd -B"
         }
-        if loadSnapshot != nil { return "-l/--load-snapshot is not yet supported; use qemu-nbd -l" }
         if connect != nil {
             return "-c/--connect: strata serve does not attach kernel NBD devices; use nbd-client with the server's "
                 + "address, or give clients the nbd:// or nbd+unix:// URI"
@@ -174,8 +176,8 @@ struct Serve: ParsableCommand {
         if DiscardMode(rawValue: discard) == nil {
             throw ValidationError("unknown discard mode '\(discard)' (expected unmap or ignore)")
         }
-        if exportName != nil && files.count != 1 {
-            throw ValidationError("-x/--export-name names the export of a single FILE (\(files.count) given); "
+        if exportName != nil && imageFiles.count != 1 {
+            throw ValidationError("-x/--export-name names the export of a single FILE (\(imageFiles.count) given); "
                                   + "name several with --export NAME=FILE")
         }
         let entries = try exportEntries()
@@ -186,17 +188,29 @@ struct Serve: ParsableCommand {
         }
     }
 
+    /// The internal snapshot to export: `-l NAME`, or `--snapshot NAME FILE` where NAME is no
+    /// file (`-s` alone is qemu-nbd's temporary overlay).
+    var snapshotToLoad: String? {
+        if let loadSnapshot { return loadSnapshot }
+        guard snapshot, files.count == 2, access(files[0], F_OK) != 0, access(files[1], F_OK) == 0 else { return nil }
+        return files[0]
+    }
+
+    /// The image files named on the command line (without a snapshot name taken by `--snapshot`).
+    var imageFiles: [String] { loadSnapshot == nil && snapshotToLoad != nil ? [files[1]] : files }
+
     /// Positional files under their base names (or `-x`), then `--export` entries, in order.
     func exportEntries() throws -> [ExportRegistry.Entry] {
-        var entries = files.map {
-            ExportRegistry.Entry(name: exportName ?? Self.exportName(forFile: $0), path: $0, snapshot: snapshot)
+        let overlay = snapshot && snapshotToLoad == nil
+        var entries = imageFiles.map {
+            ExportRegistry.Entry(name: exportName ?? Self.exportName(forFile: $0), path: $0, snapshot: overlay)
         }
         for spec in exports {
             guard let eq = spec.firstIndex(of: "="), eq != spec.startIndex, spec.index(after: eq) != spec.endIndex else {
                 throw ValidationError("--export expects NAME=FILE, got '\(spec)'")
             }
             entries.append(ExportRegistry.Entry(name: String(spec[..<eq]), path: String(spec[spec.index(after: eq)...]),
-                                                snapshot: snapshot))
+                                                snapshot: overlay))
         }
         for e in entries where e.name.utf8.count > NBDLimits.maxStringLength {
             throw ValidationError("export name '\(e.name.prefix(32))…' is longer than \(NBDLimits.maxStringLength) bytes")
@@ -220,8 +234,9 @@ struct Serve: ParsableCommand {
         var logger = Logger(label: "strata.serve", factory: { StreamLogHandler.standardError(label: $0) })
         logger.logLevel = verbose ? .trace : .info
 
-        let options = OpenOptions(writable: !readOnly, format: format.flatMap(ImageFormat.init(rawValue:)),
+        var options = OpenOptions(writable: !readOnly && snapshotToLoad == nil, format: format.flatMap(ImageFormat.init(rawValue:)),
                                   cache: CacheMode(rawValue: cacheMode)!)
+        options.snapshot = snapshotToLoad
         let registry = try ExportRegistry.open(try exportEntries(), options: options,
                                                discard: DiscardMode(rawValue: discard)!, description: description,
                                                logger: logger)

@@ -129,6 +129,20 @@ final class TemplateCloneTests: ToolTestCase {
         try assertSame("fromraw.qcow2", "disk.raw")
     }
 
+    func testFullCloneOfASnapshotCopiesThatState() throws {
+        try makeSource()
+        ok(try qemuImg("snapshot", "-c", "before", "src.qcow2"), "snapshot")
+        ok(try qemuIO("-c", "write -P 4 0 64k", "-c", "write -P 4 8M 64k", "src.qcow2"), "write after the snapshot")
+        ok(try strata("clone", "--full", "--snapshot", "before", "src.qcow2", "old.qcow2"), "clone --full --snapshot")
+        ok(try qemuImg("convert", "-O", "qcow2", "-l", "snapshot.name=before", "src.qcow2", "ref.qcow2"), "qemu-img convert -l")
+        try assertSame("old.qcow2", "ref.qcow2")
+        ok(try qemuIO("-r", "-c", "read -P 7 0 64k", "-c", "read -P 0 8M 64k", "old.qcow2"), "the snapshot's state")
+        XCTAssertNil(try info("old.qcow2")["snapshots"])
+        try assertClean("old.qcow2")
+        assertUserError(try strata("clone", "--full", "--snapshot", "nope", "src.qcow2", "x.qcow2"), mentions: ["src.qcow2", "nope"])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: path("x.qcow2")))
+    }
+
     func testBackingNamesAreRelativeInOneFolderSoTheFolderCanMove() throws {
         try FileManager.default.createDirectory(atPath: path("vms"), withIntermediateDirectories: true)
         try FileManager.default.createDirectory(atPath: path("other"), withIntermediateDirectories: true)

@@ -23,6 +23,10 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
     /// The image is a template (``StrataExtension/Flags/template``): its linked clones read
     /// through it, so it is never opened for writing.
     case imageIsTemplate(path: String)
+    /// No internal snapshot has this id or name.
+    case noSuchSnapshot(path: String, name: String)
+    /// An internal snapshot of this name exists already.
+    case snapshotExists(path: String, name: String)
     case imageLocked(path: String, detail: String)
     case backingChainTooDeep(path: String, limit: Int)
     case backingChainLoop(path: String)
@@ -50,6 +54,8 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
         case .imageIsDirty(let p): return "\(p): image is marked dirty (lazy refcounts were in use); repair it with 'qemu-img check -r all' before writing"
         case .imageIsTemplate(let p):
             return "\(p): image is a template, which is never opened for writing (its linked clones read through it, and would be corrupted); open it read-only to read it, make a linked clone to change it with 'strata clone \(p) NEW', or an independent copy with 'strata clone --full \(p) NEW'"
+        case .noSuchSnapshot(let p, let n): return "\(p): no snapshot with id or name '\(n)'"
+        case .snapshotExists(let p, let n): return "\(p): a snapshot named '\(n)' exists already"
         case .imageLocked(let p, let d): return "\(p): failed to get \(d) lock: is another process using the image?"
         case .backingChainTooDeep(let p, let l): return "\(p): backing chain is deeper than \(l) images"
         case .backingChainLoop(let p): return "\(p): backing chain loops back to an image already in the chain"
@@ -69,7 +75,8 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
         switch self {
         case .io(_, let e): return e.errno == ENOSPC ? ENOSPC : EIO
         case .readOnly, .formatChangeRefused, .imageIsTemplate: return EPERM
-        case .outOfRange, .invalidOption: return EINVAL
+        case .outOfRange, .invalidOption, .snapshotExists: return EINVAL
+        case .noSuchSnapshot: return ENOENT
         case .noSpace: return ENOSPC
         case .openFailed(_, let e): return e
         default: return EIO

@@ -120,8 +120,8 @@ public struct Qcow2Header: Sendable, Equatable {
             throw bad("refcount_table_clusters", UInt64(h.refcountTableClusters), "must be 1 to \(Limits.maxRefcountTableBytes / cs)")
         }
         try checkTable(h.refcountTableOffset, rtBytes, "refcount_table_offset", cs, fileSize, path)
-        guard UInt64(h.nbSnapshots) <= Limits.maxSnapshots else { throw bad("nb_snapshots", UInt64(h.nbSnapshots), "more than \(Limits.maxSnapshots) snapshots") }
-        if h.nbSnapshots > 0 { try checkTable(h.snapshotsOffset, 40 * UInt64(h.nbSnapshots), "snapshots_offset", cs, fileSize, path) }
+        // The snapshot table is checked when it is read (``checkSnapshotTable(fileSize:path:)``):
+        // a bad one must not stop reads of the active disk.
         if h.backingFileOffset != 0 {
             guard UInt64(h.backingFileSize) <= Limits.maxBackingNameBytes else {
                 throw bad("backing_file_size", UInt64(h.backingFileSize), "backing file name longer than \(Limits.maxBackingNameBytes) bytes")
@@ -131,6 +131,18 @@ public struct Qcow2Header: Sendable, Equatable {
             }
         }
         return h
+    }
+
+    /// Checks where the header says the snapshot table is: at most ``Limits/maxSnapshots``
+    /// entries of at least 40 bytes each, cluster aligned, inside the file.
+    public func checkSnapshotTable(fileSize: UInt64, path: String) throws {
+        guard UInt64(nbSnapshots) <= Limits.maxSnapshots else {
+            throw StrataError.invalidHeader(path: path, field: "nb_snapshots", value: UInt64(nbSnapshots),
+                                            reason: "more than \(Limits.maxSnapshots) snapshots in the snapshot table")
+        }
+        if nbSnapshots > 0 {
+            try Self.checkTable(snapshotsOffset, 40 * UInt64(nbSnapshots), "snapshots_offset (the snapshot table)", clusterSize, fileSize, path)
+        }
     }
 
     private static func checkTable(_ offset: UInt64, _ bytes: UInt64, _ field: String, _ cs: UInt64, _ fileSize: UInt64, _ path: String) throws {

@@ -21,6 +21,24 @@ public struct SnapshotRecord: Sendable, Equatable {
     /// The extra data as stored (kept verbatim on rewrite, fields we do not know included).
     public var extraData: [UInt8]
 
+    /// The instruction count the snapshot was taken at (extra data; nil when absent or -1).
+    public var icount: UInt64? {
+        guard extraData.count >= 24 else { return nil }
+        let v = extraData.be64(16)
+        return v == .max ? nil : v
+    }
+
+    /// A new entry as `qemu-img snapshot -c` writes it: no VM state, VM clock 0, extra data
+    /// of 24 bytes (vm_state_size_large 0, disk_size, icount 0).
+    public static func new(id: String, name: String, l1TableOffset: UInt64, l1Size: UInt32, diskSize: UInt64,
+                           dateSeconds: UInt32, dateNanoseconds: UInt32) -> SnapshotRecord {
+        var extra = [UInt8](repeating: 0, count: 24)
+        extra.put64(diskSize, 8)
+        return SnapshotRecord(l1TableOffset: l1TableOffset, l1Size: l1Size, id: id, name: name, dateSeconds: dateSeconds,
+                              dateNanoseconds: dateNanoseconds, vmClockNanoseconds: 0, vmStateSize: 0, diskSize: diskSize,
+                              extraData: extra)
+    }
+
     /// Bytes the entry takes in the table, padding included.
     public var encodedLength: Int {
         Int(alignUp(UInt64(40 + extraData.count + id.utf8.count + name.utf8.count), 8))

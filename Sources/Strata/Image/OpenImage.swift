@@ -56,6 +56,7 @@ public func openImage(path: String, options: OpenOptions = OpenOptions()) throws
     let format = try options.format ?? probeFormat(path: path)
     switch format {
     case .raw:
+        if let name = options.snapshot { throw StrataError.noSuchSnapshot(path: path, name: name) }
         return try RawImage(path: path, writable: options.writable, forceShare: options.forceShare, cache: options.cache,
                             probed: options.format == nil)
     case .qcow2:

@@ -90,7 +90,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     private init(storage: any BlockStorage, path: String, options: OpenOptions, chain: [String], imageLock: consuming ImageLock?) throws {
         let fileLength = try storage.length()
         let first = try storage.readBytes(at: 0, count: Int(min(fileLength, 2 << 20)))
-        let header = try Qcow2Header.decode(first, path: path, fileSize: fileLength)
+        var header = try Qcow2Header.decode(first, path: path, fileSize: fileLength)
         let cs = header.clusterSize
         let extStart = Int(header.version == 2 ? Qcow2Header.v2Length : header.headerLength)
         let extLimit = Int(header.backingFileOffset != 0 ? min(header.backingFileOffset, cs) : cs)
@@ -137,7 +137,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
 
         // L1 and refcount tables (sizes were bounded by the header decoder).
         let l1Bytes = try storage.readBytes(at: header.l1TableOffset, count: Int(header.l1Size) * 8)
-        let l1 = (0..<Int(header.l1Size)).map { l1Bytes.be64($0 * 8) }
+        var l1 = (0..<Int(header.l1Size)).map { l1Bytes.be64($0 * 8) }
         let rtCount = Int(UInt64(header.refcountTableClusters) * cs / 8)
         let rtBytes = try storage.readBytes(at: header.refcountTableOffset, count: rtCount * 8)
         let refTable = (0..<rtCount).map { rtBytes.be64($0 * 8) }
@@ -150,6 +150,34 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         } catch let e as StrataError {
             snapshotError = e
         }
+        // A snapshot's state instead of the active disk: its L1 table and size, read-only.
+        if let want = options.snapshot {
+            guard !options.writable else {
+                throw StrataError.invalidOption(path: path, reason: "a snapshot can only be opened read-only")
+            }
+            if let snapshotError { throw snapshotError }
+            guard let i = Self.snapshotIndex(want, in: snapshots) else { throw StrataError.noSuchSnapshot(path: path, name: want) }
+            let s = snapshots[i]
+            let bytes = UInt64(s.l1Size) * 8
+            guard s.l1TableOffset % cs == 0, s.l1Size == 0 || s.l1TableOffset != 0,
+                  s.l1TableOffset <= fileLength, bytes <= fileLength - s.l1TableOffset else {
+                throw StrataError.corrupt(Corruption(path: path, kind: .pastEnd, offset: s.l1TableOffset,
+                                                     detail: "the L1 table of snapshot '\(s.name)' at host offset \(s.l1TableOffset) is unaligned or past the end of the file"))
+            }
+            let sl1 = try storage.readBytes(at: s.l1TableOffset, count: Int(bytes))
+            l1 = (0..<Int(s.l1Size)).map { sl1.be64($0 * 8) }
+            header.size = min(s.diskSize ?? header.size, Limits.maxVirtualSize)
+            header.l1TableOffset = s.l1TableOffset
+            header.l1Size = s.l1Size
+            let needed = Geometry(clusterBits: header.clusterBits, extendedL2: header.extendedL2).l1Entries(forSize: header.size)
+            if UInt64(l1.count) < needed {
+                guard needed * 8 <= Limits.maxL1Bytes else {
+                    throw StrataError.invalidOption(path: path, reason: "snapshot '\(s.name)' records a disk size too large for its L1 table")
+                }
+                l1 += [UInt64](repeating: 0, count: Int(needed) - l1.count)
+            }
+        }
+
         // Bitmaps: valid only while the autoclear bit says so.
         var bitmaps: [BitmapDirectoryEntry] = []
         if let b = ext.bitmaps, header.autoclearFeatures.contains(.bitmaps) {
@@ -190,6 +218,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     private static func readSnapshotTable(_ storage: any BlockStorage, header h: Qcow2Header, fileLength: UInt64,
                                           path: String) throws -> [SnapshotRecord] {
         guard h.nbSnapshots > 0 else { return [] }
+        try h.checkSnapshotTable(fileSize: fileLength, path: path)
         let available = min(Limits.maxSnapshotTableBytes, fileLength - min(fileLength, h.snapshotsOffset))
         var want = min(available, 64 << 10)
         while true {

@@ -41,6 +41,13 @@ final class ClusterMap {
         return t
     }
 
+    /// Switches to another L1 table (already written where the header will point).
+    func replaceL1(_ new: [UInt64]) {
+        l1 = new
+        l1Dirty = false
+        slots = []
+    }
+
     /// The L2 table for L1 index `i`, or nil when unallocated.
     @inline(__always)
     func table(_ i: Int) throws -> Table? {

@@ -53,7 +53,7 @@ final class Metadata {
         for off in refcounts.table where off & ~UInt64(511) != 0 && off % cs == 0 {
             overlap.claim(off & ~UInt64(511), clusters: 1, as: .refcountBlock)
         }
-        if h.nbSnapshots > 0 {
+        if h.nbSnapshots > 0 && !snapshots.isEmpty {
             overlap.claim(h.snapshotsOffset, bytes: UInt64(max(SnapshotRecord.tableLength(snapshots), 40)), as: .snapshotTable)
         }
         // Snapshot L1 tables and bitmap tables, up to a budget: 65536 hostile snapshots of
