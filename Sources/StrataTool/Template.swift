@@ -15,6 +15,12 @@ struct Template: ParsableCommand {
             for writing, so the linked clones that read through it ('strata clone') stay valid.
             """,
         subcommands: [TemplateCreate.self, TemplateList.self])
+
+    /// `strata template` alone is a mistake, as `strata` alone is (the parser would print
+    /// the help and exit 0).
+    func run() throws {
+        throw ValidationError("no template command given: expected create or list")
+    }
 }
 
 /// `strata template create [-c] [-q] SRC TEMPLATE`

@@ -103,6 +103,8 @@ final class TemplateCloneTests: ToolTestCase {
         assertUserError(try strata("template", "create", "-c", "src.qcow2", "t2.qcow2"), mentions: ["t2.qcow2", "compressed writes", "not implemented"])
         XCTAssertFalse(FileManager.default.fileExists(atPath: path("c.qcow2")))
         XCTAssertFalse(FileManager.default.fileExists(atPath: path("t2.qcow2")))
+        assertUserError(try strata("template"), mentions: ["create or list", "strata template --help"])
+        assertUserError(try strata("template", "list", "nowhere"), mentions: ["nowhere", "No such file"])
     }
 
     func testFullCloneIsAnIndependentThinCopy() throws {
