@@ -38,7 +38,13 @@ enum FullCopy {
     /// setting and compression type of `src` when it is qcow2 (the defaults for raw), copies
     /// `src`'s content into it, then calls `finish` on the still-open image before it is
     /// flushed and closed. The source must have been opened by the caller.
-    static func make(from src: any BlockDevice, to path: String, finish: (Qcow2Image) throws -> Void = { _ in }) throws {
+    ///
+    /// The image is made under a temporary name next to `path` (`path.partial-PID`), given
+    /// `mode` if any, and only then linked to `path`, which must still not exist: a folder
+    /// never shows a half-copied image under its final name (a killed copy leaves the
+    /// `.partial-` file), and a file that appeared at `path` meanwhile is not replaced.
+    static func make(from src: any BlockDevice, to path: String, mode: mode_t? = nil,
+                     finish: (Qcow2Image) throws -> Void = { _ in }) throws {
         var o = CreateOptions(size: src.size)
         if let q = src as? Qcow2Image {
             let h = q.header
@@ -46,9 +52,10 @@ enum FullCopy {
             o.extendedL2 = h.extendedL2
             o.compressionType = h.version >= 3 ? h.compressionType : .zlib
         }
-        try Qcow2Image.create(path: path, options: o)
+        let partial = "\(path).partial-\(getpid())"
+        try Qcow2Image.create(path: partial, options: o)
         do {
-            let dst = try Qcow2Image(path: path, options: OpenOptions(writable: true, format: .qcow2))
+            let dst = try Qcow2Image(path: partial, options: OpenOptions(writable: true, format: .qcow2))
             var closed = false
             defer { if !closed { try? dst.close() } }
             // Granularity = one cluster: a cluster is written only when some byte of it is not zero.
@@ -59,9 +66,32 @@ enum FullCopy {
             try finish(dst)
             closed = true
             try dst.close()
+            if let mode, chmod(partial, mode) != 0 {
+                printError("strata: warning: \(path): could not set its file mode (\(String(cString: strerror(errno))))")
+            }
+            try publish(partial, as: path)
         } catch {
-            unlink(path)
+            unlink(partial)
             throw error
+        }
+    }
+
+    /// Gives the finished image its name without replacing anything there: a hard link
+    /// (fails when `path` exists), else, on file systems without hard links, a rename after
+    /// one more check.
+    private static func publish(_ partial: String, as path: String) throws {
+        if link(partial, path) == 0 {
+            unlink(partial)
+            return
+        }
+        let e = errno
+        if e == EEXIST { throw CLIError.refused(file: path, reason: "appeared while the copy was made; it was left alone") }
+        var st = stat()
+        guard e == EPERM || e == ENOTSUP || e == EOPNOTSUPP || e == EXDEV, lstat(path, &st) != 0 else {
+            throw CLIError.refused(file: path, reason: "cannot name the finished copy: \(String(cString: strerror(e)))")
+        }
+        guard rename(partial, path) == 0 else {
+            throw CLIError.refused(file: path, reason: "cannot name the finished copy: \(String(cString: strerror(errno)))")
         }
     }
 }

@@ -34,7 +34,9 @@ struct TemplateCreate: ParsableCommand {
             and clusters that read as zeroes are left out. TEMPLATE is a new qcow2 image \
             (version 3) with SRC's cluster size (64 KiB for raw), no backing file, marked as \
             a template, with file mode 0444. An existing TEMPLATE is never replaced (a \
-            template may have clones standing on it). A template of a template is allowed.
+            template may have clones standing on it). A template of a template is allowed. \
+            The copy is made under the name TEMPLATE.partial-PID and renamed when complete, \
+            so a template never appears half-written (an interrupted run leaves that file).
             """)
 
     @Flag(name: .customShort("c"), help: "Compress the template's clusters.")
@@ -58,11 +60,8 @@ struct TemplateCreate: ParsableCommand {
         try FullCopy.refuseExisting(template, what: "template create")
         let src = try ImageChain.open(source, format: nil)
         defer { try? src.close() }
-        try FullCopy.make(from: src, to: template) { try $0.markAsTemplate() }
-        // Read-only for everyone: a second guard for tools that know nothing of the mark.
-        if chmod(template, 0o444) != 0 {
-            printError("strata: warning: \(template): could not make the file read-only (\(String(cString: strerror(errno)))); it is still marked as a template")
-        }
+        // Read-only for everyone (0444): a second guard, for tools that know nothing of the mark.
+        try FullCopy.make(from: src, to: template, mode: 0o444) { try $0.markAsTemplate() }
         if !quiet.quiet { print("Template '\(template)' created from '\(source)'") }
     }
 }
