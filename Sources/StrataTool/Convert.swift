@@ -58,6 +58,9 @@ struct Convert: ParsableCommand {
     @Flag(name: .customShort("p"), help: "Show progress.")
     var progress = false
 
+    @Option(name: .customShort("l"), help: ArgumentHelp("Convert the internal snapshot SNAPSHOT of the source (ID_OR_NAME, or snapshot.id=ID / snapshot.name=NAME).", valueName: "snapshot"))
+    var snapshotParam: String?
+
     @OptionGroup var quiet: QuietOption
     @OptionGroup var share: ForceShareOption
 
@@ -130,7 +133,8 @@ struct Convert: ParsableCommand {
             return
         }
         let caches = try cacheModes()
-        let src = try ImageChain.open(source, format: sourceFormat, forceShare: share.forceShare, cache: caches.source)
+        let src = try ImageChain.open(source, format: sourceFormat, forceShare: share.forceShare, cache: caches.source,
+                                      snapshot: try snapshotParam.map(ImageChain.snapshotName))
         defer { try? src.close() }
         if Self.sameFile(source, destination) {
             throw CLIError.refused(file: destination, reason: "is the source image itself; convert into another file")

@@ -1,3 +1,4 @@
+import ArgumentParser
 import Strata
 
 #if canImport(Glibc)
@@ -21,9 +22,27 @@ enum ImageChain {
     /// Opens a user-named image read-only (`-U` skips locking) or writable, with `cache`'s
     /// flush behaviour.
     static func open(_ path: String, format: ImageFormat?, writable: Bool = false,
-                     forceShare: Bool = false, cache: CacheMode = .writeback) throws -> any BlockDevice {
+                     forceShare: Bool = false, cache: CacheMode = .writeback, snapshot: String? = nil) throws -> any BlockDevice {
         try openImage(path: path, options: OpenOptions(writable: writable, format: format, cache: cache,
-                                                       forceShare: forceShare && !writable))
+                                                       forceShare: forceShare && !writable, snapshot: snapshot))
+    }
+
+    /// qemu-img's SNAPSHOT_PARAM: `snapshot.id=ID`, `snapshot.name=NAME` (either, or both
+    /// naming one snapshot) or a bare ID_OR_NAME; the id or name to look up.
+    static func snapshotName(_ param: String) throws -> String {
+        guard param.hasPrefix("snapshot.") else {
+            guard !param.isEmpty else { throw ValidationError("-l: the snapshot name is empty") }
+            return param
+        }
+        var found: String? = nil
+        for part in param.split(separator: ",", omittingEmptySubsequences: false) {
+            guard let eq = part.firstIndex(of: "="),
+                  ["snapshot.id", "snapshot.name"].contains(String(part[..<eq])), part.index(after: eq) != part.endIndex else {
+                throw ValidationError("-l: expected snapshot.id=ID, snapshot.name=NAME or ID_OR_NAME, got '\(param)'")
+            }
+            found = found ?? String(part[part.index(after: eq)...])
+        }
+        return found!
     }
 
     /// The chain below `top` (included), following `Qcow2Image.backing`.

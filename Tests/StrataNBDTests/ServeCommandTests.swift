@@ -340,7 +340,6 @@ final class ServeCommandTests: XCTestCase {
         let cases: [([String], String)] = [
             (["-B", "bitmap0"], "-B/--bitmap: strata serve does not export persistent dirty bitmaps; use qemu-nbd -B"),
             (["--bitmap=b"], "-B/--bitmap:"),
-            (["-l", "snap1"], "-l/--load-snapshot is not yet supported; use qemu-nbd -l"),
             (["-c", "/dev/nbd0"], "-c/--connect: strata serve does not attach kernel NBD devices; use nbd-client"),
             (["-d"], "-d/--disconnect: strata serve attaches no kernel NBD device, so there is none to disconnect; use nbd-client -d DEVICE"),
             (["-L"], "-L/--list is a client's job: list a server's exports with 'nbdinfo --list URI'"),
@@ -425,6 +424,32 @@ final class ServeCommandTests: XCTestCase {
         XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: "\(dir)/base.qcow2")), before, "the file never changed")
         try Peer.expectSuccess("qemu-img", ["check", "\(dir)/base.qcow2"])
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: tmp), [])
+    }
+
+    /// -l NAME (qemu-nbd's --load-snapshot), and `--snapshot NAME FILE`: the snapshot's state,
+    /// read-only, while the active disk holds other data; an unknown name fails at start.
+    func testLoadSnapshotExportsItReadOnly() throws {
+        let dir = try makeTempDir(self)
+        let image = "\(dir)/vm.qcow2"
+        try makeQcow2(image, size: "16M")
+        try Peer.expectSuccess("qemu-io", ["-f", "qcow2", image, "-c", "write -P 4 0 2M"])
+        try Peer.expectSuccess("qemu-img", ["snapshot", "-c", "before", image])
+        try Peer.expectSuccess("qemu-io", ["-f", "qcow2", image, "-c", "write -P 5 0 1M", "-c", "write -P 6 8M 1M"])
+        for flags in [["-l", "before"], ["--load-snapshot=1"], ["--snapshot", "before"]] {
+            let server = try serve(dir, ["-k", "\(dir)/l.sock"] + flags + [image])
+            let uri = try XCTUnwrap(server.waitForLines(1).first, "\(flags): \(server.stderr)")
+            XCTAssertEqual(uri, "nbd+unix:///vm?socket=\(dir)/l.sock")
+            let info = try Peer.expectSuccess("nbdinfo", ["--json", uri])
+            XCTAssertTrue(info.out.contains("\"is_read_only\": true"), "\(flags): \(info.out)")
+            let r = try Peer.expectSuccess("qemu-io", ["-r", "-f", "raw", uri, "-c", "read -P 4 0 2M", "-c", "read -P 0 8M 1M"])
+            XCTAssertFalse(r.out.contains("failed"), "\(flags): \(r.out)")
+            XCTAssertEqual(server.stop(), 0, server.stderr)
+        }
+        let bad = try Peer.run(try strata(), ["serve", "-k", "\(dir)/b.sock", "-l", "nope", image], timeout: 20)
+        XCTAssertEqual(bad.status, 1, bad.transcript)
+        XCTAssertTrue(bad.err.contains("no snapshot with id or name 'nope'"), bad.err)
+        try Peer.expectSuccess("qemu-img", ["check", image])
+        try Peer.expectSuccess("qemu-io", ["-f", "qcow2", image, "-c", "read -P 5 0 1M", "-c", "read -P 6 8M 1M"])
     }
 
     /// --fork: the command returns once the server listens, printing the URIs; the server runs

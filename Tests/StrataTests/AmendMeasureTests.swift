@@ -149,7 +149,7 @@ final class AmendMeasureTests: XCTestCase {
         let (busy, _) = try busyImage("m.qcow2")
         try qemu("bitmap", "--add", busy, "b0")
         let raw = "\(dir)/m.raw"
-        FileManager.default.createFile(atPath: raw, contents: nil)
+        _ = FileManager.default.createFile(atPath: raw, contents: nil)
         let h = try FileHandle(forWritingTo: URL(fileURLWithPath: raw))
         try h.seek(toOffset: 300_000)
         h.write(Data(repeating: 7, count: 200_000))

@@ -72,6 +72,12 @@ final class SnapshotTests: ToolTestCase {
         ok(try qemuImg("snapshot", "-c", "q1", "q.qcow2"), "qemu-img snapshot -c")
         ok(try qemuIO("-c", "write -P 7 2M 2M", "-c", "discard 50M 1M", "q.qcow2"), "write after")
 
+        // convert -l reads a snapshot's state, as qemu-img convert -l does.
+        ok(try strata("convert", "-l", "q1", "-O", "raw", "q.qcow2", "q1-by-strata.raw"), "strata convert -l")
+        ok(try strata("convert", "-l", "snapshot.id=1", "-O", "qcow2", "q.qcow2", "q1-by-strata.qcow2"), "strata convert -l snapshot.id=")
+        ok(try qemuImg("compare", "-f", "raw", "-F", "raw", "q1.raw", "q1-by-strata.raw"), "the snapshot's state")
+        ok(try qemuImg("compare", "-F", "raw", "q1-by-strata.qcow2", "q1.raw"), "the snapshot's state")
+
         let list = try snapshots("q.qcow2")
         XCTAssertEqual(list.map { $0["name"] as? String }, ["q1"])
         XCTAssertEqual(list.first?["id"] as? String, "1")

@@ -38,7 +38,7 @@ public struct OpenOptions: Sendable {
 
     public init(writable: Bool = false, format: ImageFormat? = nil, cache: CacheMode = .writeback,
                 forceShare: Bool = false, backingFormat: ImageFormat? = nil,
-                l2CacheBytes: Int? = nil, refcountCacheBytes: Int? = nil) {
+                l2CacheBytes: Int? = nil, refcountCacheBytes: Int? = nil, snapshot: String? = nil) {
         self.writable = writable
         self.format = format
         self.cache = cache
@@ -46,6 +46,7 @@ public struct OpenOptions: Sendable {
         self.backingFormat = backingFormat
         self.l2CacheBytes = l2CacheBytes
         self.refcountCacheBytes = refcountCacheBytes
+        self.snapshot = snapshot
     }
 }
 

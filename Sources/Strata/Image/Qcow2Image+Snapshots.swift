@@ -268,7 +268,7 @@ extension Qcow2Image {
                 }
             } catch is Stop {}
             if let full {
-                throw StrataError.invalidOption(path: path, reason: "host cluster \(full * clusterSize) is referenced \(try md.refcounts.get(full)) times, the most \(md.header.refcountBits)-bit refcounts hold; raise refcount_bits with 'strata amend -o refcount_bits=16'")
+                throw StrataError.invalidOption(path: path, reason: "host cluster \(full * clusterSize) already has a refcount of \(try md.refcounts.get(full)), the most \(md.header.refcountBits)-bit refcounts hold, so it cannot be shared once more; widen them with 'strata amend -o refcount_bits=16'")
             }
             throw error
         }
