@@ -210,5 +210,7 @@ final class TemplateCloneTests: ToolTestCase {
         try assertSame("fromraw.qcow2", "disk.raw")
         try assertClean("fromraw.qcow2")
         XCTAssertEqual(try info("fromraw.qcow2")["cluster-size"] as? Int, 65536)
+        let left = try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.contains(".partial-") }
+        XCTAssertEqual(left, [], "no temporary copy is left behind")
     }
 }
