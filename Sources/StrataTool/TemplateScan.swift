@@ -72,6 +72,23 @@ struct TemplateScan {
                 skipped.append(Skipped(filename: path, reason: Self.reason(error, path: path)))
             }
         }
+        // One entry per file: a symbolic link to an image of the folder is not a second image
+        // (the file under its own name is kept over a link to it).
+        func isLink(_ p: String) -> Bool {
+            var st = stat()
+            return lstat(p, &st) == 0 && (st.st_mode & S_IFMT) == S_IFLNK
+        }
+        var kept: [String: Int] = [:]
+        var unique: [Image] = []
+        for image in images {
+            if let i = kept[image.real] {
+                if isLink(unique[i].path), !isLink(image.path) { unique[i] = image }
+                continue
+            }
+            kept[image.real] = unique.count
+            unique.append(image)
+        }
+        images = unique
         let byReal = Dictionary(images.map { ($0.real, $0) }, uniquingKeysWith: { a, _ in a })
         var index: [String: Int] = [:]
         for image in images where image.isTemplate {

@@ -159,6 +159,10 @@ final class TemplateCloneTests: ToolTestCase {
         try FileManager.default.createSymbolicLink(atPath: path("link"), withDestinationPath: path("vms"))
         ok(try strata("clone", "-q", "link/t.qcow2", "vms/d.qcow2"), "clone through a link")
         XCTAssertEqual(try info("vms/d.qcow2")["backing-filename"] as? String, "t.qcow2")
+        // A link to the template names the template itself, never the link (which may later move on).
+        try FileManager.default.createSymbolicLink(atPath: path("vms/current.qcow2"), withDestinationPath: "t.qcow2")
+        ok(try strata("clone", "-q", "vms/current.qcow2", "vms/e.qcow2"), "clone through a link to the file")
+        XCTAssertEqual(try info("vms/e.qcow2")["backing-filename"] as? String, "t.qcow2")
         // The folder moves; its clones still read their template.
         try FileManager.default.moveItem(atPath: path("vms"), toPath: path("moved"))
         try assertSame("moved/c.qcow2", "moved/t.qcow2")
@@ -172,6 +176,7 @@ final class TemplateCloneTests: ToolTestCase {
         ok(try strata("clone", "-q", "t.qcow2", "c2.qcow2"), "clone 2")
         ok(try strata("io", "-c", "write -P 3 0 64k", "c1.qcow2"), "write to clone 1")
         ok(try qemuImg("create", "-q", "-f", "qcow2", "-b", "c2.qcow2", "-F", "qcow2", "c2-top.qcow2"), "overlay on clone 2")
+        try FileManager.default.createSymbolicLink(atPath: path("current.qcow2"), withDestinationPath: "t.qcow2")
         try write("notes.txt", Array("not an image".utf8))
         try write("broken.qcow2", [0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 9])  // the magic, then version 9
         let r = ok(try strata("template", "list", "--output", "json", "."), "template list")
