@@ -69,7 +69,7 @@ struct Amend: ParsableCommand {
             case "size":
                 o.size = try SizeParser.parse(value, what: "size", file: file)
             case "backing_file", "backing_fmt":
-                throw CLIError.refused(file: file, reason: "the backing file cannot be amended; use 'qemu-img rebase' (a strata rebase is planned)")
+                throw CLIError.refused(file: file, reason: "the backing file cannot be amended; use 'strata rebase -b BACKING -F FMT' (or -u to rewrite the name only)")
             case "cluster_size", "extended_l2", "compression_type", "preallocation":
                 throw CLIError.refused(file: file, reason: "'\(key)' can only be set when the image is created (use convert -o \(key)=… into a new image)")
             case "data_file", "data_file_raw":

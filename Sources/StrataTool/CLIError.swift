@@ -25,6 +25,16 @@ enum CLIError: Error, CustomStringConvertible {
     case givenTwice(file: String, what: String, ways: String)
     /// Any other refusal about `file`: a conflict, something missing, an impossible request.
     case refused(file: String, reason: String)
+    /// A chain operation on an image without a backing file (`action`: what it would do).
+    case noBackingFile(file: String, action: String)
+    /// `file` names a backing file that is not there.
+    case backingMissing(file: String, name: String, path: String)
+    /// A commit into an image that is a template.
+    case backingIsTemplate(file: String)
+    /// `commit -b NAME`: NAME is not in `file`'s backing chain.
+    case notInChain(file: String, name: String)
+    /// A rebase onto a backing file that is not there.
+    case newBackingMissing(file: String, name: String, path: String)
     /// A first argument that is no subcommand.
     case unknownCommand(String)
     /// A refusal about no one file, its whole message (a flag that cannot be honoured, a
@@ -51,6 +61,16 @@ enum CLIError: Error, CustomStringConvertible {
             return "\(file): the \(what) must be given only once (\(ways))"
         case .refused(let file, let reason):
             return "\(file): \(reason)"
+        case .noBackingFile(let file, let action):
+            return "\(file): has no backing file to \(action)"
+        case .backingMissing(let file, let name, let path):
+            return "\(file): backing file '\(name)' is missing (looked for \(path)); if it was moved, point at it with 'strata rebase -u -b NEWPATH -F FMT \(file)'"
+        case .backingIsTemplate(let file):
+            return "\(file): is a template; its linked clones read through it, so nothing is committed into it (copy it with 'strata convert', or commit into a clone)"
+        case .notInChain(let file, let name):
+            return "\(file): '\(name)' is not in the backing chain (see 'strata info --backing-chain \(file)')"
+        case .newBackingMissing(let file, let name, let path):
+            return "\(file): new backing file '\(name)' does not exist (looked for \(path); a relative name is looked up in the image's folder)"
         case .unknownCommand(let name):
             return "unknown command '\(name)' (see 'strata --help')"
         case .message(let text):

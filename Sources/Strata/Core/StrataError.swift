@@ -27,7 +27,9 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
     case noSuchSnapshot(path: String, name: String)
     /// An internal snapshot of this name exists already.
     case snapshotExists(path: String, name: String)
-    case imageLocked(path: String, detail: String)
+    /// Another process holds a conflicting lock; `holders` names the processes found holding
+    /// the file (empty when none could be found).
+    case imageLocked(path: String, detail: String, holders: [LockHolder] = [])
     case backingChainTooDeep(path: String, limit: Int)
     case backingChainLoop(path: String)
     case backingFormatUnknown(path: String, backing: String)
@@ -56,7 +58,9 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
             return "\(p): image is a template, which is never opened for writing (its linked clones read through it, and would be corrupted); open it read-only to read it, make a linked clone to change it with 'strata clone \(p) NEW', or an independent copy with 'strata clone --full \(p) NEW'"
         case .noSuchSnapshot(let p, let n): return "\(p): no snapshot with id or name '\(n)'"
         case .snapshotExists(let p, let n): return "\(p): a snapshot named '\(n)' exists already"
-        case .imageLocked(let p, let d): return "\(p): failed to get \(d) lock: is another process using the image?"
+        case .imageLocked(let p, let d, let holders):
+            guard let first = holders.first else { return "\(p): failed to get \(d) lock: is another process using the image?" }
+            return "\(p): failed to get \(d) lock: held by \(holders.map(\.description).joined(separator: ", ")); \(first.advice)"
         case .backingChainTooDeep(let p, let l): return "\(p): backing chain is deeper than \(l) images"
         case .backingChainLoop(let p): return "\(p): backing chain loops back to an image already in the chain"
         case .backingFormatUnknown(let p, let b): return "\(p): backing file '\(b)' has no recorded format; give it explicitly (backing format qcow2 or raw), the content is never probed"

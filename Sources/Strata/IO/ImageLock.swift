@@ -22,11 +22,11 @@ struct ImageLock: ~Copyable {
             for p in unshared { _ = try Syscalls.ofdLock(file.fd, exclusive: false, start: Self.sharedBase + p.rawValue, length: 1) }
             // Someone who refuses to share what we use?
             for p in used where !(try Syscalls.ofdTest(file.fd, exclusive: true, start: Self.sharedBase + p.rawValue, length: 1)) {
-                throw StrataError.imageLocked(path: file.name, detail: "\"\(Self.names[p]!)\"")
+                throw StrataError.imageLocked(path: file.name, detail: "\"\(Self.names[p]!)\"", holders: LockHolders.find(fd: file.fd))
             }
             // Someone who uses what we refuse to share?
             for p in unshared where !(try Syscalls.ofdTest(file.fd, exclusive: true, start: Self.permBase + p.rawValue, length: 1)) {
-                throw StrataError.imageLocked(path: file.name, detail: "shared \"\(Self.names[p]!)\"")
+                throw StrataError.imageLocked(path: file.name, detail: "shared \"\(Self.names[p]!)\"", holders: LockHolders.find(fd: file.fd))
             }
         } catch let e as SystemCallError {
             throw StrataError(e, path: file.name)

@@ -92,11 +92,14 @@ extension Qcow2Image {
                 return .zeroData(length: UInt64(range.count))
             }
             return change.map { .zero($0) } ?? .unchanged(length: UInt64(range.count))
-        case .discard:
-            if backing == nil || md.header.version < 3, let skip = unmappedTables(guest, remaining) { return .unchanged(length: skip) }
+        case .discard, .unallocate:
+            let toBacking = request.isUnallocate
+            if backing == nil || md.header.version < 3 || toBacking, let skip = unmappedTables(guest, remaining) { return .unchanged(length: skip) }
             let (g, range, whole) = piece(guest, remaining)
             // Partial-cluster discards are ignored, like QEMU.
-            guard whole, let change = try planDiscard(g, length: UInt64(range.count)) else { return .unchanged(length: UInt64(range.count)) }
+            guard whole, let change = try planDiscard(g, length: UInt64(range.count), toBacking: toBacking) else {
+                return .unchanged(length: UInt64(range.count))
+            }
             return .discard(change)
         }
     }
@@ -283,13 +286,14 @@ extension Qcow2Image {
     }
 
     /// How a whole cluster is freed: unallocated, or a zero cluster over a backing file (v3),
-    /// so the range reads as zeroes. Nil when it already is.
-    private func planDiscard(_ g: UInt64, length: UInt64) throws -> EntryChange? {
+    /// so the range reads as zeroes; with `toBacking`, always unallocated (it reads from the
+    /// backing file again). Nil when it already is.
+    private func planDiscard(_ g: UInt64, length: UInt64, toBacking: Bool) throws -> EntryChange? {
         while busy.contains(g) { lock.wait() }
         let (raw, bitmap) = try md.map.entry(g)
         var newRaw: UInt64 = 0
         var newBitmap: UInt64 = 0
-        if backing != nil && md.header.version >= 3 {
+        if backing != nil && md.header.version >= 3 && !toBacking {
             if geometry.extendedL2 { newBitmap = SubclusterBitmap.allZero.raw } else { newRaw = L2Entry.zeroFlag }
         }
         if raw == newRaw && bitmap == newBitmap { return nil }

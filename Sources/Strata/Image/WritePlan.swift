@@ -6,6 +6,9 @@ enum WriteRequest {
     case zeroes(mayUnmap: Bool)
     /// Free whole clusters (advisory: partial clusters keep their data).
     case discard
+    /// Free whole clusters so they read from the backing file again (unallocated, never a
+    /// zero cluster): emptying an overlay after a commit.
+    case unallocate
 }
 
 /// One step of a write-like request, planned under the metadata lock (each L2 entry decoded
