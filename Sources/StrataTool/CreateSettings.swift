@@ -159,6 +159,7 @@ struct CreateSettings {
     /// (as qemu-img), refused while another process uses that file; nothing is left behind
     /// when it fails. `unsafeBacking` is qemu-img's `-u`.
     func create(path: String, unsafeBacking: Bool = false) throws {
+        try FullCopy.refuseReplacingTemplate(path)
         switch format {
         case .qcow2:
             var o = qcow2Options

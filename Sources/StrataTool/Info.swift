@@ -73,6 +73,8 @@ struct ImageInfo {
     var backingFormat: ImageFormat?
     var qcow2: Qcow2Header?
     var bitmaps: [BitmapDirectoryEntry] = []
+    /// Strata's template mark (not one of QEMU's fields: shown only when set).
+    var isTemplate = false
     var snapshots: [SnapshotRecord] = []
 
     /// Describes one open image, named as the user (or the chain) spelled it.
@@ -88,6 +90,7 @@ struct ImageInfo {
         let h = q.header
         qcow2 = h
         bitmaps = q.bitmaps
+        isTemplate = q.isTemplate
         snapshots = q.snapshots
         clusterSize = h.clusterSize
         dirty = h.incompatibleFeatures.contains(.dirty)
@@ -109,7 +112,7 @@ struct ImageInfo {
         if let h = qcow2 {
             fields.append(("format-specific", .object([
                 ("type", .string("qcow2")),
-                ("data", .object(Self.qcow2Specific(h, bitmaps: bitmaps).map { ($0.key, $0.json) })),
+                ("data", .object(Self.qcow2Specific(h, bitmaps: bitmaps, template: isTemplate).map { ($0.key, $0.json) })),
             ])))
         }
         if let full = fullBackingFilename { fields.append(("full-backing-filename", .string(full))) }
@@ -138,7 +141,7 @@ struct ImageInfo {
         if !snapshots.isEmpty { s += SnapshotListing(snapshots, exclusive: nil).human }
         if let h = qcow2 {
             s += "Format specific information:\n"
-            for field in Self.qcow2Specific(h, bitmaps: bitmaps) {
+            for field in Self.qcow2Specific(h, bitmaps: bitmaps, template: isTemplate) {
                 // A nested field (its text starts a new line) has no space after the colon.
                 let gap = field.text.hasPrefix("\n") ? "" : " "
                 s += "    \(String(field.key.map { $0 == "-" ? " " : $0 })):\(gap)\(field.text)\n"
@@ -155,7 +158,8 @@ struct ImageInfo {
     }
 
     /// `ImageInfoSpecificQCow2` in QEMU's order; version 2 images have only the first three.
-    static func qcow2Specific(_ h: Qcow2Header, bitmaps: [BitmapDirectoryEntry]) -> [SpecificField] {
+    /// `template` adds Strata's own `template: true` last (absent otherwise, as in qemu-img).
+    static func qcow2Specific(_ h: Qcow2Header, bitmaps: [BitmapDirectoryEntry], template: Bool = false) -> [SpecificField] {
         func bool(_ k: String, _ b: Bool) -> SpecificField { SpecificField(key: k, json: .bool(b), text: b ? "true" : "false") }
         if h.version < 3 {
             return [
@@ -172,7 +176,7 @@ struct ImageInfo {
             SpecificField(key: "refcount-bits", json: .uint(h.refcountBits), text: String(h.refcountBits)),
             bool("corrupt", h.incompatibleFeatures.contains(.corrupt)),
             bool("extended-l2", h.extendedL2),
-        ]
+        ] + (template ? [bool("template", true)] : [])
     }
 
     /// The `bitmaps` list: flags (in-use, auto), name and granularity of each, JSON and the

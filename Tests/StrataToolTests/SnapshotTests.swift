@@ -17,11 +17,23 @@ final class SnapshotTests: ToolTestCase {
         return json(r.stdout, file: file, line: line) as? [[String: Any]] ?? []
     }
 
-    /// Bytes the file occupies on disk.
+    /// Bytes of the file that hold data (SEEK_DATA/SEEK_HOLE; unlike st_blocks this leaves
+    /// out the file system's own extent blocks, which punching holes adds and removes).
     func allocated(_ name: String) throws -> Int {
-        var st = stat()
-        XCTAssertEqual(stat(path(name), &st), 0)
-        return Int(st.st_blocks) * 512
+        let fd = open(path(name), O_RDONLY)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        defer { close(fd) }
+        let end = lseek(fd, 0, SEEK_END)
+        var total = 0
+        var pos: off_t = 0
+        while pos < end {
+            let data = lseek(fd, pos, SEEK_DATA)
+            if data < 0 { break }
+            let hole = lseek(fd, data, SEEK_HOLE)
+            total += Int(hole - data)
+            pos = hole
+        }
+        return total
     }
 
     func fileLength(_ name: String) throws -> Int {

@@ -55,7 +55,7 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
         case .imageIsCorruptBit(let p): return "\(p): image is marked corrupt; it can only be opened read-only (repair with 'qemu-img check -r all')"
         case .imageIsDirty(let p): return "\(p): image is marked dirty (lazy refcounts were in use); repair it with 'qemu-img check -r all' before writing"
         case .imageIsTemplate(let p):
-            return "\(p): image is a template, which is never opened for writing (its linked clones read through it); make a clone with 'strata clone', or an independent copy with 'strata clone --full'"
+            return "\(p): image is a template, which is never opened for writing (its linked clones read through it, and would be corrupted); open it read-only to read it, make a linked clone to change it with 'strata clone \(p) NEW', or an independent copy with 'strata clone --full \(p) NEW'"
         case .noSuchSnapshot(let p, let n): return "\(p): no snapshot with id or name '\(n)'"
         case .snapshotExists(let p, let n): return "\(p): a snapshot named '\(n)' exists already"
         case .imageLocked(let p, let d, let holders):

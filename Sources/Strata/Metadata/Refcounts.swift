@@ -32,18 +32,31 @@ final class Refcounts {
         self.cache = TableCache(capacity: cacheBytes / Int(file.clusterSize))
     }
 
+    /// The block last returned by ``block(covering:)`` and its table index: walks touch one
+    /// block thousands of times in a row (checked against the table and the cache's residency).
+    private var last: (index: UInt64, table: Table)?
+
     /// The refcount block covering cluster `c`, or nil when the table has none for it.
+    @inline(__always)
     func block(covering c: UInt64) throws -> Table? {
         let ti = c / blockEntries
         guard ti < UInt64(table.count) else { return nil }
         let off = table[Int(ti)] & ~UInt64(511)
         if off == 0 { return nil }
-        if let t = cache.get(off) { return t }
+        if let last, last.index == ti, last.table.resident, last.table.offset == off {
+            cache.touch(last.table)
+            return last.table
+        }
+        if let t = cache.get(off) {
+            last = (ti, t)
+            return t
+        }
         try file.checkHost(off, "refcount table entry \(ti)")
         try overlap.checkTable(off, as: .refcountBlock)
         let t = Table(offset: off, size: Int(file.clusterSize))
         _ = try file.storage.read(into: t.buf, at: off)
         cache.insert(t)
+        last = (ti, t)
         return t
     }
 
@@ -93,6 +106,7 @@ final class Refcounts {
     func adopt(table newTable: [UInt64], order newOrder: UInt32) {
         precondition(cache.dirtyCount == 0, "adopting a refcount table with dirty blocks cached")
         for off in cache.tables.keys { cache.remove(off) }
+        last = nil
         table = newTable
         tableDirty = false
         order = newOrder
