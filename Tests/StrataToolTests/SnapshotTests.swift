@@ -23,13 +23,14 @@ final class SnapshotTests: ToolTestCase {
         let fd = open(path(name), O_RDONLY)
         XCTAssertGreaterThanOrEqual(fd, 0)
         defer { close(fd) }
+        let seekData: Int32 = 3, seekHole: Int32 = 4  // Linux's SEEK_DATA, SEEK_HOLE
         let end = lseek(fd, 0, SEEK_END)
         var total = 0
         var pos: off_t = 0
         while pos < end {
-            let data = lseek(fd, pos, SEEK_DATA)
+            let data = lseek(fd, pos, seekData)
             if data < 0 { break }
-            let hole = lseek(fd, data, SEEK_HOLE)
+            let hole = lseek(fd, data, seekHole)
             total += Int(hole - data)
             pos = hole
         }
