@@ -130,7 +130,8 @@ enum ControlClient {
         case "list":
             reply = try execute(server: server, "snapshot-list", [("export", .string(export))])
             let listing = snapshotListing(reply.arrayValue ?? [])
-            return json ? listing.json.pretty + "\n" : listing.human
+            // As offline (and qemu-img): nothing at all when there are no snapshots.
+            return json ? listing.json.pretty + "\n" : (listing.records.isEmpty ? "" : listing.human)
         case "external":
             reply = try execute(server: server, "snapshot-external",
                                 [("export", .string(export)), ("overlay", .string(absolute(try needName("OVERLAY"))))])

@@ -18,7 +18,11 @@ struct Snapshot: ParsableCommand {
               strata snapshot revert FILE NAME                     (also: -a NAME FILE, apply)
               strata snapshot delete FILE NAME                     (also: -d NAME FILE)
               strata snapshot create|list|delete --server SOCKET EXPORT [NAME]
+              strata snapshot external --server SOCKET EXPORT OVERLAY
 
+            external (live, through a server's control socket) puts a new qcow2 OVERLAY on \
+            top of the served file and serves the overlay from then on; the old file stays \
+            read-only and stable. Offline, that is 'strata create -f qcow2 -b FILE -F FMT OVERLAY'. \
             A snapshot copies the L1 table and adds a reference to every cluster the disk \
             uses: no guest data is copied, and later writes copy shared clusters on write. \
             NAME is looked up as an id first, then as a name. The list shows, per snapshot, \
@@ -48,7 +52,7 @@ struct Snapshot: ParsableCommand {
     var words: [String] = []
 
     enum Verb: String {
-        case list, create, revert, delete
+        case list, create, revert, delete, external
     }
 
     /// What was asked: the verb, the file (or export) and the snapshot name.
@@ -81,6 +85,9 @@ struct Snapshot: ParsableCommand {
 
     mutating func validate() throws {
         let r = try request()
+        if server == nil && r.verb == .external {
+            throw ValidationError("external snapshots are taken live through a server (--server SOCKET); offline, create the overlay: strata create -f qcow2 -b \(r.target) -F qcow2 OVERLAY")
+        }
         if server != nil && r.verb == .revert {
             throw ValidationError("revert is offline only (the disk under a running guest would change); stop the server, or take an external snapshot")
         }
@@ -111,6 +118,7 @@ struct Snapshot: ParsableCommand {
         case .create: try q.createSnapshot(name: r.name!)
         case .revert: try q.revertToSnapshot(r.name!)
         case .delete: try q.deleteSnapshot(r.name!)
+        case .external: break  // refused in validate()
         }
         try q.close()
     }

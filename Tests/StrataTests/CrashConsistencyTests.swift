@@ -81,12 +81,7 @@ final class CrashConsistencyTests: XCTestCase {
         }
         let path = "\(dir)/crash-\(cs).qcow2"
         for k in points.sorted() {
-            let lastSync = events[..<k].lastIndex(of: .sync).map { $0 + 1 } ?? 0
-            // Durable: everything up to the last sync; then a random subset of what follows.
-            let disk = MemoryStorage(bytes: baseBytes)
-            try RecordingStorage.replay(events[..<lastSync], onto: disk)
-            try RecordingStorage.replay(events[lastSync..<k].filter { _ in rng.next() % 2 == 0 }, onto: disk)
-            try Data(disk.contents).write(to: URL(fileURLWithPath: path))
+            let lastSync = try writeCrashImage(events, upTo: k, base: baseBytes, rng: &rng, to: path)
 
             let check = try runTool(["qemu-img", "check", path])
             XCTAssertTrue(check.status == 0 || check.status == 3, "crash after event \(k) of \(events.count) (cs \(cs)): \(check.out)\(check.err)")

@@ -55,11 +55,7 @@ final class SnapshotCrashTests: XCTestCase {
         for _ in 0..<30 { points.insert(Int(rng.next() % UInt64(events.count + 1))) }
         let path = "\(dir)/snapcrash-\(cs).qcow2"
         for k in points.sorted() {
-            let lastSync = events[..<k].lastIndex(of: .sync).map { $0 + 1 } ?? 0
-            let disk = MemoryStorage(bytes: baseBytes)
-            try RecordingStorage.replay(events[..<lastSync], onto: disk)
-            try RecordingStorage.replay(events[lastSync..<k].filter { _ in rng.next() % 2 == 0 }, onto: disk)
-            try Data(disk.contents).write(to: URL(fileURLWithPath: path))
+            try writeCrashImage(events, upTo: k, base: baseBytes, rng: &rng, to: path)
 
             // Leaks are allowed. So are COPIED flags out of step with a refcount that just
             // changed: qcow2 keeps "refcount is 1" in every L2 entry, and a refcount and the

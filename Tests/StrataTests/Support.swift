@@ -53,3 +53,16 @@ func runToolData(_ args: [String]) throws -> [UInt8] {
 func fill(_ model: inout [UInt8], _ range: Range<Int>, _ byte: UInt8) {
     model.withUnsafeMutableBytes { _ = memset($0.baseAddress! + range.lowerBound, Int32(byte), range.count) }
 }
+
+/// Writes to `path` the file a crash after recorded event `k` could leave: `base`, then every
+/// event up to the last sync before `k` (durable), then a random subset of the ones after it.
+/// Returns the index just past that last sync.
+@discardableResult
+func writeCrashImage(_ events: [StorageEvent], upTo k: Int, base: [UInt8], rng: inout SeededRandom, to path: String) throws -> Int {
+    let lastSync = events[..<k].lastIndex(of: .sync).map { $0 + 1 } ?? 0
+    let disk = MemoryStorage(bytes: base)
+    try RecordingStorage.replay(events[..<lastSync], onto: disk)
+    try RecordingStorage.replay(events[lastSync..<k].filter { _ in rng.next() % 2 == 0 }, onto: disk)
+    try Data(disk.contents).write(to: URL(fileURLWithPath: path))
+    return lastSync
+}

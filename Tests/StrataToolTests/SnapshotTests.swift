@@ -163,6 +163,8 @@ final class SnapshotTests: ToolTestCase {
         assertUserError(try strata("snapshot", "-c", "y", "-d", "x", "m.qcow2"), mentions: ["only one"])
         assertUserError(try strata("snapshot", "-c", "y"), mentions: ["image file"])
         assertUserError(try strata("snapshot", "list", "missing.qcow2"), mentions: ["missing.qcow2"])
+        assertUserError(try strata("snapshot", "external", "m.qcow2", "top.qcow2"), mentions: ["--server", "strata create -f qcow2 -b m.qcow2"])
+        assertUserError(try strata("snapshot", "list", "--server", "no-such.sock", "m"), mentions: ["no-such.sock"])
         try truncate("r.img", to: 1 << 20)
         assertUserError(try strata("snapshot", "create", "-f", "raw", "r.img", "x"), mentions: ["raw"])
         XCTAssertEqual(try snapshots("m.qcow2").count, 1, "nothing changed")
