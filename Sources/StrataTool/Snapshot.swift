@@ -40,11 +40,11 @@ struct Snapshot: ParsableCommand {
     @Flag(name: .customShort("l"), help: "List the snapshots (the default).")
     var list = false
     @Option(name: .customShort("c"), help: ArgumentHelp("Create a snapshot named NAME.", valueName: "name"))
-    var create: String?
+    var create: [String] = []
     @Option(name: .customShort("a"), help: ArgumentHelp("Apply (revert to) the snapshot NAME.", valueName: "name"))
-    var apply: String?
+    var apply: [String] = []
     @Option(name: .customShort("d"), help: ArgumentHelp("Delete the snapshot NAME.", valueName: "name"))
-    var delete: String?
+    var delete: [String] = []
     @Option(name: .customLong("server"), help: ArgumentHelp("Act on a served image through this control socket.", valueName: "socket"))
     var server: String?
 
@@ -57,9 +57,10 @@ struct Snapshot: ParsableCommand {
 
     /// What was asked: the verb, the file (or export) and the snapshot name.
     func request() throws -> (verb: Verb, target: String, name: String?) {
-        let flagged: [(Verb, String?)] = [(.list, list ? "" : nil), (.create, create), (.revert, apply), (.delete, delete)]
-            .filter { $0.1 != nil }
-        guard flagged.count <= 1 else { throw ValidationError("give only one of -l, -c, -a and -d") }
+        // Like qemu-img, one action flag, given once.
+        let flagged: [(Verb, String?)] = (list ? [(.list, "")] : []) + create.map { (.create, $0) }
+            + apply.map { (.revert, $0) } + delete.map { (.delete, $0) }
+        guard flagged.count <= 1 else { throw ValidationError("give only one of -l, -c, -a and -d, once") }
         if let (verb, name) = flagged.first {
             guard !words.isEmpty else { throw ValidationError("missing the image file") }
             guard words.count == 1 else { throw ValidationError("unexpected arguments after the file: \(words.dropFirst().joined(separator: " "))") }
@@ -72,6 +73,9 @@ struct Snapshot: ParsableCommand {
             rest.removeFirst()
         }
         let what = server == nil ? "image file" : "export name"
+        if verb == .list, words.count > 1, words.first.map({ Verb(rawValue: $0) == nil }) ?? false {
+            throw ValidationError("'\(words[0])' is not an action: expected list, create, revert (or apply), delete or external")
+        }
         switch (verb, rest.count) {
         case (.list, 1): return (verb, rest[0], nil)
         case (.list, 0): throw ValidationError("missing the \(what)")

@@ -162,6 +162,8 @@ final class SnapshotTests: ToolTestCase {
         assertUserError(try strata("snapshot", "create", "m.qcow2"), mentions: ["snapshot name"])
         assertUserError(try strata("snapshot", "-c", "y", "-d", "x", "m.qcow2"), mentions: ["only one"])
         assertUserError(try strata("snapshot", "-c", "y"), mentions: ["image file"])
+        assertUserError(try strata("snapshot", "-c", "y", "-c", "z", "m.qcow2"), mentions: ["only one"])
+        assertUserError(try strata("snapshot", "frobnicate", "m.qcow2"), mentions: ["'frobnicate' is not an action"])
         assertUserError(try strata("snapshot", "list", "missing.qcow2"), mentions: ["missing.qcow2"])
         assertUserError(try strata("snapshot", "external", "m.qcow2", "top.qcow2"), mentions: ["--server", "strata create -f qcow2 -b m.qcow2"])
         assertUserError(try strata("snapshot", "list", "--server", "no-such.sock", "m"), mentions: ["no-such.sock"])
