@@ -30,7 +30,7 @@ struct CreateSettings {
         ("backing_fmt=<str>", "Image format of the base image (qcow2 or raw)"),
         ("cluster_size=<size>", "qcow2 cluster size (512 to 2M, a power of two)"),
         ("compat=<str>", "Compatibility level (v2 [0.10] or v3 [1.1])"),
-        ("compression_type=<str>", "Compression method used for image cluster compression (zlib or zstd)"),
+        ("compression_type=<str>", "Compression method used for image cluster compression (zlib, zstd, or lz4: Strata only, QEMU refuses it)"),
         ("extended_l2=<bool (on/off)>", "Extended L2 tables"),
         ("lazy_refcounts=<bool (on/off)>", "Postpone refcount updates"),
         ("preallocation=<str>", "Preallocation mode (allowed values: off)"),
@@ -84,7 +84,8 @@ struct CreateSettings {
                 switch value {
                 case "zlib": compressionType = .zlib
                 case "zstd": compressionType = .zstd
-                default: throw bad("expected zlib or zstd")
+                case "lz4": compressionType = .lz4
+                default: throw bad("expected zlib, zstd or lz4")
                 }
             case (.qcow2, "lazy_refcounts"):
                 guard let b = OptionList.parseBool(value) else { throw bad("expected on or off") }

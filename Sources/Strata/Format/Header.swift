@@ -218,8 +218,21 @@ public struct AutoclearFeatures: OptionSet, Sendable, Hashable {
 }
 
 /// Compression method for compressed clusters (header byte 104).
+///
+/// zlib and zstd are QEMU's. lz4 is Strata's extension (see spec/format.md): a value far
+/// from the ones QEMU hands out in order (0, 1, ...), so QEMU refuses such an image with its
+/// "unknown compression type" error instead of misreading it (and QEMU before 5.1 refuses it
+/// by the compression type incompatible bit).
 public enum CompressionType: UInt8, Sendable, CaseIterable {
     case zlib = 0
     case zstd = 1
-    public var name: String { self == .zlib ? "zlib" : "zstd" }
+    /// Strata's extension: an LZ4 frame per compressed cluster.
+    case lz4 = 128
+    public var name: String {
+        switch self {
+        case .zlib: return "zlib"
+        case .zstd: return "zstd"
+        case .lz4: return "lz4"
+        }
+    }
 }

@@ -92,6 +92,8 @@ extension Qcow2Image {
                 return .zeroData(length: UInt64(range.count))
             }
             return change.map { .zero($0) } ?? .unchanged(length: UInt64(range.count))
+        case .compressed(let bytes):
+            return .compressed(try planCompressed(guest >> clusterBits, bytes: UInt64(bytes.count), length: remaining))
         case .discard, .unallocate:
             let toBacking = request.isUnallocate
             if backing == nil || md.header.version < 3 || toBacking, let skip = unmappedTables(guest, remaining) { return .unchanged(length: skip) }
@@ -347,6 +349,11 @@ extension Qcow2Image {
             }
             return UInt64(bytes.count)
 
+        case .compressed(let cw):
+            guard case .compressed(let bytes) = request else { preconditionFailure("compressed plan for another request") }
+            try executeCompressed(cw, bytes: bytes)
+            return cw.length
+
         case .zero(let change), .discard(let change):
             return change.length
 
@@ -411,7 +418,7 @@ extension Qcow2Image {
     }
 
     /// Ends a plan: its clusters are no longer busy and its table may be evicted. Lock held.
-    private func finish(_ clusters: [UInt64], table: Table) {
+    func finish(_ clusters: [UInt64], table: Table) {
         for g in clusters { busy.remove(g) }
         md.map.cache.unpin(table)
         lock.broadcast()

@@ -9,6 +9,9 @@ enum WriteRequest {
     /// Free whole clusters so they read from the backing file again (unallocated, never a
     /// zero cluster): emptying an overlay after a commit.
     case unallocate
+    /// One whole guest cluster stored compressed: these are its compressed bytes (already
+    /// known to be smaller than a cluster).
+    case compressed(UnsafeRawBufferPointer)
 }
 
 /// One step of a write-like request, planned under the metadata lock (each L2 entry decoded
@@ -24,6 +27,9 @@ enum WritePlan {
     case allocate(ClusterRun)
     /// One cluster written with copy-on-write fill around the new bytes.
     case copyOnWrite(ClusterWrite)
+    /// One whole cluster stored as compressed bytes in shared host clusters: data first, then
+    /// its entry points at it.
+    case compressed(CompressedWrite)
     /// A cluster (or whole subclusters) made to read as zeroes through its entry.
     case zero(EntryChange)
     /// A whole cluster freed through its entry.
@@ -78,4 +84,20 @@ struct ClusterWrite {
     var padding: [(Range<UInt64>, Source)]
     var oldRaw: UInt64
     var oldBitmap: UInt64
+}
+
+/// A planned compressed cluster: its bytes go to `host` (a byte range inside host clusters
+/// shared with other compressed clusters, one reference taken on each), then `entry` replaces
+/// the old entry.
+struct CompressedWrite {
+    /// The L2 table (writable, pinned until commit or abandon) and the entry's index in it.
+    var table: Table
+    var index: Int
+    var guestCluster: UInt64
+    /// The new entry (a compressed cluster descriptor); its bitmap is 0 with extended L2.
+    var entry: L2Entry
+    var host: UInt64
+    var oldRaw: UInt64
+    /// Guest bytes covered (the cluster, or the disk's partial last cluster).
+    var length: UInt64
 }

@@ -1,0 +1,82 @@
+/// Compressed writes: one whole guest cluster compressed (by the caller's
+/// ``ClusterCompressor``, outside any lock) and stored QEMU's way, as a byte range packed
+/// into host clusters shared with other compressed clusters.
+///
+/// Crash order is the write pipeline's: the compressed bytes are written before the entry
+/// changes, and a flush makes data durable before the L2 table that points at it. A later
+/// write into the cluster copies it on write to a normal cluster (compressed entries are
+/// never "owned", see ``L2Entry/ownedHost``).
+extension Qcow2Image {
+    /// A compressor for this image's compression type and cluster size (one per thread).
+    public func makeCompressor() -> ClusterCompressor {
+        ClusterCompressor(type: header.compressionType, clusterSize: Int(clusterSize))
+    }
+
+    /// Writes the guest cluster at `offset` (cluster-aligned) compressed. `cluster` holds the
+    /// whole cluster, or only the bytes up to the end of the disk for its partial last
+    /// cluster (padded with zeroes for the compression). A cluster that does not shrink is
+    /// written uncompressed; returns whether it was stored compressed.
+    @discardableResult
+    public func writeCompressed(_ cluster: UnsafeRawBufferPointer, at offset: UInt64, compressor: ClusterCompressor) throws -> Bool {
+        precondition(compressor.clusterSize == Int(clusterSize), "compressor made for another cluster size")
+        let size = self.size
+        guard offset % clusterSize == 0, offset < size,
+              UInt64(cluster.count) == min(clusterSize, size - offset) else {
+            throw StrataError.invalidOption(path: path, reason: "a compressed write covers exactly one whole cluster (offset \(offset), \(cluster.count) bytes)")
+        }
+        let compressed: UnsafeRawBufferPointer?
+        if UInt64(cluster.count) < clusterSize {
+            let padded = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(clusterSize), alignment: 16)
+            defer { padded.deallocate() }
+            padded.copyMemory(from: cluster)
+            UnsafeMutableRawBufferPointer(rebasing: padded[cluster.count...]).initializeMemory(as: UInt8.self, repeating: 0)
+            compressed = compressor.compress(UnsafeRawBufferPointer(padded))
+        } else {
+            compressed = compressor.compress(cluster)
+        }
+        guard let compressed else {
+            try perform(.data(cluster), at: offset, length: UInt64(cluster.count))
+            return false
+        }
+        try perform(.compressed(compressed), at: offset, length: UInt64(cluster.count))
+        return true
+    }
+
+    /// Plans the compressed write of guest cluster `g` (`bytes` compressed bytes, `length`
+    /// guest bytes): waits until the cluster is not busy, takes the byte range, marks the
+    /// cluster busy and pins its table. Lock held.
+    func planCompressed(_ g: UInt64, bytes: UInt64, length: UInt64) throws -> CompressedWrite {
+        while busy.contains(g) { lock.wait() }
+        let perTable = geometry.l2Entries
+        let table = try md.map.writableTable(Int(g / perTable))
+        let j = Int(g % perTable)
+        let raw = ClusterMap.read(table, j, extended: geometry.extendedL2).raw
+        let host = try md.allocator.allocateBytes(bytes)
+        try md.overlap.checkData(host, bytes)
+        // The descriptor counts the sectors after the first one the bytes touch.
+        let sectors = ((host + bytes - 1) >> 9) - (host >> 9)
+        let entry = L2Entry.compressed(host: host, sectors: sectors, clusterBits: UInt32(clusterBits))
+        busy.insert(g)
+        md.map.cache.pin(table)
+        return CompressedWrite(table: table, index: j, guestCluster: g, entry: entry, host: host, oldRaw: raw, length: length)
+    }
+
+    /// Writes the compressed bytes (no lock), then points the entry at them and drops the old
+    /// entry's references (lock held). On failure the byte range's references are given back.
+    func executeCompressed(_ cw: CompressedWrite, bytes: UnsafeRawBufferPointer) throws {
+        do {
+            try storage.write(bytes, at: cw.host)
+        } catch {
+            lock.withLock {
+                md.map.release(raw: cw.entry.raw)
+                finish([cw.guestCluster], table: cw.table)
+            }
+            throw error
+        }
+        lock.withLock {
+            defer { finish([cw.guestCluster], table: cw.table) }
+            md.map.set(cw.table, cw.index, raw: cw.entry.raw, bitmap: 0)
+            md.map.release(raw: cw.oldRaw)
+        }
+    }
+}
