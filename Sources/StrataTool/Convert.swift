@@ -18,7 +18,11 @@ struct Convert: ParsableCommand {
             is given: then DST must exist, keeps its format and size, and zero ranges of SRC are \
             written as zeroes over it. With -B, DST is a qcow2 image on the backing file \
             BACKING, and only what SRC's top image holds is copied (the rest is left to the \
-            backing file). Without -W the writes stay in order, whatever -m says.
+            backing file). Without -W the writes stay in order, whatever -m says. With -c \
+            (qcow2 only), every cluster holding data is compressed with DST's compression type \
+            (-o compression_type=zlib, zstd or lz4) on up to -m workers, at most one per core; \
+            the image is the same whatever their number, and clusters that do not shrink are \
+            stored uncompressed.
             """)
 
     @Option(name: .customShort("f"), help: ArgumentHelp("Source format (qcow2 or raw); probed when omitted.", valueName: "fmt"))
@@ -55,6 +59,9 @@ struct Convert: ParsableCommand {
     @Flag(name: .customShort("W"), help: "Allow out-of-order writes (lets the -m workers run at once).")
     var outOfOrder = false
 
+    @Flag(name: .customShort("c"), help: "Compress the clusters of DST (qcow2 only).")
+    var compress = false
+
     @Flag(name: .customShort("p"), help: "Show progress.")
     var progress = false
 
@@ -82,6 +89,14 @@ struct Convert: ParsableCommand {
             throw ValidationError("invalid number of workers (-m) \(workers): it must be between 1 and 16")
         }
         _ = try cacheModes()
+        if compress {
+            guard outputFormat == .qcow2 else {
+                throw CLIError.refused(file: destination, reason: "compression (-c) is not supported for the \(outputFormat) format; use -O qcow2")
+            }
+            if skipCreate || backingFile != nil {
+                throw CLIError.refused(file: destination, reason: "compression (-c) is supported only into a new image without a backing file (not with -n or -B)")
+            }
+        }
     }
 
     /// `-S` in bytes: 0 (copy everything) or a multiple of 512 up to ``maxSparseSize``.
@@ -157,8 +172,13 @@ struct Convert: ParsableCommand {
 
         let bar = ProgressBar(enabled: progress && !quiet.quiet, total: src.size, minStep: 1)
         let target: Copier.Target = backingFile != nil ? .onBacking : skipCreate ? .existing : .blank
-        let copier = Copier(src: src, dst: dst, target: target, sparse: try sparseBytes(), bar: bar)
-        try copier.run(workers: outOfOrder ? workers : 1)
+        if compress, let q = dst as? Qcow2Image {
+            // Deterministic whatever the workers, so -W is not needed for them to run at once.
+            try CompressedCopier(src: src, dst: q, bar: bar).run(workers: workers)
+        } else {
+            let copier = Copier(src: src, dst: dst, target: target, sparse: try sparseBytes(), bar: bar)
+            try copier.run(workers: outOfOrder ? workers : 1)
+        }
         try dst.flush()
         closed = true
         try dst.close()

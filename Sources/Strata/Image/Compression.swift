@@ -82,6 +82,8 @@ public final class ClusterCompressor {
     private var zlib = z_stream()
     private var zlibReady = false
     private let zstd: OpaquePointer?
+    /// The disk's partial last cluster, padded with zeroes (made on first use).
+    private var padded: UnsafeMutableRawBufferPointer?
 
     /// A compressor for clusters of `clusterSize` bytes.
     public init(type: CompressionType, clusterSize: Int) {
@@ -105,13 +107,23 @@ public final class ClusterCompressor {
         if zlibReady { deflateEnd(&zlib) }
         if let zstd { ZSTD_freeCCtx(zstd) }
         output.deallocate()
+        padded?.deallocate()
     }
 
-    /// Compresses one cluster (`input.count == clusterSize`). Returns the compressed bytes
-    /// (valid until the next call), or nil when they would not be smaller than the cluster:
-    /// such a cluster is stored uncompressed.
-    public func compress(_ input: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer? {
-        precondition(input.count == clusterSize, "compression works on whole clusters")
+    /// Compresses one cluster (`input.count == clusterSize`; fewer bytes for the disk's
+    /// partial last cluster, which is compressed padded with zeroes, as QEMU does). Returns
+    /// the compressed bytes (valid until the next call), or nil when they would not be
+    /// smaller than the cluster: such a cluster is stored uncompressed.
+    public func compress(_ cluster: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer? {
+        precondition(cluster.count <= clusterSize, "compression works on whole clusters")
+        var input = cluster
+        if cluster.count < clusterSize {
+            let p = padded ?? .allocate(byteCount: clusterSize, alignment: 16)
+            padded = p
+            p.copyMemory(from: cluster)
+            UnsafeMutableRawBufferPointer(rebasing: p[cluster.count...]).initializeMemory(as: UInt8.self, repeating: 0)
+            input = UnsafeRawBufferPointer(p)
+        }
         let limit = clusterSize - 1  // as QEMU: at most one byte less than the cluster
         let n: Int
         switch type {

@@ -19,27 +19,26 @@ extension Qcow2Image {
     @discardableResult
     public func writeCompressed(_ cluster: UnsafeRawBufferPointer, at offset: UInt64, compressor: ClusterCompressor) throws -> Bool {
         precondition(compressor.clusterSize == Int(clusterSize), "compressor made for another cluster size")
+        let compressed = compressor.compress(cluster)
+        try writeCompressed(precompressed: compressed, cluster: cluster, at: offset)
+        return compressed != nil
+    }
+
+    /// Writes the guest cluster at `offset` from bytes a ``ClusterCompressor`` of this image
+    /// made earlier (on another thread, say): `compressed` (smaller than a cluster), or nil
+    /// when the cluster did not shrink and `cluster` is written uncompressed.
+    public func writeCompressed(precompressed compressed: UnsafeRawBufferPointer?, cluster: UnsafeRawBufferPointer, at offset: UInt64) throws {
         let size = self.size
         guard offset % clusterSize == 0, offset < size,
               UInt64(cluster.count) == min(clusterSize, size - offset) else {
             throw StrataError.invalidOption(path: path, reason: "a compressed write covers exactly one whole cluster (offset \(offset), \(cluster.count) bytes)")
         }
-        let compressed: UnsafeRawBufferPointer?
-        if UInt64(cluster.count) < clusterSize {
-            let padded = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(clusterSize), alignment: 16)
-            defer { padded.deallocate() }
-            padded.copyMemory(from: cluster)
-            UnsafeMutableRawBufferPointer(rebasing: padded[cluster.count...]).initializeMemory(as: UInt8.self, repeating: 0)
-            compressed = compressor.compress(UnsafeRawBufferPointer(padded))
-        } else {
-            compressed = compressor.compress(cluster)
-        }
         guard let compressed else {
             try perform(.data(cluster), at: offset, length: UInt64(cluster.count))
-            return false
+            return
         }
+        precondition(!compressed.isEmpty && UInt64(compressed.count) < clusterSize, "compressed bytes must be smaller than a cluster")
         try perform(.compressed(compressed), at: offset, length: UInt64(cluster.count))
-        return true
     }
 
     /// Plans the compressed write of guest cluster `g` (`bytes` compressed bytes, `length`
