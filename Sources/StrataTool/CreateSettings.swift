@@ -21,6 +21,8 @@ struct CreateSettings {
     var compressionType: CompressionType = .zlib
     var lazyRefcounts = false
     var extendedL2 = false
+    /// `compress=on`: Strata stores whole-cluster guest writes compressed.
+    var compressWrites = false
     var backingFile: String?
     var backingFormat: ImageFormat?
 
@@ -30,6 +32,7 @@ struct CreateSettings {
         ("backing_fmt=<str>", "Image format of the base image (qcow2 or raw)"),
         ("cluster_size=<size>", "qcow2 cluster size (512 to 2M, a power of two)"),
         ("compat=<str>", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+        ("compress=<bool (on/off)>", "Store whole-cluster guest writes compressed (Strata only; QEMU ignores it)"),
         ("compression_type=<str>", "Compression method used for image cluster compression (zlib, zstd, or lz4: Strata only, QEMU refuses it)"),
         ("extended_l2=<bool (on/off)>", "Extended L2 tables"),
         ("lazy_refcounts=<bool (on/off)>", "Postpone refcount updates"),
@@ -90,6 +93,9 @@ struct CreateSettings {
             case (.qcow2, "lazy_refcounts"):
                 guard let b = OptionList.parseBool(value) else { throw bad("expected on or off") }
                 lazyRefcounts = b
+            case (.qcow2, "compress"):
+                guard let b = OptionList.parseBool(value) else { throw bad("expected on or off") }
+                compressWrites = b
             case (.qcow2, "extended_l2"):
                 guard let b = OptionList.parseBool(value) else { throw bad("expected on or off") }
                 extendedL2 = b
@@ -150,6 +156,7 @@ struct CreateSettings {
         o.compressionType = compressionType
         o.lazyRefcounts = lazyRefcounts
         o.extendedL2 = extendedL2
+        o.compressWrites = compressWrites
         o.backingFile = backingFile
         o.backingFormat = backingFormat
         o.version = version

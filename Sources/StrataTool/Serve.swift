@@ -52,6 +52,9 @@ struct Serve: ParsableCommand {
     @Flag(name: [.customShort("r"), .long], help: "Export read-only.")
     var readOnly = false
 
+    @Flag(help: "Store every whole cluster a client writes compressed (qcow2; the image's compression type).")
+    var compress = false
+
     @Flag(name: [.customShort("s"), .long],
           help: "Write to a temporary overlay (in $TMPDIR, else /var/tmp) deleted at exit; FILE never changes.")
     var snapshot = false
@@ -247,6 +250,7 @@ struct Serve: ParsableCommand {
         var options = OpenOptions(writable: !readOnly && snapshotToLoad == nil, format: format.flatMap(ImageFormat.init(rawValue:)),
                                   cache: CacheMode(rawValue: cacheMode)!)
         options.snapshot = snapshotToLoad
+        options.compressWrites = compress
         let registry = try ExportRegistry.open(try exportEntries(), options: options,
                                                discard: DiscardMode(rawValue: discard)!, description: description,
                                                switchable: control != nil, logger: logger)

@@ -136,4 +136,42 @@ final class CompressedWriteTests: XCTestCase {
         try img.close()
         try assertQemuCheckClean(path)
     }
+
+    /// Online compression: the image's `compress` flag (or the open option) stores every
+    /// aligned whole cluster of a guest write compressed; the rest is written as usual, and
+    /// partial writes into compressed clusters copy them on write.
+    func testOnlineCompressionOfWholeClusterWrites() throws {
+        try requireTool("qemu-img", package: "qemu-utils")
+        let dir = try tempDir(self)
+        let cs = 65536
+        let size = 16 * cs + 4096
+        for (name, flag) in [("flag", true), ("option", false)] {
+            let path = "\(dir)/\(name).qcow2"
+            var o = CreateOptions(size: UInt64(size))
+            o.compressionType = .zstd
+            o.compressWrites = flag
+            try Qcow2Image.create(path: path, options: o)
+            var open = OpenOptions(writable: true, format: .qcow2)
+            open.compressWrites = !flag
+            let img = try Qcow2Image(path: path, options: open)
+            XCTAssertEqual(img.extensions.strata?.flags.contains(.compress) ?? false, flag)
+            var model = [UInt8](repeating: 0, count: size)
+            func put(_ data: [UInt8], _ at: Int) throws {
+                try data.withUnsafeBytes { try img.write($0, at: UInt64(at), fua: false) }
+                model.replaceSubrange(at..<at + data.count, with: data)
+            }
+            try put(compressible(3 * cs + 1000, seed: 1), 100)             // head, 2 whole clusters, tail
+            try put(compressible(cs, seed: 2), 8 * cs)                      // one whole cluster
+            try put(random(cs, seed: 3), 9 * cs)                            // does not shrink
+            try put([UInt8](repeating: 0x42, count: 512), 8 * cs + 512)     // into a compressed cluster
+            try put(compressible(4096, seed: 4), 16 * cs)                   // the partial last cluster
+            XCTAssertTrue(try readAll(img) == model)
+            var compressed: UInt64 = 0
+            try img.forEachExtent(at: 0, length: UInt64(size)) { if $0.compressed { compressed += $0.length }; return true }
+            XCTAssertEqual(compressed, UInt64(2 * cs + 4096), name)         // clusters 1, 2 and the last
+            try img.close()
+            try assertQemuCheckClean(path)
+            XCTAssertTrue(try qemuRaw(path, dir: dir) == model, name)
+        }
+    }
 }

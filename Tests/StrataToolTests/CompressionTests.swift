@@ -98,4 +98,15 @@ final class CompressionTests: ToolTestCase {
         ok(try strata("io", "-c", "write -P 0x11 1M 4k", "c.qcow2"), "write to the clone")
         ok(try qemuIO("-r", "-c", "read -P 0x11 1M 4k", "-c", "read -P 0x5a 1052k 64k", "c.qcow2"), "clone reads")
     }
+
+    func testCreateCompressOnStoresGuestWritesCompressed() throws {
+        ok(try strata("create", "-q", "-f", "qcow2", "-o", "compress=on,compression_type=zstd", "on.qcow2", "8M"), "create compress=on")
+        ok(try strata("io", "-c", "write -P 0x33 0 1M", "-c", "write -P 0x44 1000k 100k", "on.qcow2"), "guest writes")
+        let check = try qemuImg("check", "on.qcow2")
+        XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
+        XCTAssertGreaterThan(compressedShare(check) ?? 0, 80, check.stdout)
+        ok(try qemuIO("-r", "-c", "read -P 0x33 0 1000k", "-c", "read -P 0x44 1000k 24k", "on.qcow2"), "QEMU reads them")
+        assertUserError(try strata("create", "-q", "-f", "qcow2", "-o", "compress=on,compat=0.10", "v2.qcow2", "8M"),
+                        mentions: ["compress=on", "compat=1.1"])
+    }
 }

@@ -142,6 +142,9 @@ public struct StrataExtension: Sendable, Equatable {
         public init(rawValue: UInt64) { self.rawValue = rawValue }
         /// A template: Strata refuses to open it for writing.
         public static let template = Flags(rawValue: 1 << 0)
+        /// Compress whole-cluster guest writes (`-o compress=on`): Strata stores each
+        /// aligned whole cluster a guest writes as a compressed cluster. QEMU ignores it.
+        public static let compress = Flags(rawValue: 1 << 1)
     }
     public var flags: Flags
     /// Bytes past the flags word (fields we do not know yet), kept on rewrite.

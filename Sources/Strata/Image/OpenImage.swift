@@ -36,6 +36,10 @@ public struct OpenOptions: Sendable {
     /// disk: read-only, with the snapshot's size (`qemu-nbd -l`, `qemu-img convert -l`).
     public var snapshot: String? = nil
 
+    /// Store whole-cluster guest writes compressed (`serve --compress`), whether or not the
+    /// image asks for it (``StrataExtension/Flags/compress``).
+    public var compressWrites: Bool = false
+
     public init(writable: Bool = false, format: ImageFormat? = nil, cache: CacheMode = .writeback,
                 forceShare: Bool = false, backingFormat: ImageFormat? = nil,
                 l2CacheBytes: Int? = nil, refcountCacheBytes: Int? = nil, snapshot: String? = nil) {

@@ -1,3 +1,5 @@
+import Synchronization
+
 /// Compressed writes: one whole guest cluster compressed (by the caller's
 /// ``ClusterCompressor``, outside any lock) and stored QEMU's way, as a byte range packed
 /// into host clusters shared with other compressed clusters.
@@ -77,5 +79,55 @@ extension Qcow2Image {
             md.map.set(cw.table, cw.index, raw: cw.entry.raw, bitmap: 0)
             md.map.release(raw: cw.oldRaw)
         }
+    }
+}
+
+/// Online compression: with ``Qcow2Image/compressors`` set, every aligned whole cluster of a
+/// guest write is stored compressed (the rest of the write as usual).
+extension Qcow2Image {
+    /// Writes `buffer` at `offset`, its whole clusters compressed with `pool`'s compressors.
+    func writeCompressing(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, pool: CompressorPool) throws {
+        let size = self.size
+        let length = UInt64(buffer.count)
+        guard offset <= size, length <= size - offset else {
+            throw StrataError.outOfRange(offset: offset, length: length, size: size)
+        }
+        var pos: UInt64 = 0
+        while pos < length {
+            let guest = offset + pos
+            let inCluster = guest & (clusterSize - 1)
+            let clusterEnd = min(guest - inCluster + clusterSize, size)
+            let n = min(clusterEnd - guest, length - pos)
+            let piece = UnsafeRawBufferPointer(rebasing: buffer[Int(pos)..<Int(pos + n)])
+            if inCluster == 0 && guest + n == clusterEnd {
+                try pool.with { try writeCompressed(piece, at: guest, compressor: $0) }
+            } else {
+                // Part of a cluster: an ordinary write (which copies a compressed cluster on write).
+                try perform(.data(piece), at: guest, length: n)
+            }
+            pos += n
+        }
+    }
+}
+
+/// The compressors of one image for online compression: one per concurrent writer, made on
+/// demand and reused.
+final class CompressorPool: @unchecked Sendable {
+    let type: CompressionType
+    let clusterSize: Int
+    /// Compressors not in use; guarded by `lock` (each is used by one thread at a time).
+    private var idle: [ClusterCompressor] = []
+    private let lock = Mutex<Void>(())
+
+    init(type: CompressionType, clusterSize: Int) {
+        self.type = type
+        self.clusterSize = clusterSize
+    }
+
+    /// Runs `body` with a compressor no other thread is using.
+    func with<T>(_ body: (ClusterCompressor) throws -> T) rethrows -> T {
+        let c = lock.withLock { _ in idle.popLast() } ?? ClusterCompressor(type: type, clusterSize: clusterSize)
+        defer { lock.withLock { _ in idle.append(c) } }
+        return try body(c)
     }
 }

@@ -21,6 +21,9 @@ public struct CreateOptions: Sendable, Equatable {
     /// Do not open the backing file (qemu-img's `-u`): the size must then be given, and the
     /// backing format too.
     public var unsafeBacking = false
+    /// `compress` (Strata's own): whole-cluster guest writes are stored compressed, recorded
+    /// in Strata's header extension (version 3 only).
+    public var compressWrites = false
 
     public init(size: UInt64? = nil) { self.size = size }
 
@@ -41,6 +44,7 @@ public struct CreateOptions: Sendable, Equatable {
             if refcountBits != 16 { throw invalid("refcount widths other than 16 bits " + v3) }
             if lazyRefcounts { throw invalid("lazy refcounts " + v3) }
             if compressionType != .zlib { throw invalid("compression types other than zlib " + v3) }
+            if compressWrites { throw invalid("compressed guest writes (compress=on) " + v3) }
             if extendedL2 { throw invalid("extended L2 entries " + v3) }
         }
         if extendedL2 && cs < 16384 {
@@ -148,6 +152,7 @@ extension Qcow2Image {
         // First cluster: header, extensions, backing name.
         var ext = HeaderExtensions()
         if o.backingFile != nil { ext.backingFormat = o.backingFormat!.rawValue }
+        if o.compressWrites { ext.strata = StrataExtension(flags: .compress) }
         guard let first = FirstCluster.encode(header: &h, extensions: ext, backingName: o.backingFile) else {
             throw StrataError.invalidOption(path: path, reason: "the header does not fit in one \(cs)-byte cluster")
         }

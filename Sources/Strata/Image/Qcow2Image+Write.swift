@@ -3,7 +3,11 @@
 /// without it, committed under it again.
 extension Qcow2Image {
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
-        try perform(.data(buffer), at: offset, length: UInt64(buffer.count))
+        if let compressors {
+            try writeCompressing(buffer, at: offset, pool: compressors)
+        } else {
+            try perform(.data(buffer), at: offset, length: UInt64(buffer.count))
+        }
         if fua || cache == .writethrough { try flushNow() }
     }
 

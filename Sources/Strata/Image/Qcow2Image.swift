@@ -43,6 +43,9 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     var markedCorrupt = false
 
     public let isReadOnly: Bool
+    /// Whole-cluster guest writes are stored compressed (the open option, or the image's
+    /// `compress` flag); nil when they are not. Compressors are taken from it per write.
+    let compressors: CompressorPool?
     public var preferredBlockSize: Int { Int(clusterSize) }
     public var supportsDiscard: Bool { !isReadOnly }
     /// The backing image, if any (already open, read-only).
@@ -206,6 +209,9 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         self.geometry = md.file.geometry
         self.cache = options.cache
         self.isReadOnly = !options.writable
+        let compress = options.compressWrites || (ext.strata?.flags.contains(.compress) ?? false)
+        self.compressors = compress && options.writable
+            ? CompressorPool(type: header.compressionType, clusterSize: Int(cs)) : nil
         self.backing = backing
         self.backingFilePath = backingPath
         self.backingFormat = backingFormat
