@@ -19,7 +19,7 @@ struct Convert: ParsableCommand {
             written as zeroes over it. With -B, DST is a qcow2 image on the backing file \
             BACKING, and only what SRC's top image holds is copied (the rest is left to the \
             backing file). Without -W the writes stay in order, whatever -m says. With -c \
-            (qcow2 only), every cluster holding data is compressed with DST's compression type \
+            (qcow2 only; with -n and -B too), every cluster holding data is compressed with DST's compression type \
             (-o compression_type=zlib, zstd or lz4) on up to -m workers, at most one per core; \
             the image is the same whatever their number, and clusters that do not shrink are \
             stored uncompressed.
@@ -92,9 +92,6 @@ struct Convert: ParsableCommand {
         if compress {
             guard outputFormat == .qcow2 else {
                 throw CLIError.refused(file: destination, reason: "compression (-c) is not supported for the \(outputFormat) format; use -O qcow2")
-            }
-            if skipCreate || backingFile != nil {
-                throw CLIError.refused(file: destination, reason: "compression (-c) is supported only into a new image without a backing file (not with -n or -B)")
             }
         }
     }
@@ -172,9 +169,12 @@ struct Convert: ParsableCommand {
 
         let bar = ProgressBar(enabled: progress && !quiet.quiet, total: src.size, minStep: 1)
         let target: Copier.Target = backingFile != nil ? .onBacking : skipCreate ? .existing : .blank
-        if compress, let q = dst as? Qcow2Image {
+        if compress {
+            guard let q = dst as? Qcow2Image else {
+                throw CLIError.refused(file: destination, reason: "compression (-c) needs a qcow2 image, and this one is not")
+            }
             // Deterministic whatever the workers, so -W is not needed for them to run at once.
-            try CompressedCopier(src: src, dst: q, bar: bar).run(workers: workers)
+            try CompressedCopier(src: src, dst: q, target: target, bar: bar).run(workers: workers)
         } else {
             let copier = Copier(src: src, dst: dst, target: target, sparse: try sparseBytes(), bar: bar)
             try copier.run(workers: outOfOrder ? workers : 1)

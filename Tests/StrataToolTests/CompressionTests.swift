@@ -78,12 +78,39 @@ final class CompressionTests: ToolTestCase {
         XCTAssertTrue(try contents("one.qcow2") == contents("many.qcow2"), "convert -c must not depend on -m")
     }
 
-    func testCompressionNeedsANewQcow2Image() throws {
+    func testCompressionNeedsQcow2() throws {
         try makeRaw("src.raw")
         assertUserError(try strata("convert", "-c", "src.raw", "out.raw"), mentions: ["out.raw", "-c", "qcow2"])
-        ok(try qemuImg("create", "-q", "-f", "qcow2", "b.qcow2", "7M"), "create base")
-        assertUserError(try strata("convert", "-c", "-O", "qcow2", "-B", "b.qcow2", "-F", "qcow2", "src.raw", "o.qcow2"),
-                        mentions: ["o.qcow2", "-B"])
+        ok(try qemuImg("create", "-q", "-f", "raw", "r.raw", "7M"), "create raw")
+        assertUserError(try strata("convert", "-c", "-n", "src.raw", "r.raw"), mentions: ["r.raw", "-c", "qcow2"])
+    }
+
+    /// -B: only what the source's top image holds is written, compressed; its zero ranges
+    /// hide the backing file's data.
+    func testCompressOntoABackingFile() throws {
+        ok(try qemuImg("create", "-q", "-f", "qcow2", "base.qcow2", "4M"), "create base")
+        ok(try qemuIO("-c", "write -P 1 0 4M", "base.qcow2"), "fill base")
+        ok(try qemuImg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"), "create top")
+        ok(try qemuIO("-c", "write -P 2 1M 200k", "-c", "write -z 3M 64k", "top.qcow2"), "fill top")
+        ok(try strata("convert", "-c", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2", "o.qcow2"), "convert -c -B")
+        let check = try qemuImg("check", "o.qcow2")
+        XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
+        ok(try qemuImg("compare", "top.qcow2", "o.qcow2"), "same content")
+        ok(try qemuIO("-r", "-c", "read -P 2 1M 200k", "-c", "read -P 1 1224k 48k", "-c", "read -P 0 3M 64k", "-c", "read -P 1 0 1M", "o.qcow2"), "reads")
+        let map = json(try qemuImg("map", "--output", "json", "o.qcow2").stdout) as? [[String: Any]] ?? []
+        let own = map.filter { $0["depth"] as? Int == 0 && ($0["data"] as? Bool == true) }.reduce(0) { $0 + ($1["length"] as? Int ?? 0) }
+        XCTAssertLessThanOrEqual(own, 4 * 65536, "only the clusters the top touches: \(map)")
+    }
+
+    /// -n: zero ranges of the source become zeroes over the existing image's data.
+    func testCompressIntoAnExistingImage() throws {
+        try makeRaw("src.raw")
+        ok(try qemuImg("create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", "old.qcow2", "8M"), "create target")
+        ok(try qemuIO("-c", "write -P 9 0 8M", "old.qcow2"), "old data")
+        ok(try strata("convert", "-c", "-n", "-O", "qcow2", "src.raw", "old.qcow2"), "convert -c -n")
+        let check = try qemuImg("check", "old.qcow2")
+        XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
+        ok(try qemuIO("-r", "-c", "read -P 0x5a 1M 1M", "-c", "read -P 0 4M 512k", "-c", "read -P 9 7M 64k", "old.qcow2"), "content")
     }
 
     func testTemplateCreateCompressed() throws {
