@@ -211,4 +211,34 @@ final class CompressedWriteTests: XCTestCase {
         try assertQemuCheckClean(path)
         XCTAssertTrue(try qemuRaw(path, dir: dir) == expected)
     }
+
+    /// A damaged LZ4 frame fails the read of its cluster with a corruption error (no crash,
+    /// no garbage), and the other clusters still read.
+    func testDamagedLZ4FrameFailsItsReadOnly() throws {
+        let dir = try tempDir(self)
+        let path = "\(dir)/bad.qcow2"
+        var o = CreateOptions(size: 2 * 65536)
+        o.compressionType = .lz4
+        try Qcow2Image.create(path: path, options: o)
+        do {
+            let img = try Qcow2Image(path: path, options: OpenOptions(writable: true, format: .qcow2))
+            let comp = img.makeCompressor()
+            try compressible(65536, seed: 1).withUnsafeBytes { _ = try img.writeCompressed($0, at: 0, compressor: comp) }
+            try [UInt8](repeating: 7, count: 65536).withUnsafeBytes { try img.write($0, at: 65536, fua: false) }
+            try img.close()
+        }
+        var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+        let magic: [UInt8] = [0x04, 0x22, 0x4d, 0x18]
+        let at = try XCTUnwrap((0..<bytes.count - 4).first { Array(bytes[$0..<$0 + 4]) == magic })
+        for k in at + 11..<at + 40 { bytes[k] = 0xff }  // end of the frame descriptor and the first block
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        let img = try Qcow2Image(path: path, options: OpenOptions(format: .qcow2))
+        defer { try? img.close() }
+        var buf = [UInt8](repeating: 0, count: 65536)
+        XCTAssertThrowsError(try buf.withUnsafeMutableBytes { try img.read(into: $0, at: 0) }) { error in
+            XCTAssertTrue("\(error)".contains("does not decompress"), "\(error)")
+        }
+        try buf.withUnsafeMutableBytes { try img.read(into: $0, at: 65536) }
+        XCTAssertEqual(buf, [UInt8](repeating: 7, count: 65536))
+    }
 }

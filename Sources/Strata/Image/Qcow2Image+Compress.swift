@@ -52,6 +52,10 @@ extension Qcow2Image {
         let table = try md.map.writableTable(Int(g / perTable))
         let j = Int(g % perTable)
         let raw = ClusterMap.read(table, j, extended: geometry.extendedL2).raw
+        if L2Entry(raw: raw).hasReservedBits(extended: geometry.extendedL2) {
+            throw md.file.corrupt(.reservedBits, at: table.offset + UInt64(j) * geometry.l2EntryBytes,
+                                  "L2 entry for guest offset \(g << clusterBits) has reserved bits set")
+        }
         let host = try md.allocator.allocateBytes(bytes)
         try md.overlap.checkData(host, bytes)
         // The descriptor counts the sectors after the first one the bytes touch.
