@@ -104,7 +104,7 @@ extension Qcow2Image {
             let n = min(clusterEnd - guest, length - pos)
             let piece = UnsafeRawBufferPointer(rebasing: buffer[Int(pos)..<Int(pos + n)])
             if inCluster == 0 && guest + n == clusterEnd {
-                try pool.with { try writeCompressed(piece, at: guest, compressor: $0) }
+                _ = try pool.with { try writeCompressed(piece, at: guest, compressor: $0) }
             } else {
                 // Part of a cluster: an ordinary write (which copies a compressed cluster on write).
                 try perform(.data(piece), at: guest, length: n)
