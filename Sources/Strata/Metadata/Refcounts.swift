@@ -132,6 +132,21 @@ final class Refcounts {
         try get(c) == 0 && pending[c] == nil
     }
 
+    /// The first cluster of `[c, end)` that is free (count 0, no decrement pending), or `end`.
+    /// The range lies within the block covering `c`.
+    func nextFree(from c: UInt64, to end: UInt64) throws -> UInt64 {
+        guard c < end else { return end }
+        guard let b = try block(covering: c) else { return c }
+        let first = c - c % blockEntries
+        let raw = UnsafeRawBufferPointer(b.buf), order = self.order
+        var k = c
+        while k < end {
+            if RefcountCodec.get(raw, index: Int(k - first), order: order) == 0 && pending[k] == nil { return k }
+            k += 1
+        }
+        return end
+    }
+
     /// Switches to another refcount table and width, once the header points at it. The
     /// cache must hold nothing dirty (the caller flushed).
     func adopt(table newTable: [UInt64], order newOrder: UInt32) {
