@@ -211,10 +211,22 @@ extension Qcow2Image {
     /// L2 table, then each cluster its entries map (data, preallocated zero, and every host
     /// cluster a compressed entry's bytes touch). Lock held.
     func forEachReference(of l1: [UInt64], _ body: (UInt64) throws -> Void) throws {
+        try forEachReferenceBatch(of: l1) { batch in
+            for c in batch { try body(c) }
+        }
+    }
+
+    /// The references of ``forEachReference(of:_:)``, one batch per L2 table (the table
+    /// itself first, then what its entries map), in the same order. The batch is only valid
+    /// during the call. Lock held.
+    func forEachReferenceBatch(of l1: [UInt64], _ body: ([UInt64]) throws -> Void) throws {
         let map = md.map
         let cs = clusterSize
         let bits = md.header.clusterBits
         let extended = geometry.extendedL2
+        let entries = Int(geometry.l2Entries)
+        var batch: [UInt64] = []
+        batch.reserveCapacity(entries + 1)
         var i = map.nextAllocated(in: l1, from: 0)
         while i < l1.count {
             let e = L1Entry(raw: l1[i])
@@ -222,11 +234,13 @@ extension Qcow2Image {
                 throw md.file.corrupt(.reservedBits, at: 0, "L1 entry \(i) has reserved bits set (0x\(String(e.raw, radix: 16)))")
             }
             try md.file.checkHost(e.l2Offset, "L1 entry \(i)")
-            try body(e.l2Offset / cs)
+            batch.removeAll(keepingCapacity: true)
+            batch.append(e.l2Offset / cs)
             let t = try map.load(e.l2Offset, what: "L1 entry \(i)")
             map.cache.pin(t)
             defer { map.cache.unpin(t) }
-            for j in 0..<Int(geometry.l2Entries) {
+            let hostEnd = md.file.hostEnd
+            for j in 0..<entries {
                 let raw = ClusterMap.read(t, j, extended: extended).raw
                 if raw == 0 { continue }
                 var host: UInt64 = 0
@@ -234,14 +248,17 @@ extension Qcow2Image {
                 case .data(let h, _): host = h
                 case .zero(let h): host = h
                 case .compressed(let host, let sectors):
-                    for c in md.file.compressedClusters(host: host, sectors: sectors) { try body(c) }
+                    for c in md.file.compressedClusters(host: host, sectors: sectors) { batch.append(c) }
                 case .unallocated: break
                 }
                 if host != 0 {
-                    try md.file.checkHost(host, "L2 entry \(j) of the table at host offset \(t.offset)")
-                    try body(host / cs)
+                    if host % cs != 0 || host / cs >= hostEnd {
+                        try md.file.checkHost(host, "L2 entry \(j) of the table at host offset \(t.offset)")
+                    }
+                    batch.append(host / cs)
                 }
             }
+            try body(batch)
             i = map.nextAllocated(in: l1, from: i + 1)
         }
     }
@@ -253,9 +270,13 @@ extension Qcow2Image {
         var done = 0
         var full: UInt64? = nil
         do {
-            try forEachReference(of: l1) { c in
-                guard try md.refcounts.increment(c) else { full = c; throw StrataError.noSpace(path: path) }
-                done += 1
+            try forEachReferenceBatch(of: l1) { batch in
+                let n = try md.refcounts.incrementAll(batch)
+                done += n
+                if n < batch.count {
+                    full = batch[n]
+                    throw StrataError.noSpace(path: path)
+                }
             }
         } catch {
             var undone = 0

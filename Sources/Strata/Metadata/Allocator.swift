@@ -49,7 +49,8 @@ final class Allocator {
                 continue
             }
             if c < file.hostEnd, try !refcounts.isFree(c) {
-                c += 1
+                // Skip the used clusters of this block in one pass over its entries.
+                c = try refcounts.nextFree(from: c + 1, to: min((ti + 1) * refcounts.blockEntries, file.hostEnd))
                 if c == file.hostEnd { freeCursor = c }
                 continue
             }

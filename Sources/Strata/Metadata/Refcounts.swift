@@ -88,6 +88,37 @@ final class Refcounts {
         return true
     }
 
+    /// ``increment(_:)`` for each cluster of `clusters` in order, each refcount block looked
+    /// up once per run of clusters it covers. Returns how many were incremented: fewer than
+    /// `clusters.count` when the next one is at the width's maximum (it and those after it
+    /// are unchanged).
+    func incrementAll(_ clusters: [UInt64]) throws -> Int {
+        let entries = blockEntries, order = self.order, maxValue = self.maxValue
+        var k = 0
+        while k < clusters.count {
+            let c = clusters[k]
+            guard let b = try block(covering: c) else {
+                throw file.corrupt(.refcount, at: c * file.clusterSize, "a new reference to host cluster \(c * file.clusterSize), which has a refcount of 0")
+            }
+            let first = c - c % entries
+            var dirty = false
+            defer { if dirty { cache.markDirty(b) } }
+            while k < clusters.count, clusters[k] >= first, clusters[k] - first < entries {
+                let i = Int(clusters[k] - first)
+                let v = RefcountCodec.get(UnsafeRawBufferPointer(b.buf), index: i, order: order)
+                guard v > 0 else {
+                    throw file.corrupt(.refcount, at: clusters[k] * file.clusterSize,
+                                       "a new reference to host cluster \(clusters[k] * file.clusterSize), which has a refcount of 0")
+                }
+                guard v < maxValue else { return k }
+                RefcountCodec.set(b.buf, index: i, order: order, value: v + 1)
+                dirty = true
+                k += 1
+            }
+        }
+        return k
+    }
+
     /// Records that `count` clusters from host offset `host` lose one reference each, to be
     /// applied after the tables that dropped the references are durable.
     func deferDecrement(_ host: UInt64, count: UInt64) {
@@ -99,6 +130,21 @@ final class Refcounts {
     @inline(__always)
     func isFree(_ c: UInt64) throws -> Bool {
         try get(c) == 0 && pending[c] == nil
+    }
+
+    /// The first cluster of `[c, end)` that is free (count 0, no decrement pending), or `end`.
+    /// The range lies within the block covering `c`.
+    func nextFree(from c: UInt64, to end: UInt64) throws -> UInt64 {
+        guard c < end else { return end }
+        guard let b = try block(covering: c) else { return c }
+        let first = c - c % blockEntries
+        let raw = UnsafeRawBufferPointer(b.buf), order = self.order
+        var k = c
+        while k < end {
+            if RefcountCodec.get(raw, index: Int(k - first), order: order) == 0 && pending[k] == nil { return k }
+            k += 1
+        }
+        return end
     }
 
     /// Switches to another refcount table and width, once the header points at it. The

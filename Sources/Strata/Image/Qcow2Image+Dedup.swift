@@ -1,0 +1,121 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What an offline dedup pass did.
+public struct DedupReport: Sendable, Equatable {
+    /// Data clusters of the active disk looked at.
+    public var scanned: UInt64 = 0
+    /// Entries that now point at an identical cluster stored elsewhere in the image.
+    public var shared: UInt64 = 0
+    /// All-zero data clusters turned into zero entries.
+    public var zeroed: UInt64 = 0
+    /// Entries left alone because the identical cluster's refcount was at its width's maximum.
+    public var refcountFull: UInt64 = 0
+    public init() {}
+}
+
+/// Offline dedup (`strata dedup`): every data cluster of the active disk whose content is
+/// already stored elsewhere in the image is mapped to that cluster (its refcount raised, the
+/// COPIED flags of both entries cleared) and its own cluster released; an all-zero cluster
+/// becomes a zero entry (version 3). The image stays ordinary qcow2: a later write into a
+/// shared cluster copies it on write, in Strata and in QEMU.
+///
+/// A share is made only after the two clusters were compared byte for byte (the hash only
+/// finds candidates), so a collision costs nothing but a comparison. Snapshots keep what
+/// they hold: their tables are never changed, a table shared with one is copied before an
+/// entry of the active disk changes, and a released cluster a snapshot still references
+/// keeps its data. The index lives in memory for the pass (about 100 bytes per distinct
+/// cluster).
+///
+/// Crash safety is the write path's: the new reference is counted before any table points
+/// at it, the old one is dropped only after the tables are durable.
+extension Qcow2Image {
+    public func deduplicate() throws -> DedupReport {
+        if isReadOnly { throw StrataError.readOnly(path: path) }
+        try prepareFirstWrite()
+        return try quiesce { try guarded { try dedupPass() } }
+    }
+
+    /// A candidate: guest cluster `guest`, entry `j` of the table of L1 index `i`, at `host`.
+    private struct DedupCandidate {
+        var i: Int
+        var j: Int
+        var raw: UInt64
+        var host: UInt64
+    }
+
+    private func dedupPass() throws -> DedupReport {
+        let cs = Int(clusterSize)
+        var report = DedupReport()
+        // Content hash → the first cluster seen with it, and where its entry is.
+        var index: [Int: (host: UInt64, i: Int, j: Int)] = [:]
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: cs, alignment: 4096)
+        let other = UnsafeMutableRawBufferPointer.allocate(byteCount: cs, alignment: 4096)
+        defer { buf.deallocate(); other.deallocate() }
+        let (l1Count, zeroEntries, extended) = lock.withLock { (md.map.l1.count, md.header.version >= 3, geometry.extendedL2) }
+        let perTable = Int(geometry.l2Entries)
+
+        func readCluster(_ host: UInt64, into b: UnsafeMutableRawBufferPointer) throws {
+            let n = try storage.read(into: b, at: host)
+            if n < cs { b.baseAddress!.advanced(by: n).initializeMemory(as: UInt8.self, repeating: 0, count: cs - n) }
+        }
+
+        for i in 0..<l1Count {
+            let candidates: [DedupCandidate] = try lock.withLock {
+                guard let t = try md.map.table(i) else { return [] }
+                var out: [DedupCandidate] = []
+                for j in 0..<perTable {
+                    let (raw, bitmap) = ClusterMap.read(t, j, extended: extended)
+                    guard raw != 0 else { continue }
+                    guard case .data(let host, _) = L2Entry(raw: raw).mapping(clusterBits: md.header.clusterBits, extended: extended) else { continue }
+                    // With subclusters, only clusters whose every subcluster holds data.
+                    if extended && SubclusterBitmap(raw: bitmap) != .allAllocated { continue }
+                    try md.file.checkHost(host, "L2 entry \(j) of L1 entry \(i)")
+                    out.append(DedupCandidate(i: i, j: j, raw: raw, host: host))
+                }
+                return out
+            }
+            for c in candidates {
+                report.scanned += 1
+                try readCluster(c.host, into: buf)
+                let guest = UInt64(c.i * perTable + c.j)
+                if zeroEntries && ZeroBuffer.isZero(UnsafeRawBufferPointer(buf)) {
+                    try lock.withLock {
+                        try md.map.setEntry(guest, raw: extended ? 0 : L2Entry.zeroFlag,
+                                            bitmap: extended ? SubclusterBitmap.allZero.raw : 0)
+                        md.map.release(raw: c.raw)
+                    }
+                    report.zeroed += 1
+                    continue
+                }
+                var hasher = Hasher()
+                hasher.combine(bytes: UnsafeRawBufferPointer(buf))
+                let h = hasher.finalize()
+                guard let canon = index[h], canon.host != c.host else {
+                    if index[h] == nil { index[h] = (c.host, c.i, c.j) }
+                    continue
+                }
+                try readCluster(canon.host, into: other)
+                guard memcmp(buf.baseAddress!, other.baseAddress!, cs) == 0 else { continue }
+                let shared: Bool = try lock.withLock {
+                    guard try md.refcounts.increment(canon.host / clusterSize) else { return false }
+                    try md.map.setEntry(guest, raw: canon.host, bitmap: extended ? SubclusterBitmap.allAllocated.raw : 0)
+                    md.map.release(raw: c.raw)
+                    // The first copy is shared now: its entry loses COPIED (where its table
+                    // is the active disk's own; a table shared with a snapshot has none).
+                    if md.map.l1[canon.i] & L1Entry.copied != 0, let t = try md.map.table(canon.i) {
+                        let (raw, bitmap) = ClusterMap.read(t, canon.j, extended: extended)
+                        if raw & L2Entry.copied != 0 { md.map.set(t, canon.j, raw: raw & ~L2Entry.copied, bitmap: bitmap) }
+                    }
+                    return true
+                }
+                if shared { report.shared += 1 } else { report.refcountFull += 1 }
+            }
+            let full = lock.withLock { md.map.cache.needsWriteback || md.refcounts.cache.needsWriteback }
+            if full { try writeBackTables() }
+        }
+        try flushNow()
+        return report
+    }
+}
