@@ -452,6 +452,26 @@ final class ServeCommandTests: XCTestCase {
         try Peer.expectSuccess("qemu-io", ["-f", "qcow2", image, "-c", "read -P 5 0 1M", "-c", "read -P 6 8M 1M"])
     }
 
+    /// --compress: whole clusters written over NBD are stored compressed (qemu-img check
+    /// counts them), partial ones as usual, and everything reads back through QEMU.
+    func testCompressStoresWholeClustersCompressed() throws {
+        let dir = try makeTempDir(self)
+        let image = "\(dir)/c.qcow2"
+        try makeQcow2(image, size: "16M")
+        let server = try serve(dir, ["--compress", "-k", "\(dir)/c.sock", image])
+        let uri = try XCTUnwrap(server.waitForLines(1).first, server.stderr)
+        let w = try Peer.expectSuccess("qemu-io", ["-f", "raw", uri, "-c", "write -P 7 0 2M", "-c", "write -P 8 4M 4k",
+                                                   "-c", "read -P 7 0 2M", "-c", "read -P 8 4M 4k"])
+        XCTAssertFalse(w.out.contains("failed"), w.out)
+        XCTAssertEqual(server.stop(), 0, server.stderr)
+        let check = try Peer.expectSuccess("qemu-img", ["check", image])
+        XCTAssertTrue(check.out.contains("No errors were found"), check.out)
+        XCTAssertFalse(check.out.contains(" 0.00% compressed clusters"), "whole clusters were compressed: \(check.out)")
+        let r = try Peer.expectSuccess("qemu-io", ["-f", "qcow2", image, "-c", "read -P 7 0 2M", "-c", "read -P 8 4M 4k",
+                                                   "-c", "read -P 0 4100k 60k"])
+        XCTAssertFalse(r.out.contains("failed"), r.out)
+    }
+
     /// --fork: the command returns once the server listens, printing the URIs; the server runs
     /// on in its own session with stdio on /dev/null, and stops cleanly by its pid file.
     func testForkReturnsOnceListeningAndServesDetached() throws {
