@@ -15,6 +15,9 @@ struct Info: ParsableCommand {
 
     @OptionGroup var share: ForceShareOption
 
+    @Flag(name: .customLong("space"), help: "Also count how the data is stored: clusters referenced, stored, compressed, bytes saved (walks the L2 tables). Shown by default for images with compress=on or dedup in use.")
+    var space = false
+
     @Argument(help: "The image file.")
     var file: String
 
@@ -49,7 +52,11 @@ struct Info: ParsableCommand {
             let device = try openImage(path: path, options: options)
             defer { try? device.close() }
             let q = device as? Qcow2Image
-            infos.append(ImageInfo(device: device, displayName: displayName))
+            var info = ImageInfo(device: device, displayName: displayName)
+            if let q, space || q.extensions.strata?.flags.contains(.compress) ?? false {
+                info.space = try q.spaceUsage()
+            }
+            infos.append(info)
             guard backingChain, let q, let name = q.backingFileName else { return infos }
             guard let next = q.backingFormat else { throw StrataError.backingFormatUnknown(path: displayName, backing: name) }
             path = q.backingFilePath ?? name
@@ -76,6 +83,8 @@ struct ImageInfo {
     /// Strata's template mark (not one of QEMU's fields: shown only when set).
     var isTemplate = false
     var snapshots: [SnapshotRecord] = []
+    /// How the data is stored (Strata's, with `--space`; nil when not counted).
+    var space: SpaceUsage?
 
     /// Describes one open image, named as the user (or the chain) spelled it.
     init(device: any BlockDevice, displayName: String) {
@@ -112,7 +121,7 @@ struct ImageInfo {
         if let h = qcow2 {
             fields.append(("format-specific", .object([
                 ("type", .string("qcow2")),
-                ("data", .object(Self.qcow2Specific(h, bitmaps: bitmaps, template: isTemplate).map { ($0.key, $0.json) })),
+                ("data", .object(Self.qcow2Specific(h, bitmaps: bitmaps, template: isTemplate, space: space).map { ($0.key, $0.json) })),
             ])))
         }
         if let full = fullBackingFilename { fields.append(("full-backing-filename", .string(full))) }
@@ -141,7 +150,7 @@ struct ImageInfo {
         if !snapshots.isEmpty { s += SnapshotListing(snapshots, exclusive: nil).human }
         if let h = qcow2 {
             s += "Format specific information:\n"
-            for field in Self.qcow2Specific(h, bitmaps: bitmaps, template: isTemplate) {
+            for field in Self.qcow2Specific(h, bitmaps: bitmaps, template: isTemplate, space: space) {
                 // A nested field (its text starts a new line) has no space after the colon.
                 let gap = field.text.hasPrefix("\n") ? "" : " "
                 s += "    \(String(field.key.map { $0 == "-" ? " " : $0 })):\(gap)\(field.text)\n"
@@ -159,7 +168,8 @@ struct ImageInfo {
 
     /// `ImageInfoSpecificQCow2` in QEMU's order; version 2 images have only the first three.
     /// `template` adds Strata's own `template: true` last (absent otherwise, as in qemu-img).
-    static func qcow2Specific(_ h: Qcow2Header, bitmaps: [BitmapDirectoryEntry], template: Bool = false) -> [SpecificField] {
+    static func qcow2Specific(_ h: Qcow2Header, bitmaps: [BitmapDirectoryEntry], template: Bool = false,
+                              space: SpaceUsage? = nil) -> [SpecificField] {
         func bool(_ k: String, _ b: Bool) -> SpecificField { SpecificField(key: k, json: .bool(b), text: b ? "true" : "false") }
         if h.version < 3 {
             return [
@@ -176,7 +186,16 @@ struct ImageInfo {
             SpecificField(key: "refcount-bits", json: .uint(h.refcountBits), text: String(h.refcountBits)),
             bool("corrupt", h.incompatibleFeatures.contains(.corrupt)),
             bool("extended-l2", h.extendedL2),
-        ] + (template ? [bool("template", true)] : [])
+        ] + (template ? [bool("template", true)] : []) + (space.map { spaceFields($0, clusterSize: h.clusterSize) } ?? [])
+    }
+
+    /// Strata's storage figures (`--space`): clusters referenced by the active disk, host
+    /// clusters storing them, compressed ones, and the bytes that sharing and compression save.
+    static func spaceFields(_ u: SpaceUsage, clusterSize cs: UInt64) -> [SpecificField] {
+        func n(_ k: String, _ v: UInt64) -> SpecificField { SpecificField(key: k, json: .uint(v), text: String(v)) }
+        let saved = Int64(u.referenced * cs) - Int64(u.stored * cs)
+        return [n("referenced-clusters", u.referenced), n("stored-clusters", u.stored), n("compressed-clusters", u.compressed),
+                SpecificField(key: "bytes-saved", json: .int(saved), text: String(saved))]
     }
 
     /// The `bitmaps` list: flags (in-use, auto), name and granularity of each, JSON and the

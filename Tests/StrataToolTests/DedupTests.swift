@@ -53,6 +53,12 @@ final class DedupTests: ToolTestCase {
         XCTAssertEqual(r["shared-clusters"], 128 * 16 - 64 - 8 * 16, "all but the first copy of each 4 KiB cluster: \(r)")
         try checkClean("d.qcow2")
         ok(try qemuImg("compare", "-F", "raw", "d.qcow2", "src.raw"), "same content")
+        // info --space: what the active disk references against what the file stores.
+        let info = json(ok(try strata("info", "--space", "--output", "json", "d.qcow2"), "info --space").stdout) as? [String: Any]
+        let data = (info?["format-specific"] as? [String: Any])?["data"] as? [String: Any]
+        XCTAssertEqual(data?["referenced-clusters"] as? Int, 128 * 16 - 64)
+        XCTAssertEqual(data?["stored-clusters"] as? Int, 8 * 16)
+        XCTAssertEqual(data?["bytes-saved"] as? Int, (128 * 16 - 64 - 8 * 16) * 4096)
         let after = dataBytes("d.qcow2")
         XCTAssertLessThan(after, 8 * (64 << 10) + (1 << 20), "about the unique data plus metadata: \(before) → \(after)")
 
