@@ -8,7 +8,8 @@ struct Create: ParsableCommand {
         discussion: """
             Options for qcow2 (-o key=value,…): cluster_size, refcount_bits, compression_type \
             (zlib|zstd|lz4; lz4 is Strata's own, QEMU refuses such an image), compress \
-            (on|off: Strata stores whole-cluster guest writes compressed), lazy_refcounts \
+            (on|off: Strata stores whole-cluster guest writes compressed), dedup (on|off: Strata \
+            stores a whole cluster whose content the image already holds only once), lazy_refcounts \
             (on|off), extended_l2 (on|off), compat (1.1|0.10), backing_file, backing_fmt, size. Use -o help to list them. SIZE defaults to the \
             backing file's size. A relative backing file name is relative to FILE's directory.
             """)

@@ -23,6 +23,8 @@ struct CreateSettings {
     var extendedL2 = false
     /// `compress=on`: Strata stores whole-cluster guest writes compressed.
     var compressWrites = false
+    /// `dedup=on`: Strata deduplicates whole-cluster guest writes inline.
+    var dedupWrites = false
     var backingFile: String?
     var backingFormat: ImageFormat?
 
@@ -33,6 +35,7 @@ struct CreateSettings {
         ("cluster_size=<size>", "qcow2 cluster size (512 to 2M, a power of two)"),
         ("compat=<str>", "Compatibility level (v2 [0.10] or v3 [1.1])"),
         ("compress=<bool (on/off)>", "Store whole-cluster guest writes compressed (Strata only; QEMU ignores it)"),
+        ("dedup=<bool (on/off)>", "Store a whole-cluster guest write whose content the image already holds only once (Strata only; QEMU ignores it)"),
         ("compression_type=<str>", "Compression method used for image cluster compression (zlib, zstd, or lz4: Strata only, QEMU refuses it)"),
         ("extended_l2=<bool (on/off)>", "Extended L2 tables"),
         ("lazy_refcounts=<bool (on/off)>", "Postpone refcount updates"),
@@ -96,6 +99,9 @@ struct CreateSettings {
             case (.qcow2, "compress"):
                 guard let b = OptionList.parseBool(value) else { throw bad("expected on or off") }
                 compressWrites = b
+            case (.qcow2, "dedup"):
+                guard let b = OptionList.parseBool(value) else { throw bad("expected on or off") }
+                dedupWrites = b
             case (.qcow2, "extended_l2"):
                 guard let b = OptionList.parseBool(value) else { throw bad("expected on or off") }
                 extendedL2 = b
@@ -117,6 +123,9 @@ struct CreateSettings {
     func check(file: String) throws {
         guard format == .qcow2 else { return }
         try qcow2Options.checkFormatOptions(for: file)
+        if compressWrites && dedupWrites {
+            throw CLIError.refused(file: file, reason: "compress=on and dedup=on cannot be combined yet; choose one")
+        }
         if backingFormat != nil && backingFile == nil {
             throw CLIError.refused(file: file, reason: "a backing format (-F) needs a backing file (-b)")
         }
@@ -157,6 +166,7 @@ struct CreateSettings {
         o.lazyRefcounts = lazyRefcounts
         o.extendedL2 = extendedL2
         o.compressWrites = compressWrites
+        o.dedupWrites = dedupWrites
         o.backingFile = backingFile
         o.backingFormat = backingFormat
         o.version = version

@@ -55,6 +55,9 @@ struct Serve: ParsableCommand {
     @Flag(help: "Store every whole cluster a client writes compressed (qcow2; the image's compression type).")
     var compress = false
 
+    @Flag(help: "Store a whole cluster a client writes only once when the image already holds its content (qcow2; inline dedup).")
+    var dedup = false
+
     @Flag(name: [.customShort("s"), .long],
           help: "Write to a temporary overlay (in $TMPDIR, else /var/tmp) deleted at exit; FILE never changes.")
     var snapshot = false
@@ -251,6 +254,7 @@ struct Serve: ParsableCommand {
                                   cache: CacheMode(rawValue: cacheMode)!)
         options.snapshot = snapshotToLoad
         options.compressWrites = compress
+        options.dedupWrites = dedup
         let registry = try ExportRegistry.open(try exportEntries(), options: options,
                                                discard: DiscardMode(rawValue: discard)!, description: description,
                                                switchable: control != nil, logger: logger)

@@ -9,6 +9,10 @@ public enum Limits {
     public static let maxBackingNameBytes: UInt64 = 1023
     /// Header extensions must fit in the first cluster; each is also capped here.
     public static let maxHeaderExtensionBytes: UInt64 = 2 << 20
+    /// Most entries the in-memory inline dedup index holds (about 40 bytes each, so about
+    /// 80 MiB; 8 GiB of distinct data at 4 KiB clusters). Past it, new clusters are not
+    /// indexed: dedup ratio drops, nothing else changes.
+    public static let maxDedupIndexEntries = 1 << 21
     /// Deepest backing chain we follow.
     public static let maxBackingChainDepth = 64
     /// Largest virtual size we accept or create (QEMU's limit, 2^63 - 512 rounded to 2^62 here).

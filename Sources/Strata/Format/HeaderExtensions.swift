@@ -132,7 +132,9 @@ public struct HeaderExtensions: Sendable, Equatable {
 
 /// Strata's header extension: what the image is for, in a form QEMU ignores and keeps.
 /// ```
-/// 0-7  flags (big endian): bit 0 template (a read-only base that linked clones stand on)
+/// 0-7  flags (big endian): bit 0 template (a read-only base that linked clones stand on),
+///      bit 1 compress (whole-cluster guest writes compressed), bit 2 dedup (inline dedup
+///      of whole-cluster guest writes)
 /// 8-   more fields of later versions, kept verbatim
 /// ```
 public struct StrataExtension: Sendable, Equatable {
@@ -145,6 +147,9 @@ public struct StrataExtension: Sendable, Equatable {
         /// Compress whole-cluster guest writes (`-o compress=on`): Strata stores each
         /// aligned whole cluster a guest writes as a compressed cluster. QEMU ignores it.
         public static let compress = Flags(rawValue: 1 << 1)
+        /// Deduplicate whole-cluster guest writes (`-o dedup=on`): a cluster whose content
+        /// is already stored in the image shares that host cluster. QEMU ignores it.
+        public static let dedup = Flags(rawValue: 1 << 2)
     }
     public var flags: Flags
     /// Bytes past the flags word (fields we do not know yet), kept on rewrite.

@@ -40,6 +40,10 @@ public struct OpenOptions: Sendable {
     /// image asks for it (``StrataExtension/Flags/compress``).
     public var compressWrites: Bool = false
 
+    /// Deduplicate whole-cluster guest writes inline (`serve --dedup`), whether or not the
+    /// image asks for it (``StrataExtension/Flags/dedup``).
+    public var dedupWrites: Bool = false
+
     public init(writable: Bool = false, format: ImageFormat? = nil, cache: CacheMode = .writeback,
                 forceShare: Bool = false, backingFormat: ImageFormat? = nil,
                 l2CacheBytes: Int? = nil, refcountCacheBytes: Int? = nil, snapshot: String? = nil) {

@@ -24,6 +24,9 @@ public struct CreateOptions: Sendable, Equatable {
     /// `compress` (Strata's own): whole-cluster guest writes are stored compressed, recorded
     /// in Strata's header extension (version 3 only).
     public var compressWrites = false
+    /// `dedup` (Strata's own): whole-cluster guest writes are deduplicated inline, recorded
+    /// in Strata's header extension (version 3 only).
+    public var dedupWrites = false
 
     public init(size: UInt64? = nil) { self.size = size }
 
@@ -45,6 +48,7 @@ public struct CreateOptions: Sendable, Equatable {
             if lazyRefcounts { throw invalid("lazy refcounts " + v3) }
             if compressionType != .zlib { throw invalid("compression types other than zlib " + v3) }
             if compressWrites { throw invalid("compressed guest writes (compress=on) " + v3) }
+            if dedupWrites { throw invalid("inline dedup (dedup=on) " + v3) }
             if extendedL2 { throw invalid("extended L2 entries " + v3) }
         }
         if extendedL2 && cs < 16384 {
@@ -152,7 +156,10 @@ extension Qcow2Image {
         // First cluster: header, extensions, backing name.
         var ext = HeaderExtensions()
         if o.backingFile != nil { ext.backingFormat = o.backingFormat!.rawValue }
-        if o.compressWrites { ext.strata = StrataExtension(flags: .compress) }
+        var flags: StrataExtension.Flags = []
+        if o.compressWrites { flags.insert(.compress) }
+        if o.dedupWrites { flags.insert(.dedup) }
+        if !flags.isEmpty { ext.strata = StrataExtension(flags: flags) }
         guard let first = FirstCluster.encode(header: &h, extensions: ext, backingName: o.backingFile) else {
             throw StrataError.invalidOption(path: path, reason: "the header does not fit in one \(cs)-byte cluster")
         }

@@ -5,6 +5,8 @@ extension Qcow2Image {
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
         if let compressors {
             try writeCompressing(buffer, at: offset, pool: compressors)
+        } else if let dedup {
+            try writeDeduplicating(buffer, at: offset, index: dedup)
         } else {
             try perform(.data(buffer), at: offset, length: UInt64(buffer.count))
         }
@@ -48,7 +50,7 @@ extension Qcow2Image {
     }
 
     /// The plan/perform/commit loop over `[offset, offset+length)`.
-    private func steps(_ request: WriteRequest, at offset: UInt64, length: UInt64) throws {
+    func steps(_ request: WriteRequest, at offset: UInt64, length: UInt64) throws {
         var pos: UInt64 = 0
         while pos < length {
             let guest = offset + pos
@@ -82,7 +84,10 @@ extension Qcow2Image {
     private func plan(_ request: WriteRequest, guest: UInt64, remaining: UInt64) throws -> WritePlan {
         switch request {
         case .data:
-            if let (host, n) = try inPlaceRun(guest, limit: remaining) { return .inPlace(host: host, length: n) }
+            if let (host, n) = try inPlaceRun(guest, limit: remaining) {
+                if dedup != nil { beginInPlace(host, n) }
+                return .inPlace(host: host, length: n)
+            }
             let g = guest >> clusterBits
             if guest & (clusterSize - 1) == 0, remaining >= clusterSize,
                let run = try planFullClusters(g, count: remaining / clusterSize) {
@@ -142,6 +147,8 @@ extension Qcow2Image {
             let inCluster = gOff & (clusterSize - 1)
             let n = min(clusterSize - inCluster, limit - length)
             guard let host = try inPlaceHost(g, inCluster..<(inCluster + n)) else { break }
+            // A cluster a dedup writer is comparing is not written in place now (planCluster waits).
+            if dedup != nil && dedupHolds[host >> clusterBits] != nil { break }
             if length == 0 { start = host + inCluster } else if host + inCluster != start + length { break }
             length += n
         }
@@ -198,7 +205,7 @@ extension Qcow2Image {
     /// Plans a write of `data` (byte range inside cluster `g`): chooses the host cluster and
     /// the padding, and marks the cluster busy.
     private func planCluster(_ g: UInt64, data: Range<UInt64>) throws -> ClusterWrite {
-        while busy.contains(g) { lock.wait() }
+        while try busy.contains(g) || ownedHostIsHeld(g) { lock.wait() }
         let perTable = geometry.l2Entries
         let table = try md.map.writableTable(Int(g / perTable))
         let j = Int(g % perTable)
@@ -249,6 +256,7 @@ extension Qcow2Image {
             }
         }
         busy.insert(g)
+        if owned != nil && dedup != nil { beginInPlace(host, clusterSize) }
         md.map.cache.pin(table)
         return ClusterWrite(table: table, index: j, guestCluster: g, host: host, region: region, reuse: owned != nil,
                             padding: padding, oldRaw: raw, oldBitmap: bitmap)
@@ -316,6 +324,7 @@ extension Qcow2Image {
         }
         switch plan {
         case .inPlace(let host, let n):
+            defer { if dedup != nil { lock.withLock { endInPlace(host, n) } } }
             try storage.write(data(Int(n)), at: host)
             return n
 
@@ -344,10 +353,14 @@ extension Qcow2Image {
             do {
                 try performCluster(cw, data: bytes, dataStart: inCluster)
             } catch {
-                lock.withLock { abandon([cw.guestCluster], table: cw.table, host: cw.reuse ? 0 : cw.host) }
+                lock.withLock {
+                    if cw.reuse && dedup != nil { endInPlace(cw.host, clusterSize) }
+                    abandon([cw.guestCluster], table: cw.table, host: cw.reuse ? 0 : cw.host)
+                }
                 throw error
             }
             lock.withLock {
+                if cw.reuse && dedup != nil { endInPlace(cw.host, clusterSize) }
                 defer { finish([cw.guestCluster], table: cw.table) }
                 commit(cw.table, cw.index, host: cw.host, region: cw.region, reuse: cw.reuse, oldRaw: cw.oldRaw, oldBitmap: cw.oldBitmap)
             }

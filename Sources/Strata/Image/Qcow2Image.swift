@@ -41,11 +41,20 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     /// A structural corruption was found while writable: the corrupt bit is set, and
     /// nothing more is written.
     var markedCorrupt = false
+    /// Inline dedup only (empty otherwise): host clusters (index) with an in-place data write
+    /// planned and not yet done, and how many. See ``Qcow2Image/shareIdentical(_:hash:guest:index:)``.
+    var busyHosts: [UInt64: Int] = [:]
+    /// Inline dedup only: host clusters (index) a dedup writer is comparing, and how many
+    /// writers; an in-place write into one waits until the comparison is over.
+    var dedupHolds: [UInt64: Int] = [:]
 
     public let isReadOnly: Bool
     /// Whole-cluster guest writes are stored compressed (the open option, or the image's
     /// `compress` flag); nil when they are not. Compressors are taken from it per write.
     let compressors: CompressorPool?
+    /// Whole-cluster guest writes are deduplicated inline (the open option, or the image's
+    /// `dedup` flag): the in-memory index of stored clusters; nil when they are not.
+    let dedup: DedupIndex?
     public var preferredBlockSize: Int { Int(clusterSize) }
     public var supportsDiscard: Bool { !isReadOnly }
     /// The backing image, if any (already open, read-only).
@@ -212,6 +221,11 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         let compress = options.compressWrites || (ext.strata?.flags.contains(.compress) ?? false)
         self.compressors = compress && options.writable
             ? CompressorPool(type: header.compressionType, clusterSize: Int(cs)) : nil
+        let dedupOn = options.dedupWrites || (ext.strata?.flags.contains(.dedup) ?? false)
+        if dedupOn && compress && options.writable {
+            throw StrataError.invalidOption(path: path, reason: "online compression and inline dedup cannot be combined yet; use one of them")
+        }
+        self.dedup = dedupOn && options.writable ? DedupIndex(capacity: Limits.maxDedupIndexEntries) : nil
         self.backing = backing
         self.backingFilePath = backingPath
         self.backingFormat = backingFormat

@@ -21,6 +21,9 @@ final class Refcounts {
     private(set) var blockEntries: UInt64
     /// Decrements waiting for a flush: host cluster index → how many references it loses.
     var pending: [UInt64: UInt64] = [:]
+    /// How many times a refcount was set to 0 (wrapping): inline dedup compares it before and
+    /// after reading a candidate to know that no cluster was freed (and so reused) meanwhile.
+    private(set) var frees: UInt64 = 0
 
     init(file: ImageFile, overlap: OverlapGuard, table: [UInt64], cacheBytes: Int) {
         self.file = file
@@ -73,6 +76,7 @@ final class Refcounts {
         }
         RefcountCodec.set(b.buf, index: Int(c % blockEntries), order: order, value: v)
         cache.markDirty(b)
+        if v == 0 { frees &+= 1 }
     }
 
     /// Adds one reference to an allocated cluster (a snapshot or a shared cluster taking
