@@ -120,13 +120,19 @@ extension Qcow2Image {
             lock.withLock { restore(s) }
             throw error
         }
-        if !s.decrements.isEmpty { try applyDecrements(s.decrements, oldEpoch: s.oldEpoch) }
+        if !s.decrements.isEmpty, try applyDecrements(s.decrements, oldEpoch: s.oldEpoch) {
+            // Inline dedup gave COPIED back to entries that own their cluster alone again:
+            // their tables are written now, not left dirty past a close.
+            try flushLocked(applyingDecrements: false)
+        }
     }
 
     /// Step 4: waits out guest I/O that looked up mappings before the frees, then decrements.
-    private func applyDecrements(_ decrements: [UInt64: UInt64], oldEpoch: Int) throws {
+    /// Returns whether L2 entries changed (COPIED restored, see ``Qcow2Image/restoreCopied(_:)``).
+    private func applyDecrements(_ decrements: [UInt64: UInt64], oldEpoch: Int) throws -> Bool {
         waitForIO(epochParity: oldEpoch)
         var blocks: [(Table, [UInt8])] = []
+        var copiedRestored = false
         let zeroed: [UInt64] = try lock.withLock {
             let z: [UInt64]
             do { z = try md.applyDecrements(decrements) } catch {
@@ -134,6 +140,7 @@ extension Qcow2Image {
                 throw error
             }
             blocks = md.refcounts.cache.takeDirty()
+            if dedup != nil && !dedupSharers.isEmpty { copiedRestored = try restoreCopied(decrements.keys) }
             return z
         }
         do {
@@ -153,6 +160,7 @@ extension Qcow2Image {
             lock.withLock { for (t, _) in blocks { md.refcounts.cache.markDirty(t) } }
             throw error
         }
+        return copiedRestored
     }
 
     /// Waits until guest I/O registered in the epoch of parity `parity` has finished.

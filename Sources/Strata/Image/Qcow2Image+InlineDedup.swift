@@ -211,7 +211,10 @@ extension Qcow2Image {
                host == c << clusterBits {
                 return .shared  // already maps these very bytes
             }
+            // Without a record of who shares it, COPIED could not be given back later.
+            guard dedupSharers[c] != nil || dedupSharers.count < index.capacity else { return .refused }
             guard try md.refcounts.increment(c) else { return .refused }  // refcount at its maximum
+            dedupSharers[c, default: []].formUnion([g, cand.guest])
             try md.map.setEntry(g, raw: c << clusterBits, bitmap: geometry.extendedL2 ? SubclusterBitmap.allAllocated.raw : 0)
             md.map.release(raw: oldRaw)
             try clearCopied(guest: cand.guest)
@@ -240,6 +243,44 @@ extension Qcow2Image {
         let j = Int(g % perTable)
         let (raw, bitmap) = ClusterMap.read(t, j, extended: geometry.extendedL2)
         if raw & L2Entry.copied != 0 { md.map.set(t, j, raw: raw & ~L2Entry.copied, bitmap: bitmap) }
+    }
+
+    /// After decrements of host clusters `clusters` were applied: a cluster inline dedup
+    /// shared that is referenced once again gives COPIED back to the entry left (qcow2 wants
+    /// COPIED exactly when the refcount is 1). Returns whether an entry changed. Lock held.
+    func restoreCopied<S: Sequence>(_ clusters: S) throws -> Bool where S.Element == UInt64 {
+        var changed = false
+        for c in clusters {
+            guard let guests = dedupSharers[c] else { continue }
+            let count = try md.refcounts.get(c)
+            if md.refcounts.pending[c] != nil || count > 1 {
+                // Still shared: forget guests that no longer map it.
+                let left = try guests.filter { try entryMaps($0, host: c) }
+                dedupSharers[c] = left.isEmpty ? nil : left
+                continue
+            }
+            dedupSharers[c] = nil
+            guard count == 1 else { continue }
+            let holders = try guests.filter { try entryMaps($0, host: c) }
+            guard holders.count == 1, let g = holders.first else { continue }
+            let perTable = geometry.l2Entries
+            let i = Int(g / perTable)
+            guard md.map.l1[i] & L1Entry.copied != 0, let t = try md.map.table(i) else { continue }
+            let j = Int(g % perTable)
+            let (raw, bitmap) = ClusterMap.read(t, j, extended: geometry.extendedL2)
+            if raw & L2Entry.copied == 0 {
+                md.map.set(t, j, raw: raw | L2Entry.copied, bitmap: bitmap)
+                changed = true
+            }
+        }
+        return changed
+    }
+
+    /// Whether guest cluster `g`'s entry maps host cluster `c` as data. Lock held.
+    private func entryMaps(_ g: UInt64, host c: UInt64) throws -> Bool {
+        guard case .data(let host, _) = L2Entry(raw: try md.map.entry(g).raw)
+            .mapping(clusterBits: md.header.clusterBits, extended: geometry.extendedL2) else { return false }
+        return host == c << clusterBits
     }
 
     /// Drops one dedup hold on host cluster `c` and wakes planners waiting for it. Lock held.

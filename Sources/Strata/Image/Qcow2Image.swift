@@ -47,6 +47,9 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     /// Inline dedup only: host clusters (index) a dedup writer is comparing, and how many
     /// writers; an in-place write into one waits until the comparison is over.
     var dedupHolds: [UInt64: Int] = [:]
+    /// Inline dedup only: host clusters (index) shared by inline dedup → the guest clusters
+    /// whose entries took them, so the one left when the others are gone gets COPIED back.
+    var dedupSharers: [UInt64: Set<UInt64>] = [:]
 
     public let isReadOnly: Bool
     /// Whole-cluster guest writes are stored compressed (the open option, or the image's

@@ -1,0 +1,173 @@
+import Foundation
+import Synchronization
+import XCTest
+import TestSupport
+@testable import Strata
+
+/// Inline dedup (`-o dedup=on`): repeated whole clusters stored once, zero clusters as zero
+/// entries, the disk byte-exact, `qemu-img check` clean; and under concurrent writers racing
+/// in-place overwrites against shares, every read always returns what was written.
+final class InlineDedupTests: XCTestCase {
+    let cs = 4096
+
+    func makeImage(_ dir: String, size: Int, name: String = "d.qcow2", dedup: Bool = true) throws -> String {
+        let path = "\(dir)/\(name)"
+        var o = CreateOptions(size: UInt64(size))
+        o.clusterSize = cs
+        o.dedupWrites = dedup
+        try Qcow2Image.create(path: path, options: o)
+        return path
+    }
+
+    func block(_ seed: UInt64) -> [UInt8] {
+        var rng = SeededRandom(seed: seed)
+        return (0..<cs).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+    }
+
+    /// Host clusters referenced by the active disk's data entries, counted once each.
+    func distinctHosts(_ img: Qcow2Image) throws -> Set<UInt64> {
+        try img.lock.withLock {
+            var hosts: Set<UInt64> = []
+            for g in 0..<(img.md.header.size / UInt64(cs)) {
+                let raw = try img.md.map.entry(g).raw
+                if case .data(let h, _) = L2Entry(raw: raw).mapping(clusterBits: img.md.header.clusterBits, extended: false) { hosts.insert(h) }
+            }
+            return hosts
+        }
+    }
+
+    func testRepeatedBlocksAreStoredOnceAndZeroClustersBecomeZeroEntries() throws {
+        try requireTool("qemu-img", package: "qemu-utils")
+        let dir = try tempDir(self)
+        let size = 4 << 20
+        let path = try makeImage(dir, size: size)
+        let blocks = (0..<6).map { block(UInt64($0) + 1) }
+        var model = [UInt8](repeating: 0, count: size)
+        let img = try Qcow2Image(path: path, options: OpenOptions(writable: true))
+        XCTAssertNotNil(img.dedup, "the image's dedup flag turns inline dedup on")
+        // 64 KiB writes of 16 clusters each: copies inside one request and across requests,
+        // every fifth cluster all zeroes (written as data).
+        var rng = SeededRandom(seed: 5)
+        for chunk in 0..<(size / (64 << 10)) {
+            var buf = [UInt8](repeating: 0, count: 64 << 10)
+            for k in 0..<16 where (chunk * 16 + k) % 5 != 4 {
+                let b = blocks[Int(rng.next() % 6)]
+                buf.replaceSubrange(k * cs..<(k + 1) * cs, with: b)
+            }
+            let at = chunk * (64 << 10)
+            try buf.withUnsafeBytes { try img.write($0, at: UInt64(at), fua: false) }
+            model.replaceSubrange(at..<at + buf.count, with: buf)
+        }
+        // A partial-cluster write and an unaligned write across clusters: the normal path.
+        let odd = block(99)
+        try odd.withUnsafeBytes { try img.write(UnsafeRawBufferPointer(rebasing: $0[0..<1000]), at: 7, fua: false) }
+        model.replaceSubrange(7..<1007, with: odd[0..<1000])
+        try odd.withUnsafeBytes { try img.write($0, at: UInt64(3 * cs + 100), fua: false) }
+        model.replaceSubrange(3 * cs + 100..<4 * cs + 100, with: odd)
+
+        XCTAssertEqual(try readAll(img), model, "content exact while open")
+        let hosts = try distinctHosts(img)
+        XCTAssertLessThanOrEqual(hosts.count, 6 + 3, "6 distinct blocks (plus the clusters the unaligned writes copied): \(hosts.count)")
+        // Zero clusters are zero entries, not data.
+        let zeroRaw = try img.lock.withLock { try img.md.map.entry(9).raw }
+        XCTAssertTrue(zeroRaw == 0 || zeroRaw == L2Entry.zeroFlag, "unallocated or a zero entry: \(String(zeroRaw, radix: 16))")
+        try img.close()
+
+        try assertQemuCheckClean(path)
+        XCTAssertEqual(try qemuRaw(path, dir: dir), model, "QEMU reads the same disk")
+        let fileSize = try FileManager.default.attributesOfItem(atPath: path)[.size] as! Int
+        XCTAssertLessThan(fileSize, 64 * cs, "about the unique data plus metadata, not 4 MiB: \(fileSize)")
+
+        // Reopened: the index starts empty, overwrites into shared clusters copy on write.
+        let again = try Qcow2Image(path: path, options: OpenOptions(writable: true))
+        let other = block(77)
+        try other.withUnsafeBytes { try again.write($0, at: UInt64(cs), fua: false) }
+        model.replaceSubrange(cs..<2 * cs, with: other)
+        try other.withUnsafeBytes { try again.write(UnsafeRawBufferPointer(rebasing: $0[0..<512]), at: UInt64(2 * cs), fua: false) }
+        model.replaceSubrange(2 * cs..<2 * cs + 512, with: other[0..<512])
+        XCTAssertEqual(try readAll(again), model)
+        try again.close()
+        try assertQemuCheckClean(path)
+        XCTAssertEqual(try qemuRaw(path, dir: dir), model)
+    }
+
+    func testDedupIsOffUnlessAskedAndRefusedWithCompression() throws {
+        let dir = try tempDir(self)
+        let plain = try makeImage(dir, size: 1 << 20, name: "p.qcow2", dedup: false)
+        let img = try Qcow2Image(path: plain, options: OpenOptions(writable: true))
+        XCTAssertNil(img.dedup)
+        try img.close()
+        var o = OpenOptions(writable: true)
+        o.dedupWrites = true
+        let asked = try Qcow2Image(path: plain, options: o)
+        XCTAssertNotNil(asked.dedup)
+        try asked.close()
+        o.compressWrites = true
+        XCTAssertThrowsError(try Qcow2Image(path: plain, options: o))
+        var v2 = CreateOptions(size: 1 << 20)
+        v2.version = 2
+        v2.dedupWrites = true
+        XCTAssertThrowsError(try Qcow2Image.create(path: "\(dir)/v2.qcow2", options: v2))
+    }
+
+    /// Writers of identical and different whole clusters, and partial overwrites that go in
+    /// place into clusters other writers are sharing, all at once. Each writer owns its own
+    /// guest clusters, so every read-back is exact against its model.
+    func testConcurrentSharesNeverSeeInPlaceOverwrites() throws {
+        try requireTool("qemu-img", package: "qemu-utils")
+        let dir = try tempDir(self)
+        let writers = 4, perWriter = 32
+        let size = writers * perWriter * cs
+        let path = try makeImage(dir, size: size)
+        let img = try Qcow2Image(path: path, options: OpenOptions(writable: true))
+        let patterns = (0..<3).map { block(UInt64($0) + 40) }
+        let failures = Mutex<[String]>([])
+        let models = Mutex<[Int: [UInt8]]>([:])
+        DispatchQueue.concurrentPerform(iterations: writers) { w in
+            var rng = SeededRandom(seed: UInt64(w) * 7 + 3)
+            var model = [UInt8](repeating: 0, count: perWriter * cs)
+            let base = w * perWriter * cs
+            var buf = [UInt8](repeating: 0, count: cs)
+            do {
+                for step in 0..<600 {
+                    let k = Int(rng.next() % UInt64(perWriter))
+                    let at = k * cs
+                    switch rng.next() % 4 {
+                    case 0, 1:
+                        // A whole cluster of one of the few patterns: shares with other writers.
+                        let p = patterns[Int(rng.next() % 3)]
+                        try p.withUnsafeBytes { try img.write($0, at: UInt64(base + at), fua: false) }
+                        model.replaceSubrange(at..<at + cs, with: p)
+                    case 2:
+                        // A partial overwrite: in place when this writer's entry owns the cluster
+                        // (others may be comparing against it at this very moment).
+                        let off = Int(rng.next() % UInt64(cs - 64))
+                        let bytes = [UInt8](repeating: UInt8(truncatingIfNeeded: step &+ w), count: 64)
+                        try bytes.withUnsafeBytes { try img.write($0, at: UInt64(base + at + off), fua: false) }
+                        model.replaceSubrange(at + off..<at + off + 64, with: bytes)
+                    default:
+                        // A whole cluster of this writer's own, then a pattern again.
+                        let own = self.block(rng.next())
+                        try own.withUnsafeBytes { try img.write($0, at: UInt64(base + at), fua: false) }
+                        model.replaceSubrange(at..<at + cs, with: own)
+                    }
+                    try buf.withUnsafeMutableBytes { try img.read(into: $0, at: UInt64(base + at)) }
+                    if buf[...] != model[at..<at + cs] {
+                        failures.withLock { $0.append("writer \(w) step \(step): cluster \(k) reads wrong data") }
+                        return
+                    }
+                }
+            } catch {
+                failures.withLock { $0.append("writer \(w): \(error)") }
+            }
+            models.withLock { $0[w] = model }
+        }
+        XCTAssertEqual(failures.withLock { $0 }, [])
+        var whole: [UInt8] = []
+        for w in 0..<writers { whole += models.withLock { $0[w] } ?? [] }
+        XCTAssertEqual(try readAll(img), whole, "the whole disk is exact")
+        try img.close()
+        try assertQemuCheckClean(path)
+        XCTAssertEqual(try qemuRaw(path, dir: dir), whole)
+    }
+}
