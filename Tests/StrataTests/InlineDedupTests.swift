@@ -170,4 +170,101 @@ final class InlineDedupTests: XCTestCase {
         try assertQemuCheckClean(path)
         XCTAssertEqual(try qemuRaw(path, dir: dir), whole)
     }
+
+    // MARK: The race, made deterministic
+
+    /// An image on `HookStorage` with cluster 0 holding `p` (its host cluster returned).
+    func ownedCluster(_ storage: HookStorage, _ p: [UInt8]) throws -> (Qcow2Image, UInt64) {
+        var o = CreateOptions(size: 1 << 20)
+        o.clusterSize = cs
+        o.dedupWrites = true
+        try Qcow2Image.create(storage: storage, path: storage.name, options: o)
+        let img = try Qcow2Image(storage: storage, options: OpenOptions(writable: true))
+        try p.withUnsafeBytes { try img.write($0, at: 0, fua: false) }
+        let raw = try img.lock.withLock { try img.md.map.entry(0).raw }
+        return (img, L2Entry(raw: raw).hostOffset)
+    }
+
+    /// An in-place write into the candidate planned *after* the byte comparison and before the
+    /// share (the candidate is still COPIED then): it must not land in a shared cluster.
+    func testInPlaceWritePlannedDuringTheComparisonCopiesOnWrite() throws {
+        let storage = HookStorage(MemoryStorage(name: "race1.qcow2"))
+        let p = block(7)
+        let (img, host) = try ownedCluster(storage, p)
+        let x = [UInt8](repeating: 0xee, count: 64)
+        let done = DispatchSemaphore(value: 0)
+        storage.setAfterRead { offset, count in
+            guard offset == host && count == self.cs else { return false }
+            Thread.detachNewThread {
+                try! x.withUnsafeBytes { try img.write($0, at: 100, fua: false) }
+                done.signal()
+            }
+            usleep(150_000)  // the other write is planned (or waits) now
+            return true
+        }
+        try p.withUnsafeBytes { try img.write($0, at: UInt64(cs), fua: false) }
+        done.wait()
+        var expected0 = p
+        expected0.replaceSubrange(100..<164, with: x)
+        let all = try readAll(img)
+        XCTAssertEqual(Array(all[0..<cs]), expected0)
+        XCTAssertEqual(Array(all[cs..<2 * cs]), p, "the deduplicated copy kept its data")
+        try img.close()
+    }
+
+    /// An in-place write into the candidate planned *before* the comparison and landing after
+    /// it: the share must be refused.
+    func testInPlaceWriteInFlightRefusesTheShare() throws {
+        let storage = HookStorage(MemoryStorage(name: "race2.qcow2"))
+        let p = block(8)
+        let (img, host) = try ownedCluster(storage, p)
+        let x = [UInt8](repeating: 0xdd, count: 64)
+        let inFlight = DispatchSemaphore(value: 0)
+        let done = DispatchSemaphore(value: 0)
+        storage.setBeforeWrite { offset, count in
+            guard offset == host + 100 && count == 64 else { return false }
+            inFlight.signal()
+            usleep(150_000)  // the dedup writer compares and decides meanwhile
+            return true
+        }
+        Thread.detachNewThread {
+            try! x.withUnsafeBytes { try img.write($0, at: 100, fua: false) }
+            done.signal()
+        }
+        inFlight.wait()
+        try p.withUnsafeBytes { try img.write($0, at: UInt64(cs), fua: false) }
+        done.wait()
+        var expected0 = p
+        expected0.replaceSubrange(100..<164, with: x)
+        let all = try readAll(img)
+        XCTAssertEqual(Array(all[0..<cs]), expected0)
+        XCTAssertEqual(Array(all[cs..<2 * cs]), p, "the deduplicated copy kept its data")
+        try img.close()
+    }
+}
+
+/// Storage that runs a one-shot hook after a read or before a write (the hook returns whether
+/// it fired; once it has, it is dropped).
+final class HookStorage: BlockStorage, @unchecked Sendable {
+    let inner: any BlockStorage
+    private let hooks = Mutex<(read: ((UInt64, Int) -> Bool)?, write: ((UInt64, Int) -> Bool)?)>((nil, nil))
+    var name: String { inner.name }
+    init(_ inner: any BlockStorage) { self.inner = inner }
+    func setAfterRead(_ h: @escaping (UInt64, Int) -> Bool) { hooks.withLock { $0.read = h } }
+    func setBeforeWrite(_ h: @escaping (UInt64, Int) -> Bool) { hooks.withLock { $0.write = h } }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
+        let n = try inner.read(into: buffer, at: offset)
+        if let h = hooks.withLock({ $0.read }), h(offset, buffer.count) { hooks.withLock { $0.read = nil } }
+        return n
+    }
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        if let h = hooks.withLock({ $0.write }), h(offset, buffer.count) { hooks.withLock { $0.write = nil } }
+        try inner.write(buffer, at: offset)
+    }
+    func sync() throws { try inner.sync() }
+    func length() throws -> UInt64 { try inner.length() }
+    func setLength(_ length: UInt64) throws { try inner.setLength(length) }
+    func punchHole(at offset: UInt64, length: UInt64) throws -> Bool { try inner.punchHole(at: offset, length: length) }
+    func zeroRange(at offset: UInt64, length: UInt64) throws -> Bool { try inner.zeroRange(at: offset, length: length) }
 }
