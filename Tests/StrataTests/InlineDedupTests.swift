@@ -171,6 +171,25 @@ final class InlineDedupTests: XCTestCase {
         XCTAssertTrue(try qemuRaw(path, dir: dir) == whole)
     }
 
+    /// A cluster shared in one session, one copy overwritten in the next: the copy left gets
+    /// COPIED back (no record of the share survives the session; close walks the tables).
+    func testCopyLeftAloneInALaterSessionGetsCopiedBack() throws {
+        try requireTool("qemu-img", package: "qemu-utils")
+        let dir = try tempDir(self)
+        let path = try makeImage(dir, size: 1 << 20)
+        let p = block(21), q = block(22)
+        let first = try Qcow2Image(path: path, options: OpenOptions(writable: true))
+        for k in 0..<2 { try p.withUnsafeBytes { try first.write($0, at: UInt64(k * cs), fua: false) } }
+        XCTAssertEqual(try distinctHosts(first).count, 1)
+        try first.close()
+        try assertQemuCheckClean(path)
+        let second = try Qcow2Image(path: path, options: OpenOptions(writable: true))
+        try q.withUnsafeBytes { try second.write($0, at: 0, fua: false) }
+        try second.close()
+        try assertQemuCheckClean(path)
+        XCTAssertTrue(try qemuRaw(path, dir: dir) == q + p + [UInt8](repeating: 0, count: (1 << 20) - 2 * cs))
+    }
+
     // MARK: The race, made deterministic
 
     /// An image on `HookStorage` with cluster 0 holding `p` (its host cluster returned).

@@ -140,7 +140,7 @@ extension Qcow2Image {
                 throw error
             }
             blocks = md.refcounts.cache.takeDirty()
-            if dedup != nil && !dedupSharers.isEmpty { copiedRestored = try restoreCopied(decrements.keys) }
+            if dedup != nil { copiedRestored = try restoreCopied(decrements.keys) }
             return z
         }
         do {

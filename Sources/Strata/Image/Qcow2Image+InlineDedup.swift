@@ -251,7 +251,10 @@ extension Qcow2Image {
     func restoreCopied<S: Sequence>(_ clusters: S) throws -> Bool where S.Element == UInt64 {
         var changed = false
         for c in clusters {
-            guard let guests = dedupSharers[c] else { continue }
+            guard let guests = dedupSharers[c] else {
+                if md.refcounts.pending[c] == nil, try md.refcounts.get(c) == 1 { copiedRecheck.insert(c) }
+                continue
+            }
             let count = try md.refcounts.get(c)
             if md.refcounts.pending[c] != nil || count > 1 {
                 // Still shared: forget guests that no longer map it.
@@ -272,6 +275,31 @@ extension Qcow2Image {
                 md.map.set(t, j, raw: raw | L2Entry.copied, bitmap: bitmap)
                 changed = true
             }
+        }
+        return changed
+    }
+
+    /// At close: gives COPIED back to active entries whose host cluster is in
+    /// ``copiedRecheck`` and referenced once, by walking the active disk's own L2 tables.
+    /// Returns whether an entry changed. Lock held.
+    func restoreCopiedByScan() throws -> Bool {
+        guard !copiedRecheck.isEmpty else { return false }
+        defer { copiedRecheck = [] }
+        var changed = false
+        let perTable = Int(geometry.l2Entries)
+        for i in 0..<md.map.l1.count where md.map.l1[i] & L1Entry.copied != 0 && md.map.l1[i] & L1Entry.offsetMask != 0 {
+            guard let t = try md.map.table(i) else { continue }
+            for j in 0..<perTable {
+                let (raw, bitmap) = ClusterMap.read(t, j, extended: geometry.extendedL2)
+                guard raw & L2Entry.copied == 0,
+                      case .data(let host, _) = L2Entry(raw: raw).mapping(clusterBits: md.header.clusterBits, extended: geometry.extendedL2) else { continue }
+                let c = host >> clusterBits
+                guard copiedRecheck.contains(c), md.refcounts.pending[c] == nil, try md.refcounts.get(c) == 1 else { continue }
+                md.map.set(t, j, raw: raw | L2Entry.copied, bitmap: bitmap)
+                copiedRecheck.remove(c)
+                changed = true
+            }
+            if copiedRecheck.isEmpty { break }
         }
         return changed
     }

@@ -50,6 +50,9 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     /// Inline dedup only: host clusters (index) shared by inline dedup → the guest clusters
     /// whose entries took them, so the one left when the others are gone gets COPIED back.
     var dedupSharers: [UInt64: Set<UInt64>] = [:]
+    /// Inline dedup only: host clusters back to one reference that no record says who holds
+    /// (shared in an earlier session, or offline); close gives their entry COPIED back.
+    var copiedRecheck: Set<UInt64> = []
 
     public let isReadOnly: Bool
     /// Whole-cluster guest writes are stored compressed (the open option, or the image's
@@ -263,7 +266,12 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
             (storage as? FileStorage)?.close()
             try? backing?.close()
         }
-        if !isReadOnly { try guarded { try flushNow() } }
+        if !isReadOnly {
+            try guarded {
+                try flushNow()
+                if dedup != nil, try lock.withLock({ try restoreCopiedByScan() }) { try flushNow() }
+            }
+        }
     }
 
     // MARK: Range checks, I/O registration, quiescing
