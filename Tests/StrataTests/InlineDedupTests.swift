@@ -190,6 +190,38 @@ final class InlineDedupTests: XCTestCase {
         XCTAssertTrue(try qemuRaw(path, dir: dir) == q + p + [UInt8](repeating: 0, count: (1 << 20) - 2 * cs))
     }
 
+    /// Extended L2 entries (subclusters): shared entries are fully allocated, zero clusters
+    /// are zero bitmaps, partial writes into a shared cluster copy it on write.
+    func testExtendedL2() throws {
+        try requireTool("qemu-img", package: "qemu-utils")
+        let dir = try tempDir(self)
+        let ecs = 32768, size = 2 << 20
+        let path = "\(dir)/ext.qcow2"
+        var o = CreateOptions(size: UInt64(size))
+        o.clusterSize = ecs
+        o.extendedL2 = true
+        o.dedupWrites = true
+        try Qcow2Image.create(path: path, options: o)
+        var rng = SeededRandom(seed: 3)
+        let blocks = (0..<3).map { _ in (0..<ecs).map { _ in UInt8(truncatingIfNeeded: rng.next()) } }
+        var model = [UInt8](repeating: 0, count: size)
+        let img = try Qcow2Image(path: path, options: OpenOptions(writable: true))
+        for k in 0..<(size / ecs) {
+            let b = k % 4 == 3 ? [UInt8](repeating: 0, count: ecs) : blocks[k % 3]
+            try b.withUnsafeBytes { try img.write($0, at: UInt64(k * ecs), fua: false) }
+            model.replaceSubrange(k * ecs..<(k + 1) * ecs, with: b)
+        }
+        let x = [UInt8](repeating: 0xab, count: 3000)
+        try x.withUnsafeBytes { try img.write($0, at: UInt64(ecs + 100), fua: false) }
+        model.replaceSubrange(ecs + 100..<ecs + 3100, with: x)
+        XCTAssertTrue(try readAll(img) == model)
+        try img.close()
+        try assertQemuCheckClean(path)
+        XCTAssertTrue(try qemuRaw(path, dir: dir) == model)
+        let fileSize = try FileManager.default.attributesOfItem(atPath: path)[.size] as! Int
+        XCTAssertLessThan(fileSize, 16 * ecs, "3 distinct clusters, one copied on write, plus metadata: \(fileSize)")
+    }
+
     // MARK: The race, made deterministic
 
     /// An image on `HookStorage` with cluster 0 holding `p` (its host cluster returned).
