@@ -114,11 +114,22 @@ final class InlineDedupTests: XCTestCase {
     /// place into clusters other writers are sharing, all at once. Each writer owns its own
     /// guest clusters, so every read-back is exact against its model.
     func testConcurrentSharesNeverSeeInPlaceOverwrites() throws {
+        try concurrentWriters(dedup: true)
+    }
+
+    /// Regression (found by the test above, with or without dedup): a cluster freed by a flush
+    /// was handed out again before the flush punched its space, and the punch erased the new
+    /// owner's data. Freed clusters are now reusable only after their punch.
+    func testFreedClustersAreNotReusedBeforeTheirPunch() throws {
+        try concurrentWriters(dedup: false)
+    }
+
+    func concurrentWriters(dedup: Bool) throws {
         try requireTool("qemu-img", package: "qemu-utils")
         let dir = try tempDir(self)
         let writers = 4, perWriter = 32
         let size = writers * perWriter * cs
-        let path = try makeImage(dir, size: size)
+        let path = try makeImage(dir, size: size, dedup: dedup)
         let img = try Qcow2Image(path: path, options: OpenOptions(writable: true))
         let patterns = (0..<3).map { block(UInt64($0) + 40) }
         let failures = Mutex<[String]>([])
@@ -132,12 +143,21 @@ final class InlineDedupTests: XCTestCase {
                 for step in 0..<600 {
                     let k = Int(rng.next() % UInt64(perWriter))
                     let at = k * cs
-                    switch rng.next() % 4 {
+                    switch rng.next() % 6 {
                     case 0, 1:
-                        // A whole cluster of one of the few patterns: shares with other writers.
+                        // A whole cluster of one of the few patterns: shares with other writers
+                        // (now and then with FUA: a flush frees released clusters for reuse).
                         let p = patterns[Int(rng.next() % 3)]
-                        try p.withUnsafeBytes { try img.write($0, at: UInt64(base + at), fua: false) }
+                        try p.withUnsafeBytes { try img.write($0, at: UInt64(base + at), fua: step % 16 == 0) }
                         model.replaceSubrange(at..<at + cs, with: p)
+                    case 4:
+                        // Freed: the index entries naming this cluster go stale.
+                        if rng.next() % 2 == 0 {
+                            try img.discard(at: UInt64(base + at), length: UInt64(self.cs))
+                        } else {
+                            try img.writeZeroes(at: UInt64(base + at), length: UInt64(self.cs), mayUnmap: true, fua: false)
+                        }
+                        model.replaceSubrange(at..<at + cs, with: [UInt8](repeating: 0, count: cs))
                     case 2:
                         // A partial overwrite: in place when this writer's entry owns the cluster
                         // (others may be comparing against it at this very moment).

@@ -143,6 +143,9 @@ extension Qcow2Image {
             if dedup != nil { copiedRestored = try restoreCopied(decrements.keys) }
             return z
         }
+        defer {
+            if !zeroed.isEmpty { lock.withLock { md.refcounts.punching.subtract(zeroed) } }
+        }
         do {
             for (t, bytes) in blocks { try storage.writeBytes(bytes, at: t.offset) }
             if !blocks.isEmpty { try storage.sync() }

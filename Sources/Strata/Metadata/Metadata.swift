@@ -88,6 +88,8 @@ final class Metadata {
             map.cache.remove(c * file.clusterSize)
             refcounts.cache.remove(c * file.clusterSize)
         }
+        // Reusable only once the flush has punched them (see ``Refcounts/punching``).
+        refcounts.punching.formUnion(zeroed)
         allocator.released(zeroed)
         return zeroed
     }

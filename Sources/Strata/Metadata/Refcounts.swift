@@ -21,6 +21,9 @@ final class Refcounts {
     private(set) var blockEntries: UInt64
     /// Decrements waiting for a flush: host cluster index → how many references it loses.
     var pending: [UInt64: UInt64] = [:]
+    /// Clusters that reached zero and whose space the flush is still punching out: not handed
+    /// out until the punch is done (a new owner's data would be punched away).
+    var punching: Set<UInt64> = []
     /// How many times a refcount was set to 0 (wrapping): inline dedup compares it before and
     /// after reading a candidate to know that no cluster was freed (and so reused) meanwhile.
     private(set) var frees: UInt64 = 0
@@ -133,7 +136,7 @@ final class Refcounts {
     /// Whether cluster `c` may be handed out: count 0 and no decrement pending.
     @inline(__always)
     func isFree(_ c: UInt64) throws -> Bool {
-        try get(c) == 0 && pending[c] == nil
+        try get(c) == 0 && pending[c] == nil && !punching.contains(c)
     }
 
     /// The first cluster of `[c, end)` that is free (count 0, no decrement pending), or `end`.
@@ -145,7 +148,8 @@ final class Refcounts {
         let raw = UnsafeRawBufferPointer(b.buf), order = self.order
         var k = c
         while k < end {
-            if RefcountCodec.get(raw, index: Int(k - first), order: order) == 0 && pending[k] == nil { return k }
+            if RefcountCodec.get(raw, index: Int(k - first), order: order) == 0 && pending[k] == nil
+                && (punching.isEmpty || !punching.contains(k)) { return k }
             k += 1
         }
         return end
