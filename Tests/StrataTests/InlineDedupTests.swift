@@ -242,6 +242,33 @@ final class InlineDedupTests: XCTestCase {
         XCTAssertLessThan(fileSize, 16 * ecs, "3 distinct clusters, one copied on write, plus metadata: \(fileSize)")
     }
 
+    /// Shares across a live snapshot: the snapshot keeps its data, and after it is deleted
+    /// the image is still clean (COPIED exact).
+    func testSharesAcrossASnapshot() throws {
+        try requireTool("qemu-img", package: "qemu-utils")
+        let dir = try tempDir(self)
+        let path = try makeImage(dir, size: 1 << 20)
+        let p = block(31), q = block(32)
+        let img = try Qcow2Image(path: path, options: OpenOptions(writable: true))
+        try p.withUnsafeBytes { try img.write($0, at: 0, fua: false) }
+        _ = try img.createSnapshot(name: "s")
+        try p.withUnsafeBytes { try img.write($0, at: UInt64(cs), fua: false) }
+        try p.withUnsafeBytes { try img.write($0, at: UInt64(2 * cs), fua: false) }
+        XCTAssertEqual(try distinctHosts(img).count, 1, "shared with the cluster the snapshot holds too")
+        try q.withUnsafeBytes { try img.write($0, at: 0, fua: true) }
+        try img.close()
+        try assertQemuCheckClean(path)
+        let tail = [UInt8](repeating: 0, count: (1 << 20) - 3 * cs)
+        XCTAssertTrue(try qemuRaw(path, dir: dir) == q + p + p + tail)
+        let again = try Qcow2Image(path: path, options: OpenOptions(writable: true))
+        _ = try again.deleteSnapshot("s")
+        try p.withUnsafeBytes { try again.write($0, at: UInt64(3 * cs), fua: false) }
+        try q.withUnsafeBytes { try again.write($0, at: UInt64(cs), fua: false) }
+        try again.close()
+        try assertQemuCheckClean(path)
+        XCTAssertTrue(try qemuRaw(path, dir: dir) == q + q + p + p + [UInt8](repeating: 0, count: (1 << 20) - 4 * cs))
+    }
+
     // MARK: The race, made deterministic
 
     /// An image on `HookStorage` with cluster 0 holding `p` (its host cluster returned).

@@ -17,7 +17,9 @@ enum WriteRequest {
 /// One step of a write-like request, planned under the metadata lock (each L2 entry decoded
 /// once, overlap checked there), performed without it (data I/O), then committed under it.
 ///
-/// A compressed write or a dedup hit is one more case here, not a new path.
+/// A compressed write is one more case here, not a new path. An inline dedup hit is not a
+/// plan: it changes one entry in a single hold of the lock (`Qcow2Image+InlineDedup.swift`),
+/// and its misses go through these plans.
 enum WritePlan {
     /// Overwrite `length` bytes of host data this image alone owns, at `host`: no metadata
     /// changes.
