@@ -95,6 +95,19 @@ final class DedupTests: ToolTestCase {
         ok(try qemuImg("compare", "-F", "raw", "s.qcow2", "now.raw"), "active disk")
     }
 
+    /// Two copies shared offline, then Strata overwrites one: the other owns its cluster
+    /// alone again and gets COPIED back (the image was marked a dedup image), so qemu-img
+    /// check stays clean.
+    func testOverwritingOneOfTwoSharersKeepsTheImageClean() throws {
+        ok(try strata("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "t.qcow2", "1M"), "create")
+        ok(try qemuIO("-c", "write -P 4 0 4k", "-c", "write -P 4 64k 4k", "t.qcow2"), "two copies")
+        XCTAssertEqual(try report("t.qcow2")["shared-clusters"], 1)
+        try checkClean("t.qcow2")
+        ok(try strata("io", "-c", "write -P 5 0 4k", "t.qcow2"), "overwrite one copy")
+        try checkClean("t.qcow2")
+        ok(try qemuIO("-c", "read -P 5 0 4k", "-c", "read -P 4 64k 4k", "t.qcow2"), "content")
+    }
+
     func testMistakes() throws {
         try truncate("r.img", to: 1 << 20)
         assertUserError(try strata("dedup", "-f", "raw", "r.img"), mentions: ["raw"])

@@ -34,7 +34,23 @@ extension Qcow2Image {
     public func deduplicate() throws -> DedupReport {
         if isReadOnly { throw StrataError.readOnly(path: path) }
         try prepareFirstWrite()
-        return try quiesce { try guarded { try dedupPass() } }
+        return try quiesce {
+            try guarded {
+                let report = try dedupPass()
+                // The image now shares clusters within the active disk: marked a dedup image
+                // (version 3, not compress=on), so later opens write it with inline dedup and
+                // give COPIED back to an entry whose cluster is referenced once again.
+                let flags = md.file.extensions.strata?.flags ?? []
+                if report.shared > 0, md.header.version >= 3, !flags.contains(.compress), !flags.contains(.dedup) {
+                    try rewriteFirstCluster { _, ext, _ in
+                        var st = ext.strata ?? StrataExtension()
+                        st.flags.insert(.dedup)
+                        ext.strata = st
+                    }
+                }
+                return report
+            }
+        }
     }
 
     /// A candidate: guest cluster `guest`, entry `j` of the table of L1 index `i`, at `host`.
