@@ -14,25 +14,6 @@ final class DedupTests: ToolTestCase {
         json(ok(try strata("dedup", "--output", "json", image), "dedup").stdout) as? [String: Int] ?? [:]
     }
 
-    /// Host clusters in use, from qemu-img check's "image end offset" is not enough (freed
-    /// clusters are holes): count the file's data extents instead.
-    func dataBytes(_ name: String) -> Int {
-        let fd = open(path(name), O_RDONLY)
-        defer { close(fd) }
-        let seekData: Int32 = 3, seekHole: Int32 = 4  // Linux's SEEK_DATA, SEEK_HOLE
-        let end = lseek(fd, 0, SEEK_END)
-        var total = 0
-        var pos: off_t = 0
-        while pos < end {
-            let data = lseek(fd, pos, seekData)
-            if data < 0 { break }
-            let hole = lseek(fd, data, seekHole)
-            total += Int(hole - data)
-            pos = hole
-        }
-        return total
-    }
-
     func testRepeatedBlocksAreStoredOnceAndQemuCopiesSharedClustersOnWrite() throws {
         // 8 distinct random 64 KiB blocks, each written 16 times in a shuffled order, plus zeroes.
         let blocks = (0..<8).map { noise(64 << 10, seed: UInt64(2 * $0 + 11)) }

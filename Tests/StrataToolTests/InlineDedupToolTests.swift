@@ -5,24 +5,6 @@ import XCTest
 /// blocks through `strata serve --dedup`; the image stores about the unique data, reads back
 /// byte-exact, `qemu-img check` is clean, and QEMU copies a shared cluster on write.
 final class InlineDedupToolTests: ToolTestCase {
-    /// Bytes of the file's data extents (freed clusters are holes).
-    func dataBytes(_ name: String) -> Int {
-        let fd = open(path(name), O_RDONLY)
-        defer { close(fd) }
-        let seekData: Int32 = 3, seekHole: Int32 = 4  // Linux's SEEK_DATA, SEEK_HOLE
-        let end = lseek(fd, 0, SEEK_END)
-        var total = 0
-        var pos: off_t = 0
-        while pos < end {
-            let data = lseek(fd, pos, seekData)
-            if data < 0 { break }
-            let hole = lseek(fd, data, seekHole)
-            total += Int(hole - data)
-            pos = hole
-        }
-        return total
-    }
-
     func testClientCopyThroughServeDedupStoresRepeatedBlocksOnce() throws {
         guard let nbdcopy = Self.which("nbdcopy") else { throw XCTSkip("no nbdcopy (libnbd-bin)") }
         // 8 distinct random 64 KiB blocks over 128 slots (8 MiB), and 1 MiB of zeroes.

@@ -146,6 +146,27 @@ class ToolTestCase: XCTestCase {
         }
     }
 
+    /// Bytes of a file's data extents (SEEK_DATA/SEEK_HOLE): what it stores, freed clusters
+    /// being holes. Unlike st_blocks it leaves out the file system's own extent blocks,
+    /// which punching holes adds and removes.
+    func dataBytes(_ name: String) -> Int {
+        let fd = open(path(name), O_RDONLY)
+        guard fd >= 0 else { return -1 }
+        defer { close(fd) }
+        let seekData: Int32 = 3, seekHole: Int32 = 4  // Linux's SEEK_DATA, SEEK_HOLE
+        let end = lseek(fd, 0, SEEK_END)
+        var total = 0
+        var pos: off_t = 0
+        while pos < end {
+            let data = lseek(fd, pos, seekData)
+            if data < 0 { break }
+            let hole = lseek(fd, data, seekHole)
+            total += Int(hole - data)
+            pos = hole
+        }
+        return total
+    }
+
     /// Deterministic pseudo-random bytes.
     func noise(_ count: Int, seed: UInt64) -> [UInt8] {
         var x = seed | 1
