@@ -71,19 +71,7 @@ final class DedupIndex: @unchecked Sendable {
 extension Qcow2Image {
     /// Writes `buffer` at `offset`, deduplicating its aligned whole clusters against `index`.
     func writeDeduplicating(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, index: DedupIndex) throws {
-        let length = UInt64(buffer.count)
-        try guarded {
-            try prepareFirstWrite()
-            try writebackIfNeeded()
-            lock.lock()
-            do {
-                if markedCorrupt { throw StrataError.imageIsCorruptBit(path: path) }
-                try checkRange(offset, length, write: true)
-            } catch { lock.unlock(); throw error }
-            let token = beginIO()
-            lock.unlock()
-            defer { endIO(token) }
-
+        try asGuestWrite(at: offset, length: UInt64(buffer.count)) {
             let cs = Int(clusterSize)
             let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: cs, alignment: 4096)
             defer { scratch.deallocate() }

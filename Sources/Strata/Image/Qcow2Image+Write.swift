@@ -34,6 +34,13 @@ extension Qcow2Image {
 
     /// Runs a write-like request as registered guest I/O, plan by plan.
     func perform(_ request: WriteRequest, at offset: UInt64, length: UInt64) throws {
+        try asGuestWrite(at: offset, length: length) { try steps(request, at: offset, length: length) }
+    }
+
+    /// Runs `body` as one guest write of `[offset, offset+length)`: the image prepared for its
+    /// first change, caches written back if full, the range checked, the I/O registered in
+    /// the current epoch (see ``beginIO()``), corruption marked if `body` finds some.
+    func asGuestWrite(at offset: UInt64, length: UInt64, _ body: () throws -> Void) throws {
         try guarded {
             try prepareFirstWrite()
             try writebackIfNeeded()
@@ -45,7 +52,7 @@ extension Qcow2Image {
             let token = beginIO()
             lock.unlock()
             defer { endIO(token) }
-            try steps(request, at: offset, length: length)
+            try body()
         }
     }
 
