@@ -302,12 +302,7 @@ final class InlineDedupTests: XCTestCase {
         }
         try p.withUnsafeBytes { try img.write($0, at: UInt64(cs), fua: false) }
         done.wait()
-        var expected0 = p
-        expected0.replaceSubrange(100..<164, with: x)
-        let all = try readAll(img)
-        XCTAssertTrue(Array(all[0..<cs]) == expected0, "the overwritten cluster")
-        XCTAssertTrue(Array(all[cs..<2 * cs]) == p, "the deduplicated copy kept its data")
-        try img.close()
+        try assertRaceOutcome(img, block: p, overwrite: x)
     }
 
     /// An in-place write into the candidate planned *before* the comparison and landing after
@@ -332,11 +327,20 @@ final class InlineDedupTests: XCTestCase {
         inFlight.wait()
         try p.withUnsafeBytes { try img.write($0, at: UInt64(cs), fua: false) }
         done.wait()
-        var expected0 = p
-        expected0.replaceSubrange(100..<164, with: x)
+        try assertRaceOutcome(img, block: p, overwrite: x)
+    }
+}
+
+extension InlineDedupTests {
+    /// After an in-place write of `overwrite` at byte 100 of cluster 0 raced a dedup write of
+    /// `block` into cluster 1: cluster 0 holds the overwrite, cluster 1 still holds `block`.
+    func assertRaceOutcome(_ img: Qcow2Image, block: [UInt8], overwrite: [UInt8],
+                           file: StaticString = #filePath, line: UInt = #line) throws {
+        var expected0 = block
+        expected0.replaceSubrange(100..<100 + overwrite.count, with: overwrite)
         let all = try readAll(img)
-        XCTAssertTrue(Array(all[0..<cs]) == expected0, "the overwritten cluster")
-        XCTAssertTrue(Array(all[cs..<2 * cs]) == p, "the deduplicated copy kept its data")
+        XCTAssertTrue(Array(all[0..<cs]) == expected0, "the overwritten cluster", file: file, line: line)
+        XCTAssertTrue(Array(all[cs..<2 * cs]) == block, "the deduplicated copy kept its data", file: file, line: line)
         try img.close()
     }
 }
