@@ -13,6 +13,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
     ],
     targets: [
         .systemLibrary(name: "CLZ4", pkgConfig: "liblz4",
@@ -21,7 +22,10 @@ let package = Package(
                        providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CZlib", pkgConfig: "zlib",
                        providers: [.apt(["zlib1g-dev"])]),
-        .target(name: "Strata", dependencies: ["CLZ4", "CZstd", "CZlib"]),
+        .target(name: "Strata", dependencies: [
+            "CLZ4", "CZstd", "CZlib",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
         .target(name: "StrataNBD", dependencies: [
             "Strata",
             .product(name: "NIOCore", package: "swift-nio"),

@@ -68,6 +68,13 @@ enum ImageChain {
         printError("strata: warning: \(name): no format given, and it probed as raw; writes that would make its first sector look like another image format are refused. Give -f raw to lift the restriction.")
     }
 
+    /// Says on stderr that a writable dedup image's index file is not used, and why: the
+    /// clusters it stored before are not found until `strata dedup` rebuilds the index.
+    static func warnIfDedupIndexStale(_ device: any BlockDevice, name: String) {
+        guard let q = device as? Qcow2Image, q.deduplicatesWrites, case .stale(let reason) = q.dedupIndexState else { return }
+        printError("strata: warning: \(name): its dedup index is not used (\(reason)); new writes are indexed, but clusters stored before are found again only after `strata dedup \(name)` rebuilds it")
+    }
+
     /// Bytes the file occupies on its file system (`st_blocks * 512`), qemu's "actual-size".
     static func allocatedBytes(_ path: String) -> UInt64? {
         var st = stat()

@@ -55,6 +55,7 @@ struct Info: ParsableCommand {
             var info = ImageInfo(device: device, displayName: displayName)
             if let q, space || q.extensions.strata?.flags.contains(.compress) ?? false {
                 info.space = try q.spaceUsage()
+                if q.dedupIndexState != .none { info.dedupIndex = q.dedupIndexState }
             }
             infos.append(info)
             guard backingChain, let q, let name = q.backingFileName else { return infos }
@@ -85,6 +86,8 @@ struct ImageInfo {
     var snapshots: [SnapshotRecord] = []
     /// How the data is stored (Strata's, with `--space`; nil when not counted).
     var space: SpaceUsage?
+    /// The dedup index file's state (with `--space`, for images that keep one).
+    var dedupIndex: DedupIndexState?
 
     /// Describes one open image, named as the user (or the chain) spelled it.
     init(device: any BlockDevice, displayName: String) {
@@ -121,7 +124,7 @@ struct ImageInfo {
         if let h = qcow2 {
             fields.append(("format-specific", .object([
                 ("type", .string("qcow2")),
-                ("data", .object(Self.qcow2Specific(h, bitmaps: bitmaps, template: isTemplate, space: space).map { ($0.key, $0.json) })),
+                ("data", .object(Self.qcow2Specific(h, bitmaps: bitmaps, template: isTemplate, space: space, dedupIndex: dedupIndex).map { ($0.key, $0.json) })),
             ])))
         }
         if let full = fullBackingFilename { fields.append(("full-backing-filename", .string(full))) }
@@ -150,7 +153,7 @@ struct ImageInfo {
         if !snapshots.isEmpty { s += SnapshotListing(snapshots, exclusive: nil).human }
         if let h = qcow2 {
             s += "Format specific information:\n"
-            for field in Self.qcow2Specific(h, bitmaps: bitmaps, template: isTemplate, space: space) {
+            for field in Self.qcow2Specific(h, bitmaps: bitmaps, template: isTemplate, space: space, dedupIndex: dedupIndex) {
                 // A nested field (its text starts a new line) has no space after the colon.
                 let gap = field.text.hasPrefix("\n") ? "" : " "
                 s += "    \(String(field.key.map { $0 == "-" ? " " : $0 })):\(gap)\(field.text)\n"
@@ -169,7 +172,7 @@ struct ImageInfo {
     /// `ImageInfoSpecificQCow2` in QEMU's order; version 2 images have only the first three.
     /// `template` adds Strata's own `template: true` last (absent otherwise, as in qemu-img).
     static func qcow2Specific(_ h: Qcow2Header, bitmaps: [BitmapDirectoryEntry], template: Bool = false,
-                              space: SpaceUsage? = nil) -> [SpecificField] {
+                              space: SpaceUsage? = nil, dedupIndex: DedupIndexState? = nil) -> [SpecificField] {
         func bool(_ k: String, _ b: Bool) -> SpecificField { SpecificField(key: k, json: .bool(b), text: b ? "true" : "false") }
         if h.version < 3 {
             return [
@@ -187,6 +190,21 @@ struct ImageInfo {
             bool("corrupt", h.incompatibleFeatures.contains(.corrupt)),
             bool("extended-l2", h.extendedL2),
         ] + (template ? [bool("template", true)] : []) + (space.map { spaceFields($0, clusterSize: h.clusterSize) } ?? [])
+            + (dedupIndex.map { [dedupIndexField($0)] } ?? [])
+    }
+
+    /// `dedup-index`: whether the index file beside the image is used, and what it holds.
+    static func dedupIndexField(_ state: DedupIndexState) -> SpecificField {
+        var fields: [(String, JSONValue, String)]
+        switch state {
+        case .none: fields = [("state", .string("none"), "none")]
+        case .valid(let records, let complete):
+            fields = [("state", .string("valid"), "valid"), ("records", .uint(UInt64(records)), String(records)),
+                      ("complete", .bool(complete), complete ? "true" : "false")]
+        case .stale(let reason): fields = [("state", .string("stale"), "stale"), ("reason", .string(reason), reason)]
+        }
+        return SpecificField(key: "dedup-index", json: .object(fields.map { ($0.0, $0.1) }),
+                             text: fields.map { "\n        \($0.0): \($0.2)" }.joined())
     }
 
     /// Strata's storage figures (`--space`): clusters referenced by the active disk, host

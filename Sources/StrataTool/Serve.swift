@@ -261,6 +261,7 @@ struct Serve: ParsableCommand {
         for export in registry.exports {
             let device = (export.device as? SwitchableDevice)?.withCurrent { $0 } ?? export.device
             ImageChain.warnIfProbedRaw(device, name: (device as? RawImage)?.storage.name ?? export.name)
+            ImageChain.warnIfDedupIndexStale(device, name: (device as? Qcow2Image)?.path ?? export.name)
         }
 
         var config = NBDServer.Configuration()

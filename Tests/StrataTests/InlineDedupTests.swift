@@ -78,7 +78,7 @@ final class InlineDedupTests: XCTestCase {
         let fileSize = try FileManager.default.attributesOfItem(atPath: path)[.size] as! Int
         XCTAssertLessThan(fileSize, 64 * cs, "about the unique data plus metadata, not 4 MiB: \(fileSize)")
 
-        // Reopened: the index starts empty, overwrites into shared clusters copy on write.
+        // Reopened: overwrites into shared clusters copy on write.
         let again = try Qcow2Image(path: path, options: OpenOptions(writable: true))
         let other = block(77)
         try other.withUnsafeBytes { try again.write($0, at: UInt64(cs), fua: false) }

@@ -215,6 +215,10 @@ public struct AutoclearFeatures: OptionSet, Sendable, Hashable {
     public static let bitmaps = AutoclearFeatures(rawValue: 1 << 0)
     /// The external data file is a valid raw image (needs an external data file).
     public static let rawExternalData = AutoclearFeatures(rawValue: 1 << 1)
+    /// Strata's: the dedup index file beside the image describes it (every entry was true
+    /// when recorded, and nothing but a Strata writer keeping that index wrote the image
+    /// since). QEMU clears it when it opens the image for writing. See spec/format.md.
+    public static let dedupIndex = AutoclearFeatures(rawValue: 1 << 63)
 }
 
 /// Compression method for compressed clusters (header byte 104).

@@ -119,6 +119,7 @@ public struct HeaderExtensions: Sendable, Equatable {
         FeatureName(kind: 1, bit: 0, name: "lazy refcounts"),
         FeatureName(kind: 2, bit: 0, name: "bitmaps"),
         FeatureName(kind: 2, bit: 1, name: "raw external data"),
+        FeatureName(kind: 2, bit: 63, name: "strata dedup index"),
     ]
 
     /// Names of set-but-unknown incompatible bits, from the image's own table where it has one.
@@ -132,10 +133,12 @@ public struct HeaderExtensions: Sendable, Equatable {
 
 /// Strata's header extension: what the image is for, in a form QEMU ignores and keeps.
 /// ```
-/// 0-7  flags (big endian): bit 0 template (a read-only base that linked clones stand on),
-///      bit 1 compress (whole-cluster guest writes compressed), bit 2 dedup (inline dedup
-///      of whole-cluster guest writes)
-/// 8-   more fields of later versions, kept verbatim
+/// 0-7    flags (big endian): bit 0 template (a read-only base that linked clones stand on),
+///        bit 1 compress (whole-cluster guest writes compressed), bit 2 dedup (inline dedup
+///        of whole-cluster guest writes)
+/// 8-23   dedup index id: 16 random bytes naming this image in its dedup index file; all
+///        zero (or absent, an 8-byte extension) when it has none
+/// 24-    more fields of later versions, kept verbatim
 /// ```
 public struct StrataExtension: Sendable, Equatable {
     /// The flags word.
@@ -152,11 +155,14 @@ public struct StrataExtension: Sendable, Equatable {
         public static let dedup = Flags(rawValue: 1 << 2)
     }
     public var flags: Flags
-    /// Bytes past the flags word (fields we do not know yet), kept on rewrite.
+    /// The id its dedup index file must carry (see ``DedupIndexFile``); nil when none.
+    public var indexID: [UInt8]?
+    /// Bytes past the fields we know (fields of later versions), kept on rewrite.
     public var rest: [UInt8]
 
-    public init(flags: Flags = [], rest: [UInt8] = []) {
+    public init(flags: Flags = [], indexID: [UInt8]? = nil, rest: [UInt8] = []) {
         self.flags = flags
+        self.indexID = indexID
         self.rest = rest
     }
 
@@ -165,13 +171,17 @@ public struct StrataExtension: Sendable, Equatable {
             throw StrataError.invalidHeader(path: path, field: extensionName(HeaderExtensions.strataType), value: UInt64(data.count),
                                             reason: "the Strata extension is shorter than its 8-byte flags word")
         }
-        return StrataExtension(flags: Flags(rawValue: data.be64(0)), rest: Array(data[8...]))
+        let flags = Flags(rawValue: data.be64(0))
+        guard data.count >= 24 else { return StrataExtension(flags: flags, rest: Array(data[8...])) }
+        let id = Array(data[8..<24])
+        return StrataExtension(flags: flags, indexID: id.allSatisfy { $0 == 0 } ? nil : id, rest: Array(data[24...]))
     }
 
     func encode() -> [UInt8] {
         var b = [UInt8](repeating: 0, count: 8)
         b.put64(flags.rawValue, 0)
-        return b + rest
+        if indexID == nil && rest.isEmpty { return b }
+        return b + (indexID ?? [UInt8](repeating: 0, count: 16)) + rest
     }
 }
 

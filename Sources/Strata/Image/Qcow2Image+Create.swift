@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Options for a new qcow2 image (qemu-img's `-o` names in comments).
 public struct CreateOptions: Sendable, Equatable {
     /// Virtual size; nil takes the backing file's size.
@@ -159,7 +163,9 @@ extension Qcow2Image {
         var flags: StrataExtension.Flags = []
         if o.compressWrites { flags.insert(.compress) }
         if o.dedupWrites { flags.insert(.dedup) }
-        if !flags.isEmpty { ext.strata = StrataExtension(flags: flags) }
+        // A dedup image names its index file, which starts empty and complete (below).
+        let indexID = o.dedupWrites && storage is FileStorage ? Qcow2Image.newIndexID() : nil
+        if !flags.isEmpty { ext.strata = StrataExtension(flags: flags, indexID: indexID) }
         guard let first = FirstCluster.encode(header: &h, extensions: ext, backingName: o.backingFile) else {
             throw StrataError.invalidOption(path: path, reason: "the header does not fit in one \(cs)-byte cluster")
         }
@@ -174,5 +180,19 @@ extension Qcow2Image {
         try storage.writeBytes(refBlocks, at: (1 + rtClusters) * cs)
         try storage.setLength(h.l1TableOffset + l1Entries * 8)
         try storage.sync()
+        // The index file, then the autoclear bit that trusts it. Without them (a file that
+        // cannot be written) the first writer with dedup starts the file.
+        if indexID == nil, storage is FileStorage {
+            unlink(DedupIndexFile.path(forImage: path))  // the index of the image this one replaces
+        }
+        if let indexID {
+            let file = try DedupIndexFile.open(imagePath: path, id: indexID, clusterBits: h.clusterBits)
+            defer { file.close() }
+            try file.reset(complete: true)
+            var field = [UInt8](repeating: 0, count: 8)
+            field.put64(h.autoclearFeatures.union(.dedupIndex).rawValue, 0)
+            try storage.writeBytes(field, at: 88)
+            try storage.sync()
+        }
     }
 }

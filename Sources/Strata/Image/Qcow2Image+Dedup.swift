@@ -36,18 +36,32 @@ extension Qcow2Image {
         try prepareFirstWrite()
         return try quiesce {
             try guarded {
-                let report = try dedupPass()
-                // The image now shares clusters within the active disk: marked a dedup image
-                // (version 3, not compress=on), so later opens write it with inline dedup and
-                // give COPIED back to an entry whose cluster is referenced once again.
+                let (report, entries) = try dedupPass()
+                // Marked a dedup image (version 3, not compress=on), so later opens write it
+                // with inline dedup and give COPIED back to an entry whose cluster is
+                // referenced once again; its index file is rebuilt from the pass.
                 let flags = md.file.extensions.strata?.flags ?? []
-                if report.shared > 0, md.header.version >= 3, !flags.contains(.compress), !flags.contains(.dedup) {
+                guard md.header.version >= 3, !flags.contains(.compress) else { return report }
+                var id = md.file.extensions.strata?.indexID
+                if id == nil || !flags.contains(.dedup) {
+                    let newID = id ?? Self.newIndexID()
                     try rewriteFirstCluster { _, ext, _ in
                         var st = ext.strata ?? StrataExtension()
                         st.flags.insert(.dedup)
+                        st.indexID = newID
                         ext.strata = st
                     }
+                    id = newID
                 }
+                if let index = dedup, index.file != nil {
+                    try index.replaceAll(entries)
+                } else if storage is FileStorage, let id {
+                    try dedup?.replaceAll(entries)
+                    let file = try DedupIndexFile.open(imagePath: path, id: id, clusterBits: md.header.clusterBits)
+                    defer { file.close() }
+                    try file.rewrite(entries, complete: entries.count <= Limits.maxDedupIndexEntries)
+                }
+                try writeAutoclear(md.header.autoclearFeatures.union(.dedupIndex))
                 return report
             }
         }
@@ -61,11 +75,19 @@ extension Qcow2Image {
         var host: UInt64
     }
 
-    private func dedupPass() throws -> DedupReport {
+    /// 16 random bytes naming an image in its dedup index file.
+    static func newIndexID() -> [UInt8] {
+        var g = SystemRandomNumberGenerator()
+        return (0..<16).map { _ in UInt8.random(in: 0...255, using: &g) }
+    }
+
+    /// One pass over the active disk; returns the report and the index it built (content
+    /// hash → the cluster kept for it and the guest cluster whose entry owns it).
+    private func dedupPass() throws -> (DedupReport, [UInt64: DedupIndex.Entry]) {
         let cs = Int(clusterSize)
         var report = DedupReport()
         // Content hash → the first cluster seen with it, and where its entry is.
-        var index: [Int: (host: UInt64, i: Int, j: Int)] = [:]
+        var index: [UInt64: (host: UInt64, i: Int, j: Int)] = [:]
         let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: cs, alignment: 4096)
         let other = UnsafeMutableRawBufferPointer.allocate(byteCount: cs, alignment: 4096)
         defer { buf.deallocate(); other.deallocate() }
@@ -105,9 +127,7 @@ extension Qcow2Image {
                     report.zeroed += 1
                     continue
                 }
-                var hasher = Hasher()
-                hasher.combine(bytes: UnsafeRawBufferPointer(buf))
-                let h = hasher.finalize()
+                let h = ContentHash.of(UnsafeRawBufferPointer(buf))
                 guard let canon = index[h], canon.host != c.host else {
                     if index[h] == nil { index[h] = (c.host, c.i, c.j) }
                     continue
@@ -122,7 +142,10 @@ extension Qcow2Image {
                     // is the active disk's own; a table shared with a snapshot has none).
                     if md.map.l1[canon.i] & L1Entry.copied != 0, let t = try md.map.table(canon.i) {
                         let (raw, bitmap) = ClusterMap.read(t, canon.j, extended: extended)
-                        if raw & L2Entry.copied != 0 { md.map.set(t, canon.j, raw: raw & ~L2Entry.copied, bitmap: bitmap) }
+                        if raw & L2Entry.copied != 0 {
+                            md.map.set(t, canon.j, raw: raw & ~L2Entry.copied, bitmap: bitmap)
+                            copiedCleared.insert(t.offset)
+                        }
                     }
                     return true
                 }
@@ -132,7 +155,8 @@ extension Qcow2Image {
             if full { try writeBackTables() }
         }
         try flushNow()
-        return report
+        let entries = index.mapValues { DedupIndex.Entry(host: $0.host >> clusterBits, guest: UInt64($0.i * perTable + $0.j)) }
+        return (report, entries)
     }
 }
 

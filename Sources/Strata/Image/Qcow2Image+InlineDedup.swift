@@ -3,42 +3,50 @@ import Synchronization
 import Glibc
 #endif
 
-/// The in-memory index of inline dedup: content hash → a host cluster that held that content
-/// when it was indexed, and the guest cluster whose entry owned it. Only a hint: every share
-/// is checked against the image and the bytes themselves (see
-/// ``Qcow2Image/shareIdentical(_:hash:guest:index:)``), so an entry that is stale, wrong or
-/// missing costs dedup ratio, never correctness. Lives as long as the open image (it is not
-/// persisted yet). Its own lock, never held across I/O nor together with the metadata lock
-/// for longer than a dictionary access.
-final class DedupIndex: @unchecked Sendable {
-    /// Host and guest cluster indexes (offset >> cluster bits).
-    struct Entry: Equatable {
-        var host: UInt64
-        var guest: UInt64
-    }
-    private let entries = Mutex<[Int: Entry]>([:])
-    /// Most entries held (``Limits/maxDedupIndexEntries``).
-    let capacity: Int
-
-    init(capacity: Int) { self.capacity = capacity }
-
-    func lookup(_ hash: Int) -> Entry? { entries.withLock { $0[hash] } }
-
-    /// Records `entry` for `hash` (replacing an older one), unless the index is full.
-    func insert(_ hash: Int, _ entry: Entry) {
-        entries.withLock { e in
-            if e.count < capacity || e[hash] != nil { e[hash] = entry }
+extension Qcow2Image {
+    /// The dedup index of an image being opened, and what its index file says. `keep`: this
+    /// open writes with inline dedup (it loads the file when the image's autoclear bit
+    /// trusts it, and keeps it up to date); otherwise only the file's header is read, for
+    /// `strata info`. Only a file beside a regular image file, for a version 3 image whose
+    /// Strata extension names an index id. Problems with the file never fail the open.
+    static func openDedupIndex(storage: any BlockStorage, path: String, header: Qcow2Header, extensions ext: HeaderExtensions,
+                               fileLength: UInt64, keep: Bool) -> (DedupIndex?, DedupIndexState) {
+        let capacity = Limits.maxDedupIndexEntries
+        guard let id = ext.strata?.indexID, header.version >= 3, storage is FileStorage else {
+            return (keep ? DedupIndex(capacity: capacity) : nil, .none)
+        }
+        let trusted = header.autoclearFeatures.contains(.dedupIndex)
+        let notTrusted = "the image was written by a program that does not keep the index (QEMU, or Strata without dedup)"
+        let sidecar = DedupIndexFile.path(forImage: path)
+        guard keep else {
+            guard trusted else { return (nil, .stale(reason: notTrusted)) }
+            guard let file = try? FileStorage(path: sidecar, mode: .readOnly) else {
+                return (nil, .stale(reason: "\(sidecar) is missing"))
+            }
+            defer { file.close() }
+            switch try? DedupIndexFile.readHeader(file) {
+            case .success(let h)?:
+                guard h.id == id, h.clusterBits == header.clusterBits else { return (nil, .stale(reason: "\(sidecar) belongs to another image")) }
+                return (nil, .valid(records: h.records, complete: h.complete))
+            case .failure(.unusable(let why))?: return (nil, .stale(reason: "\(sidecar): \(why)"))
+            case nil: return (nil, .stale(reason: "\(sidecar) cannot be read"))
+            }
+        }
+        guard let file = try? DedupIndexFile.open(imagePath: path, id: id, clusterBits: header.clusterBits) else {
+            return (DedupIndex(capacity: capacity), .stale(reason: "\(sidecar) cannot be opened for writing"))
+        }
+        guard trusted else { return (DedupIndex(capacity: capacity, file: file), .stale(reason: notTrusted)) }
+        let hostClusters = fileLength >> UInt64(header.clusterBits)
+        let guestClusters = (header.size + header.clusterSize - 1) >> UInt64(header.clusterBits)
+        switch (try? file.load(capacity: capacity, hostClusters: hostClusters, guestClusters: guestClusters)) {
+        case .success(let entries)?:
+            return (DedupIndex(capacity: capacity, file: file, loaded: entries), .valid(records: file.records, complete: file.complete))
+        case .failure(.unusable(let why))?:
+            return (DedupIndex(capacity: capacity, file: file), .stale(reason: "\(sidecar): \(why)"))
+        case nil:
+            return (DedupIndex(capacity: capacity, file: file), .stale(reason: "\(sidecar) cannot be read"))
         }
     }
-
-    /// Forgets `hash` if it still names `entry` (found stale).
-    func drop(_ hash: Int, ifStill entry: Entry) {
-        entries.withLock { e in
-            if e[hash] == entry { e[hash] = nil }
-        }
-    }
-
-    var count: Int { entries.withLock { $0.count } }
 }
 
 /// Inline dedup (`-o dedup=on`, `serve --dedup`): each aligned whole cluster of a guest write
@@ -78,8 +86,8 @@ extension Qcow2Image {
             // Bytes [runStart, pos) are written the ordinary way when the run is flushed; its
             // whole clusters (guest cluster, hash) are indexed after their entries commit.
             var runStart = 0
-            var runClusters: [(g: UInt64, hash: Int)] = []
-            var runHashes: Set<Int> = []
+            var runClusters: [(g: UInt64, hash: UInt64)] = []
+            var runHashes: Set<UInt64> = []
             func flushRun(to end: Int) throws {
                 if end > runStart {
                     let piece = UnsafeRawBufferPointer(rebasing: buffer[runStart..<end])
@@ -108,9 +116,7 @@ extension Qcow2Image {
                     runStart = pos
                     continue
                 }
-                var hasher = Hasher()
-                hasher.combine(bytes: cluster)
-                let h = hasher.finalize()
+                let h = ContentHash.of(cluster)
                 // A copy of a cluster earlier in this run: write the run first, so it is indexed.
                 if runHashes.contains(h) { try flushRun(to: pos) }
                 if try shareIdentical(cluster, hash: h, guest: g, index: index, scratch: scratch) {
@@ -129,10 +135,10 @@ extension Qcow2Image {
 
     /// Indexes guest clusters just written: each whose entry owns a data cluster (COPIED,
     /// fully allocated) is recorded under its content hash.
-    private func indexWritten(_ clusters: [(g: UInt64, hash: Int)], index: DedupIndex) throws {
+    private func indexWritten(_ clusters: [(g: UInt64, hash: UInt64)], index: DedupIndex) throws {
         guard !clusters.isEmpty else { return }
-        let found: [(Int, DedupIndex.Entry)] = try lock.withLock {
-            var out: [(Int, DedupIndex.Entry)] = []
+        let found: [(UInt64, DedupIndex.Entry)] = try lock.withLock {
+            var out: [(UInt64, DedupIndex.Entry)] = []
             for (g, h) in clusters {
                 let (raw, bitmap) = try md.map.entry(g)
                 guard let host = L2Entry(raw: raw).ownedHost, raw & L2Entry.zeroFlag == 0 else { continue }
@@ -141,7 +147,9 @@ extension Qcow2Image {
             }
             return out
         }
-        for (h, e) in found { index.insert(h, e) }
+        var due = false
+        for (h, e) in found { due = index.insert(h, e) || due }
+        if due { index.persist() }
     }
 
     /// Whether the indexed entry `e` is still usable: its guest entry maps its host cluster as
@@ -160,7 +168,7 @@ extension Qcow2Image {
     /// Maps guest cluster `guest` to a host cluster already holding `cluster`'s bytes (found
     /// through `hash` in `index`), if one is and sharing it is provably safe (see the
     /// extension's comment). Returns false when the cluster must be written normally.
-    func shareIdentical(_ cluster: UnsafeRawBufferPointer, hash h: Int, guest g: UInt64, index: DedupIndex,
+    func shareIdentical(_ cluster: UnsafeRawBufferPointer, hash h: UInt64, guest g: UInt64, index: DedupIndex,
                         scratch: UnsafeMutableRawBufferPointer) throws -> Bool {
         guard let cand = index.lookup(h) else { return false }
         let c = cand.host
@@ -213,9 +221,7 @@ extension Qcow2Image {
         case .stale: index.drop(h, ifStill: cand); return false
         case .differs:
             // A collision keeps the entry; content rewritten since it was indexed drops it.
-            var hasher = Hasher()
-            hasher.combine(bytes: UnsafeRawBufferPointer(scratch))
-            if hasher.finalize() != h { index.drop(h, ifStill: cand) }
+            if ContentHash.of(UnsafeRawBufferPointer(scratch)) != h { index.drop(h, ifStill: cand) }
             return false
         case .refused: return false
         }
@@ -230,7 +236,10 @@ extension Qcow2Image {
         guard i < md.map.l1.count, md.map.l1[i] & L1Entry.copied != 0, let t = try md.map.table(i) else { return }
         let j = Int(g % perTable)
         let (raw, bitmap) = ClusterMap.read(t, j, extended: geometry.extendedL2)
-        if raw & L2Entry.copied != 0 { md.map.set(t, j, raw: raw & ~L2Entry.copied, bitmap: bitmap) }
+        if raw & L2Entry.copied != 0 {
+            md.map.set(t, j, raw: raw & ~L2Entry.copied, bitmap: bitmap)
+            copiedCleared.insert(t.offset)
+        }
     }
 
     /// After decrements of host clusters `clusters` were applied: a cluster inline dedup

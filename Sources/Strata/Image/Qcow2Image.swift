@@ -12,12 +12,14 @@ import Glibc
 /// allocate it twice; the second waits and then sees the first one's mapping.
 public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     let storage: any BlockStorage
-    let path: String
+    public let path: String
     /// Guarded by `lock`.
     let md: Metadata
     let lock = ConditionLock()
-    /// Serializes flushes (never held together with `lock` across I/O of guest data).
+    /// Serializes full flushes (never held together with `lock` across I/O of guest data).
     let flushLock = Mutex<Void>(())
+    /// Serializes taking copies of dirty metadata and writing them (see Qcow2Image+Flush).
+    let writeOutLock = Mutex<Void>(())
     /// Guest I/O in flight per epoch parity (see ``epoch``).
     let inFlight0 = Atomic<Int>(0)
     let inFlight1 = Atomic<Int>(0)
@@ -53,6 +55,9 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     /// Inline dedup only: host clusters back to one reference that no record says who holds
     /// (shared in an earlier session, or offline); close gives their entry COPIED back.
     var copiedRecheck: Set<UInt64> = []
+    /// L2 tables (offsets) in which an entry lost COPIED because its cluster became shared by
+    /// dedup, since the last write-out: written before the other tables.
+    var copiedCleared: Set<UInt64> = []
 
     public let isReadOnly: Bool
     /// Whole-cluster guest writes are stored compressed (the open option, or the image's
@@ -61,6 +66,10 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     /// Whole-cluster guest writes are deduplicated inline (the open option, or the image's
     /// `dedup` flag): the in-memory index of stored clusters; nil when they are not.
     let dedup: DedupIndex?
+    /// Whole-cluster guest writes are deduplicated inline by this open.
+    public var deduplicatesWrites: Bool { dedup != nil }
+    /// The image's dedup index file, as found at open.
+    public let dedupIndexState: DedupIndexState
     public var preferredBlockSize: Int { Int(clusterSize) }
     public var supportsDiscard: Bool { !isReadOnly }
     /// The backing image, if any (already open, read-only).
@@ -231,7 +240,8 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         if dedupOn && compress && options.writable {
             throw StrataError.invalidOption(path: path, reason: "online compression and inline dedup cannot be combined yet; use one of them")
         }
-        self.dedup = dedupOn && options.writable ? DedupIndex(capacity: Limits.maxDedupIndexEntries) : nil
+        (self.dedup, self.dedupIndexState) = Self.openDedupIndex(storage: storage, path: path, header: header, extensions: ext,
+                                                                 fileLength: fileLength, keep: dedupOn && options.writable)
         self.backing = backing
         self.backingFilePath = backingPath
         self.backingFormat = backingFormat
@@ -264,6 +274,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         defer {
             (storage as? FileStorage)?.close()
+            dedup?.file?.close()
             try? backing?.close()
         }
         if !isReadOnly {
@@ -364,7 +375,12 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         try flushLock.withLock { _ in
             guard !prepared.load(ordering: .acquiring) else { return }
             let (header, bitmaps, ext) = lock.withLock { (md.header, md.bitmaps, md.file.extensions) }
-            let keep: AutoclearFeatures = bitmaps.isEmpty ? [] : .bitmaps
+            var keep: AutoclearFeatures = bitmaps.isEmpty ? [] : .bitmaps
+            // A dedup index file stays trusted only while this writer keeps it: one not
+            // loaded at open (stale, missing) starts afresh first.
+            if let index = dedup, let file = index.file, header.version >= 3 {
+                if index.loaded || (try? file.reset(complete: false)) != nil { keep.insert(.dedupIndex) } else { file.markBroken() }
+            }
             if let dir = ext.bitmaps, !bitmaps.isEmpty {
                 for b in bitmaps where b.flags & BitmapDirectoryEntry.inUse == 0 {
                     var flags = [UInt8](repeating: 0, count: 4)
@@ -376,15 +392,20 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
                     for i in md.bitmaps.indices { md.bitmaps[i].flags |= BitmapDirectoryEntry.inUse }
                 }
             }
-            if header.version >= 3, header.autoclearFeatures != keep {
-                var field = [UInt8](repeating: 0, count: 8)
-                field.put64(keep.rawValue, 0)
-                try storage.writeBytes(field, at: 88)
-                try storage.sync()
-                lock.withLock { md.header.autoclearFeatures = keep }
-            }
+            if header.version >= 3, header.autoclearFeatures != keep { try writeAutoclear(keep) }
             prepared.store(true, ordering: .releasing)
         }
+    }
+}
+
+extension Qcow2Image {
+    /// Writes the autoclear feature bits (durable when it returns).
+    func writeAutoclear(_ bits: AutoclearFeatures) throws {
+        var field = [UInt8](repeating: 0, count: 8)
+        field.put64(bits.rawValue, 0)
+        try storage.writeBytes(field, at: 88)
+        try storage.sync()
+        lock.withLock { md.header.autoclearFeatures = bits }
     }
 }
 
