@@ -134,7 +134,7 @@ def load(uri, seed, state_path, ops, initial):
             fail(f"load of {ops} writes failed after {writes}: {e}")
         # The server was killed: STATE already holds the last completed flush's guarantee.
         save(state_path, durable, flushes, writes)
-        print(f"connection ended after {writes} writes ({len(busy)} blocks still in flight), "
+        print(f"connection ended after {writes} writes ({len(errors)} failed in flight), "
               f"{flushes} flushes completed, {len(durable)} blocks known durable: {e}", flush=True)
 
 
