@@ -224,9 +224,9 @@ final class TemplateCloneTests: ToolTestCase {
     func testDedupTemplateStoresEachDistinctClusterOnce() throws {
         // 4 KiB clusters over 2 MiB: cluster k holds content k % 5 (content 0 is zeroes) for
         // k < 448, the last 64 clusters are zero.
-        let contents = [[UInt8](repeating: 0, count: 4096)] + (1...4).map { noise(4096, seed: UInt64(17 * $0)) }
+        let kinds = [[UInt8](repeating: 0, count: 4096)] + (1...4).map { noise(4096, seed: UInt64(17 * $0)) }
         try truncate("src.raw", to: 2 << 20)
-        for k in 0..<448 where k % 5 != 0 { try write("src.raw", contents[k % 5], at: UInt64(k) << 12) }
+        for k in 0..<448 where k % 5 != 0 { try write("src.raw", kinds[k % 5], at: UInt64(k) << 12) }
         let dataClusters = (0..<448).filter { $0 % 5 != 0 }.count
         ok(try qemuImg("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k", "src.raw", "src.qcow2"), "source")
 
