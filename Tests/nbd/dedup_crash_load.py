@@ -2,7 +2,7 @@
 overwrites, periodic flushes, and a record of what must survive a crash.
 
 Usage:
-  dedup_crash_load.py load URI SEED STATE [--ops N] [--initial STATE0]
+  dedup_crash_load.py load URI SEED STATE [--ops N] [--initial STATE0] [--region BLOCKS]
   dedup_crash_load.py verify RAW STATE
 
 load: up to 16 asynchronous writes in flight, each of 1 to 4 whole 4 KiB blocks at a block
@@ -14,7 +14,8 @@ durable: the content as of the writes completed when that flush was sent, less t
 that had a write in flight then or that were written since. Without --ops the load runs
 until the connection fails (the server was killed) and exits 0; with --ops N it stops after
 N writes, drains, flushes and disconnects, and any error fails it. A fresh export starts as
-all zero blocks; --initial STATE0 starts from another run's STATE instead.
+all zero blocks; --initial STATE0 starts from another run's STATE instead. --region BLOCKS
+writes only the first BLOCKS blocks of the export (the others must stay as they were).
 
 verify: every block listed in STATE reads from the raw file RAW with that digest.
 """
@@ -43,7 +44,7 @@ def save(path, blocks, flushes, writes):
     os.replace(tmp, path)
 
 
-def load(uri, seed, state_path, ops, initial):
+def load(uri, seed, state_path, ops, initial, region):
     import nbd
     rng = random.Random(seed)
     pool = [bytes(BLOCK)] + [rng.randbytes(BLOCK) for _ in range(POOL)]
@@ -51,6 +52,7 @@ def load(uri, seed, state_path, ops, initial):
     h = nbd.NBD()
     h.connect_uri(uri)
     nblocks = h.get_size() // BLOCK
+    span = min(region or nblocks, nblocks)
     if initial:
         with open(initial) as f:
             known = {int(k): v for k, v in json.load(f)["blocks"].items()}
@@ -102,7 +104,7 @@ def load(uri, seed, state_path, ops, initial):
                 h.aio_flush(completion=flush_done)
                 continue
             n = rng.randint(1, 4)
-            first = rng.randrange(0, nblocks - n + 1)
+            first = rng.randrange(0, span - n + 1)
             blocks = list(range(first, first + n))
             if any(b in busy for b in blocks):
                 h.poll(0)
@@ -158,17 +160,19 @@ def verify(raw, state_path):
 def main():
     args = sys.argv[1:]
     if args[:1] == ["load"] and len(args) >= 4:
-        ops = initial = None
+        ops = initial = region = None
         rest = args[4:]
         while rest:
             if rest[0] == "--ops":
                 ops = int(rest[1])
             elif rest[0] == "--initial":
                 initial = rest[1]
+            elif rest[0] == "--region":
+                region = int(rest[1])
             else:
                 fail(f"unknown argument {rest[0]}")
             rest = rest[2:]
-        load(args[1], int(args[2]), args[3], ops, initial)
+        load(args[1], int(args[2]), args[3], ops, initial, region)
     elif args[:1] == ["verify"] and len(args) == 3:
         verify(args[1], args[2])
     else:
