@@ -23,7 +23,7 @@ struct Template: ParsableCommand {
     }
 }
 
-/// `strata template create [-c] [-q] SRC TEMPLATE`
+/// `strata template create [-c | --dedup] [-q] SRC TEMPLATE`
 struct TemplateCreate: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "create",
@@ -34,7 +34,10 @@ struct TemplateCreate: ParsableCommand {
             and clusters that read as zeroes are left out. TEMPLATE is a new qcow2 image \
             (version 3) with SRC's cluster size (64 KiB for raw), no backing file, marked as \
             a template, with file mode 0444. With -c, every cluster holding data is \
-            compressed (clusters that do not shrink are stored as they are). An existing \
+            compressed (clusters that do not shrink are stored as they are). With --dedup, each \
+            distinct cluster content is stored once: clusters with the same bytes share one \
+            host cluster (QEMU reads them as any image; a write to a clone of the template \
+            never touches it). -c and --dedup cannot be combined yet. An existing \
             TEMPLATE is never replaced (a template may have clones standing on it). A \
             template of a template is allowed. The copy is made under the name TEMPLATE.partial-PID and renamed when complete, \
             so a template never appears half-written (an interrupted run leaves that file).
@@ -42,6 +45,9 @@ struct TemplateCreate: ParsableCommand {
 
     @Flag(name: .customShort("c"), help: "Compress the template's clusters (with SRC's compression type; zlib for raw), on every core.")
     var compress = false
+
+    @Flag(help: "Store each distinct cluster content once: clusters with the same bytes share one host cluster.")
+    var dedup = false
 
     @OptionGroup var quiet: QuietOption
 
@@ -51,6 +57,12 @@ struct TemplateCreate: ParsableCommand {
     @Argument(help: "The template to create.")
     var template: String
 
+    mutating func validate() throws {
+        if compress && dedup {
+            throw ValidationError("-c and --dedup cannot be combined yet: a template is either compressed or deduplicated; choose one")
+        }
+    }
+
     func run() throws {
         if Convert.sameFile(source, template) {
             throw CLIError.refused(file: template, reason: "is the source image itself; a template is a new copy")
@@ -59,7 +71,11 @@ struct TemplateCreate: ParsableCommand {
         let src = try ImageChain.open(source, format: nil)
         defer { try? src.close() }
         // Read-only for everyone (0444): a second guard, for tools that know nothing of the mark.
-        try FullCopy.make(from: src, to: template, mode: 0o444, compress: compress) { try $0.markAsTemplate() }
+        if dedup {
+            try DedupCopy.make(from: src, to: template, mode: 0o444) { try $0.markAsTemplate() }
+        } else {
+            try FullCopy.make(from: src, to: template, mode: 0o444, compress: compress) { try $0.markAsTemplate() }
+        }
         if !quiet.quiet { print("Template '\(template)' created from '\(source)'") }
     }
 }

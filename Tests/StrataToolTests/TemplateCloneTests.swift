@@ -217,4 +217,54 @@ final class TemplateCloneTests: ToolTestCase {
         let left = try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.contains(".partial-") }
         XCTAssertEqual(left, [], "no temporary copy is left behind")
     }
+
+    /// `template create --dedup`: a source whose 448 data clusters hold only 4 distinct
+    /// contents makes a template storing those 4 once, with no leaked or freed space; it reads
+    /// as the source, checks clean, and a linked clone of it reads the same and writes apart.
+    func testDedupTemplateStoresEachDistinctClusterOnce() throws {
+        // 4 KiB clusters over 2 MiB: cluster k holds content k % 5 (content 0 is zeroes) for
+        // k < 448, the last 64 clusters are zero.
+        let kinds = [[UInt8](repeating: 0, count: 4096)] + (1...4).map { noise(4096, seed: UInt64(17 * $0)) }
+        try truncate("src.raw", to: 2 << 20)
+        for k in 0..<448 where k % 5 != 0 { try write("src.raw", kinds[k % 5], at: UInt64(k) << 12) }
+        let dataClusters = (0..<448).filter { $0 % 5 != 0 }.count
+        ok(try qemuImg("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k", "src.raw", "src.qcow2"), "source")
+
+        ok(try strata("template", "create", "-q", "src.qcow2", "plain.qcow2"), "plain template")
+        let r = ok(try strata("template", "create", "--dedup", "src.qcow2", "t.qcow2"), "template --dedup")
+        XCTAssertEqual(r.stdout, "Template 't.qcow2' created from 'src.qcow2'\n")
+
+        // Compact: the 4 contents plus metadata (header, L1, refcount table and block, one L2),
+        // against every data cluster for the plain template. No freed duplicate stays in the file.
+        let plain = try FileManager.default.attributesOfItem(atPath: path("plain.qcow2"))[.size] as? Int ?? 0
+        let deduped = try FileManager.default.attributesOfItem(atPath: path("t.qcow2"))[.size] as? Int ?? 0
+        XCTAssertGreaterThanOrEqual(plain, dataClusters * 4096)
+        XCTAssertLessThanOrEqual(deduped, (4 + 8) * 4096, "about 4 data clusters and metadata: \(deduped) bytes")
+        try assertClean("t.qcow2")
+        try assertSame("src.qcow2", "t.qcow2")
+        let ours = json(ok(try strata("info", "--space", "--output", "json", "t.qcow2"), "info --space").stdout) as? [String: Any]
+        let data = (ours?["format-specific"] as? [String: Any])?["data"] as? [String: Any]
+        XCTAssertEqual(data?["template"] as? Bool, true)
+        XCTAssertEqual(data?["referenced-clusters"] as? Int, dataClusters)
+        XCTAssertEqual(data?["stored-clusters"] as? Int, 4)
+        XCTAssertEqual(data?["bytes-saved"] as? Int, (dataClusters - 4) * 4096)
+
+        // A linked clone reads as the template; its writes (into a shared cluster too) stay in it.
+        ok(try strata("clone", "-q", "t.qcow2", "c.qcow2"), "clone")
+        try assertSame("c.qcow2", "src.qcow2")
+        let before = try contents("t.qcow2")
+        ok(try strata("io", "-c", "write -P 3 4k 8k", "c.qcow2"), "write to the clone")
+        XCTAssertEqual(try contents("t.qcow2"), before, "the template is untouched")
+        try assertSame("t.qcow2", "src.qcow2")
+        try assertClean("c.qcow2")
+        try write("src.raw", [UInt8](repeating: 3, count: 8192), at: 4096)
+        ok(try qemuImg("compare", "-U", "-F", "raw", "c.qcow2", "src.raw"), "clone = source with its write")
+    }
+
+    func testDedupTemplateRefusesCompression() throws {
+        try makeSource()
+        assertUserError(try strata("template", "create", "-c", "--dedup", "src.qcow2", "t.qcow2"),
+                        mentions: ["-c and --dedup cannot be combined"])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: path("t.qcow2")))
+    }
 }
