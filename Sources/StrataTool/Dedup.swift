@@ -11,7 +11,9 @@ struct Dedup: ParsableCommand {
             all-zero clusters become zero entries (compat 1.1). Two clusters are shared only \
             after a byte-for-byte comparison. The image stays ordinary qcow2: qemu-img \
             checks it clean, and a later write into a shared cluster (by Strata or QEMU) \
-            copies it on write. Snapshots keep their data. Dedup pays off with small \
+            copies it on write. Snapshots keep their data. The image is then marked for \
+            inline dedup (compat 1.1, unless compress=on) and its dedup index file \
+            (FILE.dedup-index) is rebuilt from what is stored. Dedup pays off with small \
             clusters (cluster_size=4096): with 64 KiB clusters, identical files rarely \
             line up. A served image is locked: stop the server first.
             """)

@@ -37,14 +37,17 @@ enum FullCopy {
     /// Creates `path` as a qcow2 image of `src`'s size, with the cluster size, extended L2
     /// setting and compression type of `src` when it is qcow2 (the defaults for raw), copies
     /// `src`'s content into it (every cluster compressed with `compress`, see
-    /// ``CompressedCopier``), then calls `finish` on the still-open image before it is
-    /// flushed and closed. The source must have been opened by the caller.
+    /// ``CompressedCopier``), or, with `dedup`, through inline dedup (each distinct cluster
+    /// content stored once: a copy maps to the host cluster already holding it, so no
+    /// duplicate is ever allocated and the file stays compact; the image does not keep the
+    /// dedup flag), then calls `finish` on the still-open image before it is flushed and
+    /// closed. The source must have been opened by the caller.
     ///
     /// The image is made under a temporary name next to `path` (`path.partial-PID`), given
     /// `mode` if any, and only then linked to `path`, which must still not exist: a folder
     /// never shows a half-copied image under its final name (a killed copy leaves the
     /// `.partial-` file), and a file that appeared at `path` meanwhile is not replaced.
-    static func make(from src: any BlockDevice, to path: String, mode: mode_t? = nil, compress: Bool = false,
+    static func make(from src: any BlockDevice, to path: String, mode: mode_t? = nil, compress: Bool = false, dedup: Bool = false,
                      finish: (Qcow2Image) throws -> Void = { _ in }) throws {
         var o = CreateOptions(size: src.size)
         if let q = src as? Qcow2Image {
@@ -56,14 +59,18 @@ enum FullCopy {
         let partial = "\(path).partial-\(getpid())"
         try Qcow2Image.create(path: partial, options: o)
         do {
-            let dst = try Qcow2Image(path: partial, options: OpenOptions(writable: true, format: .qcow2))
+            var options = OpenOptions(writable: true, format: .qcow2)
+            options.dedupWrites = dedup
+            let dst = try Qcow2Image(path: partial, options: options)
             var closed = false
             defer { if !closed { try? dst.close() } }
             let bar = ProgressBar(enabled: false, total: src.size, minStep: 1)
             if compress {
                 try CompressedCopier(src: src, dst: dst, bar: bar).run(workers: Convert.workerRange.upperBound)
             } else {
-                // Granularity = one cluster: a cluster is written only when some byte of it is not zero.
+                // Granularity = one cluster: a cluster is written only when some byte of it is not
+                // zero. One worker: with dedup, clusters are indexed in the order they are
+                // written, so a later copy always finds the first.
                 let copier = Copier(src: src, dst: dst, target: .blank, sparse: min(o.clusterSize, Int(Convert.maxSparseSize)), bar: bar)
                 try copier.run(workers: 1)
             }

@@ -71,11 +71,7 @@ struct TemplateCreate: ParsableCommand {
         let src = try ImageChain.open(source, format: nil)
         defer { try? src.close() }
         // Read-only for everyone (0444): a second guard, for tools that know nothing of the mark.
-        if dedup {
-            try DedupCopy.make(from: src, to: template, mode: 0o444) { try $0.markAsTemplate() }
-        } else {
-            try FullCopy.make(from: src, to: template, mode: 0o444, compress: compress) { try $0.markAsTemplate() }
-        }
+        try FullCopy.make(from: src, to: template, mode: 0o444, compress: compress, dedup: dedup) { try $0.markAsTemplate() }
         if !quiet.quiet { print("Template '\(template)' created from '\(source)'") }
     }
 }
