@@ -216,10 +216,17 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
             bitmaps = try BitmapDirectoryEntry.decodeDirectory(dir, count: Int(b.count), offset: b.directoryOffset, path: path)
         }
 
+        // Caches: every L2 table of the disk up to 32 MiB (QEMU's cap; 256 GiB of disk at 64 KiB
+        // clusters, 16 GiB at 4 KiB), refcount blocks a quarter of that. Inline dedup, made for
+        // 4 KiB clusters, touches two L2 tables per share (the new entry, the owner's COPIED)
+        // and a refcount block per share: 64 MiB (32 GiB of a 4 KiB-cluster disk), refcounts
+        // half. Memory is only taken as tables load.
+        let dedupWriter = options.writable && (options.dedupWrites || (ext.strata?.flags.contains(.dedup) ?? false))
+        let l2Cap: UInt64 = dedupWriter ? 64 << 20 : 32 << 20
         let l2Default = Int(min(max(Geometry(clusterBits: header.clusterBits, extendedL2: header.extendedL2).l1Entries(forSize: header.size), 4) * cs,
-                                UInt64(32 << 20)))
+                                l2Cap))
         let l2Bytes = options.l2CacheBytes ?? max(l2Default, Int(4 * cs))
-        let refBytes = options.refcountCacheBytes ?? max(l2Bytes / 4, Int(4 * cs))
+        let refBytes = options.refcountCacheBytes ?? max(l2Bytes / (dedupWriter ? 2 : 4), Int(4 * cs))
 
         self.storage = storage
         self.path = path
