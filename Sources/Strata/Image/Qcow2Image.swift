@@ -223,7 +223,9 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         // half. Memory is only taken as tables load.
         let dedupWriter = options.writable && (options.dedupWrites || (ext.strata?.flags.contains(.dedup) ?? false))
         let l2Cap: UInt64 = dedupWriter ? 64 << 20 : 32 << 20
-        let l2Default = Int(min(max(Geometry(clusterBits: header.clusterBits, extendedL2: header.extendedL2).l1Entries(forSize: header.size), 4) * cs,
+        // One table more than the disk has: a cache that holds the whole map never has all
+        // of its tables dirty, so it never asks for a write-back between flushes.
+        let l2Default = Int(min((max(Geometry(clusterBits: header.clusterBits, extendedL2: header.extendedL2).l1Entries(forSize: header.size), 4) + 1) * cs,
                                 l2Cap))
         let l2Bytes = options.l2CacheBytes ?? max(l2Default, Int(4 * cs))
         let refBytes = options.refcountCacheBytes ?? max(l2Bytes / (dedupWriter ? 2 : 4), Int(4 * cs))

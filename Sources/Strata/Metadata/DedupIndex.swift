@@ -22,8 +22,8 @@ enum ContentHash {
 /// ``Qcow2Image/shareIdentical(_:hash:guest:index:scratch:)``), so an entry that is stale,
 /// wrong or missing costs dedup ratio, never correctness.
 ///
-/// In memory: about 40 bytes per indexed cluster (a dictionary of 8-byte keys and 16-byte
-/// entries), at most `capacity` entries (``Limits/maxDedupIndexEntries``). Persistent when
+/// In memory: about 40 bytes per indexed cluster (dictionaries of 8-byte keys and 16-byte
+/// entries, in 64 shards by hash, each with its own lock), at most `capacity` entries (``Limits/maxDedupIndexEntries``). Persistent when
 /// the image has an index file (``DedupIndexFile``): new entries are appended to it at each
 /// flush (and in batches in between), and the file is compacted when it holds more than
 /// twice the live entries. Its own locks, never held across image I/O nor together with
@@ -34,14 +34,25 @@ final class DedupIndex: @unchecked Sendable {
         var host: UInt64
         var guest: UInt64
     }
-    private struct State {
+    /// One part of the index: the entries whose hash falls in it, and what is not in the
+    /// file yet. Many writers look up and insert at once (one lookup per whole cluster
+    /// written), so the index is split by hash into shards with a lock each.
+    private struct Shard {
         var entries: [UInt64: Entry] = [:]
-        /// Recorded, not yet in the file.
         var pending: [(UInt64, Entry)] = []
-        /// Some cluster was not indexed (the index was full).
-        var missed = false
     }
-    private let state = Mutex(State())
+    private final class Locked: Sendable {
+        let shard = Mutex(Shard())
+        func withLock<R>(_ body: (inout Shard) throws -> R) rethrows -> R { try shard.withLock { try body(&$0) } }
+    }
+    private static let shardBits = 6
+    private let shards: [Locked]
+    /// Entries held, all shards together (updated under a shard's lock).
+    private let total = Atomic<Int>(0)
+    /// Entries recorded and not yet in the file, all shards together.
+    private let pendingTotal = Atomic<Int>(0)
+    /// Some cluster was not indexed (the index was full).
+    private let missed = Atomic<Bool>(false)
     /// Most entries held.
     let capacity: Int
     /// The file this index persists to, nil for an index that lives as long as the open image.
@@ -56,48 +67,64 @@ final class DedupIndex: @unchecked Sendable {
         self.capacity = capacity
         self.file = file
         self.loaded = entries != nil
-        if let entries { state.withLock { $0.entries = entries } }
+        shards = (0..<(1 << Self.shardBits)).map { _ in Locked() }
+        if let entries { fill(entries) }
     }
 
-    func lookup(_ hash: UInt64) -> Entry? { state.withLock { $0.entries[hash] } }
+    @inline(__always) private func shard(_ hash: UInt64) -> Locked {
+        shards[Int(truncatingIfNeeded: hash >> UInt64(64 - Self.shardBits))]
+    }
+
+    private func fill(_ entries: [UInt64: Entry]) {
+        var parts = [[UInt64: Entry]](repeating: [:], count: shards.count)
+        for (h, e) in entries { parts[Int(truncatingIfNeeded: h >> UInt64(64 - Self.shardBits))][h] = e }
+        for (i, part) in parts.enumerated() { shards[i].withLock { $0.entries = part; $0.pending = [] } }
+        total.store(entries.count, ordering: .relaxed)
+        pendingTotal.store(0, ordering: .relaxed)
+    }
+
+    func lookup(_ hash: UInt64) -> Entry? { shard(hash).withLock { $0.entries[hash] } }
 
     /// Records `entry` for `hash` (replacing an older one), unless the index is full.
     /// Returns whether enough is pending that the caller should ``persist()`` now.
     @discardableResult
     func insert(_ hash: UInt64, _ entry: Entry) -> Bool {
-        state.withLock { s in
-            guard s.entries.count < capacity || s.entries[hash] != nil else {
-                s.missed = true
-                return false
+        shard(hash).withLock { s in
+            if s.entries[hash] == nil {
+                guard total.load(ordering: .relaxed) < capacity else {
+                    missed.store(true, ordering: .relaxed)
+                    return false
+                }
+                total.add(1, ordering: .relaxed)
             }
             s.entries[hash] = entry
             guard file != nil else { return false }
             s.pending.append((hash, entry))
-            return s.pending.count >= Self.persistBatch
+            return pendingTotal.add(1, ordering: .relaxed).newValue >= Self.persistBatch
         }
     }
 
     /// Forgets `hash` if it still names `entry` (found stale). The file keeps its record
     /// until the next compaction; a later run finds it stale again and drops it again.
     func drop(_ hash: UInt64, ifStill entry: Entry) {
-        state.withLock { s in
-            if s.entries[hash] == entry { s.entries[hash] = nil }
+        shard(hash).withLock { s in
+            if s.entries[hash] == entry {
+                s.entries[hash] = nil
+                total.subtract(1, ordering: .relaxed)
+            }
         }
     }
 
     /// Replaces every entry (offline dedup rebuilt the index) and rewrites the file, as
     /// complete: every data cluster of the active disk was offered to it.
     func replaceAll(_ entries: [UInt64: Entry]) throws {
-        let kept = state.withLock { s -> [UInt64: Entry] in
-            s.entries = entries.count <= capacity ? entries : Dictionary(uniqueKeysWithValues: entries.prefix(capacity).map { ($0.key, $0.value) })
-            s.pending = []
-            s.missed = entries.count > capacity
-            return s.entries
-        }
+        let kept = entries.count <= capacity ? entries : Dictionary(uniqueKeysWithValues: entries.prefix(capacity).map { ($0.key, $0.value) })
+        fill(kept)
+        missed.store(entries.count > capacity, ordering: .relaxed)
         try file?.rewrite(kept, complete: entries.count <= capacity)
     }
 
-    var count: Int { state.withLock { $0.entries.count } }
+    var count: Int { total.load(ordering: .relaxed) }
 
     /// Appends what is pending to the file, or compacts the file when it holds more than
     /// twice the live entries. A failure stops the persisting (the file then lacks entries,
@@ -106,15 +133,22 @@ final class DedupIndex: @unchecked Sendable {
     func persist() {
         guard let file else { return }
         file.serialized {
-            let (batch, live, missed) = state.withLock { s -> ([(UInt64, Entry)], [UInt64: Entry]?, Bool) in
-                defer { s.pending = [] }
-                let compact = file.records + s.pending.count > 2 * s.entries.count + Self.persistBatch * 4
-                return (s.pending, compact ? s.entries : nil, s.missed)
+            var batch: [(UInt64, Entry)] = []
+            for shard in shards {
+                shard.withLock { s in
+                    batch += s.pending
+                    s.pending.removeAll(keepingCapacity: true)
+                }
             }
-            if let live {
-                try file.rewriteLocked(live, complete: file.complete && !missed)
+            pendingTotal.subtract(batch.count, ordering: .relaxed)
+            let wasMissed = missed.load(ordering: .relaxed)
+            if file.records + batch.count > 2 * count + Self.persistBatch * 4 {
+                var live: [UInt64: Entry] = [:]
+                live.reserveCapacity(count)
+                for shard in shards { shard.withLock { live.merge($0.entries) { $1 } } }
+                try file.rewriteLocked(live, complete: file.complete && !wasMissed)
             } else {
-                if missed && file.complete { try file.setCompleteLocked(false) }
+                if wasMissed && file.complete { try file.setCompleteLocked(false) }
                 try file.appendLocked(batch)
             }
         }
