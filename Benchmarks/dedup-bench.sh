@@ -13,7 +13,7 @@
 #           of each region against its source image.
 # 2. write  Write throughput over NBD with fio's nbd engine: a 4 KiB-cluster dedup image
 #           (strata-dedup) against a plain 64 KiB-cluster image (strata-plain), and qemu-nbd on
-#           a 64 KiB image for reference. Same fio jobs on each; fio makes content of which
+#           a 64 KiB image for reference, and strata on a 4 KiB image without dedup (strata-4k). Same fio jobs on each; fio makes content of which
 #           $DEDUPE_PCT% of the blocks repeat (dedupe_percentage) and is $COMPRESS_PCT%
 #           compressible. Per server and round, on a fresh disk:
 #             seq-write-1M   sequential 1 MiB writes over the whole disk, depth $DEPTH
@@ -28,6 +28,8 @@
 #   ROUNDS=3 RUNTIME=10 DEPTH=8 SIZE=1G   the write part (SIZE: disk size and fio's span)
 #   DEDUPE_PCT=50 COMPRESS_PCT=50         fio's content
 #   QEMU_REF=1             also run qemu-nbd in the write part (0: skip it)
+#   PLAIN4K=1              also run strata on a 4 KiB-cluster image without dedup (strata-4k),
+#                          which tells the cost of small clusters from the cost of dedup (0: skip)
 #   STRATA=path            the strata binary; default: build it (release) in $STRATA_SCRATCH
 #   STRATA_SCRATCH=<repo>/.build-strata
 #   WORKDIR=dir            where images and sockets go (default: a new folder under ${TMPDIR:-/tmp});
@@ -51,6 +53,7 @@ SIZE=${SIZE:-1G}
 DEDUPE_PCT=${DEDUPE_PCT:-50}
 COMPRESS_PCT=${COMPRESS_PCT:-50}
 QEMU_REF=${QEMU_REF:-1}
+PLAIN4K=${PLAIN4K:-1}
 STRATA_SCRATCH=${STRATA_SCRATCH:-$REPO/.build-strata}
 OUT=${OUT:-$HERE/results/$(date +%Y-%m-%d)-dedup-bench.txt}
 
@@ -199,6 +202,7 @@ PY
 # ---------------------------------------------------------------- 2. write throughput
 run_write() {
     local servers=(strata-dedup strata-plain)
+    [[ "$PLAIN4K" == 1 ]] && servers+=(strata-4k)
     [[ "$QEMU_REF" == 1 ]] && servers+=(qemu-nbd)
     local content=(--dedupe_percentage="$DEDUPE_PCT" --buffer_compress_percentage="$COMPRESS_PCT" --refill_buffers=1)
     echo "dedup-bench: write, $ROUNDS rounds x ${#servers[@]} servers; disk $SIZE; work in $WORKDIR" >&2
@@ -214,6 +218,7 @@ run_write() {
             case $server in
             strata-dedup) "$STRATA" create -q -f qcow2 -o cluster_size=4096,dedup=on "$img" "$SIZE" ;;
             strata-plain) "$STRATA" create -q -f qcow2 -o cluster_size=65536 "$img" "$SIZE" ;;
+            strata-4k) "$STRATA" create -q -f qcow2 -o cluster_size=4096 "$img" "$SIZE" ;;
             qemu-nbd) qemu-img create -q -f qcow2 -o cluster_size=65536 "$img" "$SIZE" ;;
             esac
             sync
@@ -242,8 +247,10 @@ def sample(s, p, r):
     return job["iops"], job["bw_bytes"] / 2**20
 print(f"2. write throughput over NBD (fio nbd engine, Unix socket, fresh {size} disk, depth {depth}, "
       f"dedupe_percentage={dedupe}, buffer_compress_percentage={compress}; rand-write-4K {runtime} s after the sequential pass)")
-print(f"   strata-dedup: cluster_size=4096,dedup=on; strata-plain and qemu-nbd: 64 KiB clusters; median of {rounds} rounds, order alternating")
+print(f"   strata-dedup: cluster_size=4096,dedup=on; strata-4k: cluster_size=4096; strata-plain and qemu-nbd: 64 KiB clusters; median of {rounds} rounds, order alternating")
 head = f"{'profile':<14}" + "".join(f"{s + ' IOPS':>19}{'MiB/s':>8}" for s in servers) + f"{'dedup/plain':>13}"
+if "strata-4k" in servers:
+    head += f"{'dedup/4k':>10}"
 if "qemu-nbd" in servers:
     head += f"{'dedup/qemu-nbd':>16}"
 print(head)
@@ -255,6 +262,8 @@ for p in profiles:
         med[s] = (statistics.median(x[0] for x in xs), statistics.median(x[1] for x in xs), [round(x[0]) for x in xs])
     line = f"{p:<14}" + "".join(f"{med[s][0]:>19.0f}{med[s][1]:>8.0f}" for s in servers)
     line += f"{med['strata-dedup'][0] / med['strata-plain'][0]:>13.2f}"
+    if "strata-4k" in servers:
+        line += f"{med['strata-dedup'][0] / med['strata-4k'][0]:>10.2f}"
     if "qemu-nbd" in servers:
         line += f"{med['strata-dedup'][0] / med['qemu-nbd'][0]:>16.2f}"
     print(line)
