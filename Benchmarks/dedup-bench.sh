@@ -25,6 +25,8 @@
 #
 # Settings (environment):
 #   CLUSTERS="4096 65536"  cluster sizes of the ratio part
+#   NBDCOPY_OPTS=""        more nbdcopy options for the ratio part, e.g. "--connections=1
+#                          --requests=1" to copy one request at a time (no concurrent writes)
 #   ROUNDS=3 RUNTIME=10 DEPTH=8 SIZE=1G   the write part (SIZE: disk size and fio's span)
 #   DEDUPE_PCT=50 COMPRESS_PCT=50         fio's content
 #   QEMU_REF=1             also run qemu-nbd in the write part (0: skip it)
@@ -53,6 +55,7 @@ SIZE=${SIZE:-1G}
 DEDUPE_PCT=${DEDUPE_PCT:-50}
 COMPRESS_PCT=${COMPRESS_PCT:-50}
 QEMU_REF=${QEMU_REF:-1}
+NBDCOPY_OPTS=${NBDCOPY_OPTS:-}
 PLAIN4K=${PLAIN4K:-1}
 STRATA_SCRATCH=${STRATA_SCRATCH:-$REPO/.build-strata}
 OUT=${OUT:-$HERE/results/$(date +%Y-%m-%d)-dedup-bench.txt}
@@ -153,7 +156,7 @@ run_ratio() {
             # nbdkit serves the region [offset, offset+range) of the strata export; nbdcopy
             # writes the image into it (flushing at the end).
             nbdkit -U - --filter=offset nbd socket="$SOCK" offset="$2" range="$3" \
-                --run "nbdcopy --target-is-zero -- '$1' \"\$uri\""
+                --run "nbdcopy --target-is-zero $NBDCOPY_OPTS -- '$1' \"\$uri\""
         done
         t1=$(now)
         stop_server    # finishes requests, flushes and closes the image
@@ -176,7 +179,7 @@ for line in open(os.path.join(work, "data", "ideal.txt")):
     ideal[cs] = (nonzero, distinct)
 print("1. dedup ratio: A (%.2f GiB) at offset 0, B (%.2f GiB) at %d, copied over NBD into one dedup=on image"
       % (size_a / 2**30, size_b / 2**30, off_b))
-print("   (nbdcopy through nbdkit's offset filter into strata serve; ideal = distinct non-zero clusters of A and B)")
+print("   (nbdcopy %sthrough nbdkit's offset filter into strata serve; ideal = distinct non-zero clusters of A and B)" % (os.environ.get("NBDCOPY_OPTS", "") + " " if os.environ.get("NBDCOPY_OPTS") else ""))
 head = "%-8s %10s %10s %10s %10s %9s %10s %10s %8s %8s %6s %6s %6s" % (
     "cluster", "non-zero", "referenced", "ideal", "stored", "stored/", "file", "allocated", "copy", "close", "check", "cmp A", "cmp B")
 print(head)
