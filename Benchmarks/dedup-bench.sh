@@ -10,10 +10,12 @@
 #           kept). Then the server stops and the table shows the clusters Strata stores
 #           (`strata info --space`) against the distinct non-zero cluster contents of A and B
 #           ("ideal"), the file size, the copy time, `qemu-img check` and a `qemu-img compare`
-#           of each region against its source image.
+#           of each region against its source image. The same copy into an image without
+#           dedup (PLAIN_COPY=1) gives the copy time without dedup, for reference.
 # 2. write  Write throughput over NBD with fio's nbd engine: a 4 KiB-cluster dedup image
-#           (strata-dedup) against a plain 64 KiB-cluster image (strata-plain), and qemu-nbd on
-#           a 64 KiB image for reference, and strata on a 4 KiB image without dedup (strata-4k). Same fio jobs on each; fio makes content of which
+#           (strata-dedup) against a plain 64 KiB-cluster image (strata-plain); for reference,
+#           strata on a 4 KiB image without dedup (strata-4k) and qemu-nbd on a 64 KiB image.
+#           Same fio jobs on each; fio makes content of which
 #           $DEDUPE_PCT% of the blocks repeat (dedupe_percentage) and is $COMPRESS_PCT%
 #           compressible. Per server and round, on a fresh disk:
 #             seq-write-1M   sequential 1 MiB writes over the whole disk, depth $DEPTH
@@ -25,6 +27,8 @@
 #
 # Settings (environment):
 #   CLUSTERS="4096 65536"  cluster sizes of the ratio part
+#   PLAIN_COPY=1           also copy A and B into an image without dedup (same cluster size):
+#                          the copy time without dedup, for reference (0: skip)
 #   NBDCOPY_OPTS=""        more nbdcopy options for the ratio part, e.g. "--connections=1
 #                          --requests=1" to copy one request at a time (no concurrent writes)
 #   ROUNDS=3 RUNTIME=10 DEPTH=8 SIZE=1G   the write part (SIZE: disk size and fio's span)
@@ -56,6 +60,7 @@ DEDUPE_PCT=${DEDUPE_PCT:-50}
 COMPRESS_PCT=${COMPRESS_PCT:-50}
 QEMU_REF=${QEMU_REF:-1}
 NBDCOPY_OPTS=${NBDCOPY_OPTS:-}
+PLAIN_COPY=${PLAIN_COPY:-1}
 PLAIN4K=${PLAIN4K:-1}
 STRATA_SCRATCH=${STRATA_SCRATCH:-$REPO/.build-strata}
 OUT=${OUT:-$HERE/results/$(date +%Y-%m-%d)-dedup-bench.txt}
@@ -143,12 +148,16 @@ run_ratio() {
     total=$(( off_b + ((size_b + (1 << 20) - 1) >> 20 << 20) ))
     local rows="$WORKDIR/ratio.rows"
     : >"$rows"
+    local modes=(dedup)
+    [[ "$PLAIN_COPY" == 1 ]] && modes+=(plain)
     for cs in $CLUSTERS; do
-        local img="$WORKDIR/dedup-$cs.qcow2"
+      for mode in "${modes[@]}"; do
+        local img="$WORKDIR/$mode-$cs.qcow2" opts="cluster_size=$cs"
+        [[ $mode == dedup ]] && opts+=",dedup=on"
         rm -f "$img"
-        "$STRATA" create -q -f qcow2 -o "cluster_size=$cs,dedup=on" "$img" "$total"
+        "$STRATA" create -q -f qcow2 -o "$opts" "$img" "$total"
         start_server strata "$img"
-        echo "dedup-bench: ratio, $cs-byte clusters: copying A and B into $img" >&2
+        echo "dedup-bench: ratio, $cs-byte clusters, $mode: copying A and B into $img" >&2
         local t0 t1 t2
         t0=$(now)
         for region in "$a 0 $size_a" "$b $off_b $size_b"; do
@@ -166,9 +175,10 @@ run_ratio() {
         region_json() { printf 'json:{"driver":"raw","offset":%s,"size":%s,"file":{"driver":"qcow2","file":{"driver":"file","filename":"%s"}}}' "$1" "$2" "$img"; }
         compare_a=$(qemu-img compare -q -f raw "$a" "$(region_json 0 "$size_a")" && echo same || echo DIFFERS)
         compare_b=$(qemu-img compare -q -f raw "$b" "$(region_json "$off_b" "$size_b")" && echo same || echo DIFFERS)
-        "$STRATA" info --space --output json "$img" >"$WORKDIR/info-$cs.json"
-        echo "$cs $(stat -c %s "$img") $(du -B1 "$img" | cut -f1) $t0 $t1 $t2 $check $compare_a $compare_b" >>"$rows"
+        "$STRATA" info --space --output json "$img" >"$WORKDIR/info-$mode-$cs.json"
+        echo "$mode $cs $(stat -c %s "$img") $(du -B1 "$img" | cut -f1) $t0 $t1 $t2 $check $compare_a $compare_b" >>"$rows"
         [[ "${KEEP:-0}" == 1 ]] || rm -f "$img"
+      done
     done
     python3 - "$WORKDIR" "$rows" "$size_a" "$size_b" "$off_b" <<'PY' | tee -a "$OUT"
 import json, os, sys
@@ -180,22 +190,22 @@ for line in open(os.path.join(work, "data", "ideal.txt")):
 print("1. dedup ratio: A (%.2f GiB) at offset 0, B (%.2f GiB) at %d, copied over NBD into one dedup=on image"
       % (size_a / 2**30, size_b / 2**30, off_b))
 print("   (nbdcopy %sthrough nbdkit's offset filter into strata serve; ideal = distinct non-zero clusters of A and B)" % (os.environ.get("NBDCOPY_OPTS", "") + " " if os.environ.get("NBDCOPY_OPTS") else ""))
-head = "%-8s %10s %10s %10s %10s %9s %10s %10s %8s %8s %6s %6s %6s" % (
+head = "%-14s %10s %10s %10s %10s %9s %10s %10s %8s %8s %6s %6s %6s" % (
     "cluster", "non-zero", "referenced", "ideal", "stored", "stored/", "file", "allocated", "copy", "close", "check", "cmp A", "cmp B")
 print(head)
-print("%-8s %10s %10s %10s %10s %9s %10s %10s %8s %8s" % ("", "clusters", "clusters", "clusters", "clusters", "ideal", "MiB", "MiB", "s", "s"))
+print("%-14s %10s %10s %10s %10s %9s %10s %10s %8s %8s" % ("", "clusters", "clusters", "clusters", "clusters", "ideal", "MiB", "MiB", "s", "s"))
 print("-" * len(head))
 for line in open(rows):
-    cs, fsize, alloc, t0, t1, t2, check, ca, cb = line.split()
+    mode, cs, fsize, alloc, t0, t1, t2, check, ca, cb = line.split()
     cs, fsize, alloc = int(cs), int(fsize), int(alloc)
     t0, t1, t2 = float(t0), float(t1), float(t2)
-    data = json.load(open(os.path.join(work, "info-%d.json" % cs)))["format-specific"]["data"]
+    data = json.load(open(os.path.join(work, "info-%s-%d.json" % (mode, cs))))["format-specific"]["data"]
     stored, referenced = data["stored-clusters"], data["referenced-clusters"]
     nonzero, distinct = ideal[cs]
-    print("%-8s %10d %10d %10d %10d %8.1f%% %10.1f %10.1f %8.1f %8.1f %6s %6s %6s" % (
-        "%d KiB" % (cs // 1024), nonzero, referenced, distinct, stored, 100.0 * stored / distinct,
+    print("%-14s %10d %10d %10d %10d %8.1f%% %10.1f %10.1f %8.1f %8.1f %6s %6s %6s" % (
+        "%d KiB %s" % (cs // 1024, mode), nonzero, referenced, distinct, stored, 100.0 * stored / distinct,
         fsize / 2**20, alloc / 2**20, t1 - t0, t2 - t1, check, ca, cb))
-    print("%-8s copy %.0f MiB/s of non-zero data; stored data %.1f MiB, ideal %.1f MiB, without dedup %.1f MiB"
+    print("%-14s copy %.0f MiB/s of non-zero data; stored data %.1f MiB, ideal %.1f MiB, without dedup %.1f MiB"
           % ("", nonzero * cs / 2**20 / (t1 - t0), stored * cs / 2**20, distinct * cs / 2**20, nonzero * cs / 2**20))
 print("goal: stored/ideal at most ~101%")
 print()
