@@ -154,7 +154,7 @@ run_ratio() {
       for mode in "${modes[@]}"; do
         local img="$WORKDIR/$mode-$cs.qcow2" opts="cluster_size=$cs"
         [[ $mode == dedup ]] && opts+=",dedup=on"
-        rm -f "$img"
+        rm -f "$img" "$img.dedup-index"
         "$STRATA" create -q -f qcow2 -o "$opts" "$img" "$total"
         start_server strata "$img"
         echo "dedup-bench: ratio, $cs-byte clusters, $mode: copying A and B into $img" >&2
@@ -177,7 +177,7 @@ run_ratio() {
         compare_b=$(qemu-img compare -q -f raw "$b" "$(region_json "$off_b" "$size_b")" && echo same || echo DIFFERS)
         "$STRATA" info --space --output json "$img" >"$WORKDIR/info-$mode-$cs.json"
         echo "$mode $cs $(stat -c %s "$img") $(du -B1 "$img" | cut -f1) $t0 $t1 $t2 $check $compare_a $compare_b" >>"$rows"
-        [[ "${KEEP:-0}" == 1 ]] || rm -f "$img"
+        [[ "${KEEP:-0}" == 1 ]] || rm -f "$img" "$img.dedup-index"
       done
     done
     python3 - "$WORKDIR" "$rows" "$size_a" "$size_b" "$off_b" <<'PY' | tee -a "$OUT"
@@ -227,7 +227,7 @@ run_write() {
         for server in "${order[@]}"; do
             echo "dedup-bench: round $round/$ROUNDS: $server" >&2
             local img="$WORKDIR/$server.qcow2"
-            rm -f "$img"
+            rm -f "$img" "$img.dedup-index"
             case $server in
             strata-dedup) "$STRATA" create -q -f qcow2 -o cluster_size=4096,dedup=on "$img" "$SIZE" ;;
             strata-plain) "$STRATA" create -q -f qcow2 -o cluster_size=65536 "$img" "$SIZE" ;;
@@ -247,7 +247,7 @@ run_write() {
             if [[ $server == strata-dedup ]]; then
                 "$STRATA" info --space --output json "$img" >"$WORKDIR/fio/$server.space.$round.json"
             fi
-            rm -f "$img"
+            rm -f "$img" "$img.dedup-index"
         done
     done
     python3 - "$WORKDIR/fio" "$ROUNDS" "${servers[*]}" "$SIZE" "$DEPTH" "$RUNTIME" "$DEDUPE_PCT" "$COMPRESS_PCT" <<'PY' | tee -a "$OUT"
