@@ -13,7 +13,9 @@
 # image can store. Later runs of the dedup benchmark compare what Strata stores with it.
 #
 # Settings (environment): KEEP=1 keeps WORKDIR; OUT=file also writes the table there
-# (default: Benchmarks/results/DATE-dedup-dataset.txt).
+# (default: Benchmarks/results/DATE-dedup-dataset.txt); REUSE=1 keeps a.img and b.img already
+# in WORKDIR instead of making them again. WORKDIR/ideal.txt gets the counts in clusters, one
+# line per cluster size: "CLUSTER_BYTES NONZERO DISTINCT" (Benchmarks/dedup-bench.sh reads it).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -36,6 +38,9 @@ stage() {
         cp -a --link "$src" "$dir/$rel" 2>/dev/null || cp -a "$src" "$dir/$rel"
     done
 }
+if [ "${REUSE:-0}" = 1 ] && [ -s "$WORK/a.img" ] && [ -s "$WORK/b.img" ]; then
+    echo "dedup-dataset: reusing $WORK/a.img and $WORK/b.img" >&2
+else
 stage "$WORK/a" /usr/bin /usr/sbin /usr/share /usr/lib/python3*
 stage "$WORK/b" /usr/bin /usr/sbin /usr/share /usr/lib/python3* /usr/lib/gcc
 rm -rf "$WORK/b/usr/share/doc"
@@ -47,10 +52,12 @@ for v in a b; do
     mkfs.ext4 -q -F -b 4096 -d "$WORK/$v" "$WORK/$v.img" "$size"
     rm -rf "${WORK:?}/$v"
 done
+fi
 
-python3 - "$WORK/a.img" "$WORK/b.img" <<'EOF' | tee "$OUT"
+python3 - "$WORK/ideal.txt" "$WORK/a.img" "$WORK/b.img" <<'EOF' | tee "$OUT"
 import hashlib, os, sys
-images = sys.argv[1:]
+ideal = open(sys.argv[1], "w")
+images = sys.argv[2:]
 print("dedup data set: %s" % ", ".join("%s (%.2f GiB)" % (os.path.basename(p), os.path.getsize(p) / 2**30) for p in images))
 print("%-10s %14s %14s %14s %10s" % ("cluster", "non-zero", "distinct", "duplicate", "dup %"))
 for cs in (4096, 65536):
@@ -68,6 +75,7 @@ for cs in (4096, 65536):
                 nonzero += 1
                 seen.add(hashlib.sha256(b).digest())
     dup = nonzero - len(seen)
+    ideal.write("%d %d %d\n" % (cs, nonzero, len(seen)))
     print("%-10s %11.1f MiB %11.1f MiB %11.1f MiB %9.1f%%" % (
         "%d KiB" % (cs // 1024), nonzero * cs / 2**20, len(seen) * cs / 2**20, dup * cs / 2**20, 100.0 * dup / max(nonzero, 1)))
 print("ideal = distinct: the least a dedup image of both can store (all-zero clusters become zero entries)")
