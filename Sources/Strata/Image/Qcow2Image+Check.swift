@@ -360,7 +360,7 @@ private struct RefcountChecker {
                         say("ERROR found l2 entry with reserved bits set: \(hex(raw))")
                         result.corruptions += 1
                         bad.append(BadEntry(at: eat, guest: g, isL1: false, why: "L2 entry with reserved bits set"))
-                        continue
+                        if target { continue }
                     }
                     var isBad = false
                     if host % cs != 0 {
