@@ -123,4 +123,32 @@ final class CheckEngineTests: XCTestCase {
             XCTAssertLessThanOrEqual(lines.filter { $0.hasPrefix("ERROR cluster") }.count, tooLow, "crash after event \(k): \(lines)")
         }
     }
+
+    /// A lazy-refcounts writer that crashed left the dirty bit and a refcount too low: an open
+    /// for writing repairs the image first (as QEMU does) instead of refusing it.
+    func testDirtyImageIsRepairedWhenOpenedForWriting() throws {
+        let disk = try makeImage()
+        let h = header(disk)
+        var f = [UInt8](repeating: 0, count: 8)
+        f.put64(IncompatibleFeatures.dirty.rawValue, 0)
+        try disk.writeBytes(f, at: 72)
+        f.put64(CompatibleFeatures.lazyRefcounts.rawValue, 0)
+        try disk.writeBytes(f, at: 80)
+        let shared = disk.contents.be64(Int(h.l2)) & L2Entry.offsetMask
+        try setRefcount(disk, cluster: shared / 65536, to: 1)
+        XCTAssertEqual(try check(disk).0.exitCode, 2)
+
+        let img = try Qcow2Image(storage: disk, options: OpenOptions(writable: true))
+        XCTAssertFalse(img.header.incompatibleFeatures.contains(.dirty))
+        let c = [UInt8](repeating: 7, count: 65536)
+        try c.withUnsafeBytes { try img.write($0, at: 0, fua: false) }
+        try img.close()
+        let (r, lines) = try check(disk)
+        XCTAssertEqual(r.exitCode, 0, "\(lines)")
+        // The snapshot kept its data: the write copied the shared cluster instead of overwriting it.
+        let snap = try Qcow2Image(storage: disk, options: { var o = OpenOptions(); o.snapshot = "s1"; return o }())
+        var buf = [UInt8](repeating: 0, count: 65536)
+        try buf.withUnsafeMutableBytes { try snap.read(into: $0, at: 0) }
+        XCTAssertEqual(buf, [UInt8](repeating: 1, count: 65536))
+    }
 }

@@ -60,6 +60,18 @@ extension Qcow2Image {
         return try check(storage: file, path: path, repair: repair, log: log)
     }
 
+    /// Before an open for writing: an image whose dirty bit is set (a lazy-refcounts writer
+    /// stopped without a clean close) has its refcounts repaired first, as QEMU does, instead
+    /// of being refused. The caller holds the write lock. Still inconsistent afterwards: refused.
+    static func repairIfDirty(_ storage: any BlockStorage, path: String) throws {
+        let head = try storage.readBytes(at: 0, count: Int(min(try storage.length(), 80)))
+        guard head.count >= 80, head.be32(0) == Qcow2Header.magic, head.be32(4) >= 3,
+              head.be64(72) & IncompatibleFeatures.dirty.rawValue != 0,
+              head.be64(72) & IncompatibleFeatures.corrupt.rawValue == 0 else { return }
+        let r = try check(storage: storage, path: path, repair: .all) { _ in }
+        if r.exitCode != 0 { throw StrataError.imageIsDirty(path: path) }
+    }
+
     /// ``check(path:repair:forceShare:log:)`` on any storage (nobody else may use it meanwhile).
     public static func check(storage: any BlockStorage, path: String, repair: CheckRepair?,
                              log: @escaping (String) -> Void) throws -> CheckResult {
