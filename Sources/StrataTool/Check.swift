@@ -13,7 +13,7 @@ struct Check: ParsableCommand {
         abstract: "Check a qcow2 image's refcounts and tables, and repair them.",
         discussion: """
             Exit status: 0 no errors, 1 the check could not complete, 2 corruptions, \
-            3 leaked clusters only. With -r, the status describes the image after the repair. \
+            3 leaked clusters only, 63 the format has no checks (raw). With -r, the status describes the image after the repair. \
             -r all also turns entries that point past the end of the file, are unaligned or \
             point into metadata into zero clusters, and names the guest ranges lost.
             """)
@@ -39,9 +39,7 @@ struct Check: ParsableCommand {
     }
 
     func run() throws {
-        if format.format == .raw {
-            throw CLIError.refused(file: file, reason: "this image format does not support checks")
-        }
+        if format.format == .raw { try Self.unsupported(file) }
         let mode = repair.flatMap(CheckRepair.init(rawValue:))
         let quiet = quietOption.quiet
         let result: CheckResult
@@ -51,7 +49,7 @@ struct Check: ParsableCommand {
                 fputs(line + "\n", stderr)
             }
         } catch let e as StrataError {
-            if case .notQcow2 = e { throw CLIError.refused(file: file, reason: "this image format does not support checks") }
+            if case .notQcow2 = e { try Self.unsupported(file) }
             throw e
         }
         if output.output == .human && !quiet && (result.corruptionsFixed > 0 || result.leaksFixed > 0) {
@@ -77,6 +75,12 @@ struct Check: ParsableCommand {
         if result.checkErrors > 0 { printError("strata: Check failed") }
         let code = result.exitCode
         if code != 0 { throw ExitCode(code) }
+    }
+
+    /// Raw images have nothing to check: qemu-img's exit code 63.
+    static func unsupported(_ file: String) throws -> Never {
+        printError("strata: \(file): this image format does not support checks")
+        throw ExitCode(63)
     }
 
     /// qemu-img's human report.

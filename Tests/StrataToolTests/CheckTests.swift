@@ -210,4 +210,19 @@ final class CheckTests: ToolTestCase {
         XCTAssertEqual(r.status, 0)
         XCTAssertTrue(r.stdout.hasPrefix("The following inconsistencies were found and repaired:\n\n    0 leaked clusters\n    1 corruptions\n\nDouble checking the fixed image now...\nNo errors were found on the image.\n"), r.stdout)
     }
+
+    func testRawImageHasNoChecksLikeQemuImg() throws {
+        ok(try qemuImg("create", "-q", "-f", "raw", "r.raw", "1M"), "create")
+        for args in [["check", "r.raw"], ["check", "-f", "raw", "r.raw"]] {
+            XCTAssertEqual(try strata(args).status, 63, args.joined(separator: " "))
+            XCTAssertEqual(try qemuImg(args).status, 63, args.joined(separator: " "))
+        }
+    }
+
+    func testRepairOptionsAreValidated() throws {
+        try makeImage()
+        XCTAssertEqual(try strata("check", "-r", "some", "d.qcow2").status, 1)
+        XCTAssertEqual(try strata("check", "-r", "all", "-U", "d.qcow2").status, 1)
+        XCTAssertEqual(try strata("check", "-U", "d.qcow2").status, 0)
+    }
 }

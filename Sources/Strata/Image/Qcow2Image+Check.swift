@@ -562,7 +562,7 @@ private struct RefcountChecker {
             after.corruptionsFixed = max(0, before.corruptions - after.corruptions)
             after.leaksFixed = max(0, before.leaks - after.leaks)
         } else if repair == .all {
-            after.corruptionsFixed = 1 + after.leaksFixed
+            after.corruptionsFixed = 1
         }
         after.lostRanges = lost
         after.discardedSnapshots = discarded
