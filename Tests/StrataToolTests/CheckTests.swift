@@ -225,4 +225,22 @@ final class CheckTests: ToolTestCase {
         XCTAssertEqual(try strata("check", "-r", "all", "-U", "d.qcow2").status, 1)
         XCTAssertEqual(try strata("check", "-U", "d.qcow2").status, 0)
     }
+
+    /// A dirty image (a lazy-refcounts writer that crashed, a refcount not yet raised) is
+    /// repaired when strata opens it for writing, as QEMU does, instead of being refused.
+    func testDirtyImageIsRepairedOnOpenForWriting() throws {
+        try makeImage()
+        let l = try layout()
+        try write("d.qcow2", be64(1), at: 72)                      // incompatible_features: dirty
+        try write("d.qcow2", be64(1), at: 80)                      // compatible_features: lazy_refcounts
+        let host = l.l2Entry(16) & Self.offsetMask
+        try write("d.qcow2", be16(1), at: l.refcount(of: host / l.clusterSize))
+        XCTAssertEqual(try qemuImg("check", "d.qcow2").status, 2)
+        ok(try strata("io", "-c", "write -P 9 1M 4k", "d.qcow2"), "write to the dirty image")
+        ok(try qemuImg("check", "d.qcow2"), "clean after the open repaired it")
+        ok(try qemuIO("-c", "read -P 9 1M 4k", "-c", "read -P 2 1028k 60k", "d.qcow2"), "the write and the rest of the cluster")
+        ok(try qemuImg("convert", "-l", "s1", "-O", "raw", "d.qcow2", "snap.raw"), "the snapshot's state")
+        XCTAssertEqual([UInt8](try contents("snap.raw")[(1 << 20)..<((1 << 20) + 65536)]), [UInt8](repeating: 2, count: 65536),
+                       "the snapshot kept its copy")
+    }
 }

@@ -264,7 +264,7 @@ private struct RefcountChecker {
         inc(0, cs)
         for (l1, l1Offset, active) in l1s {
             inc(l1Offset, UInt64(l1.count) * 8)
-            try walk(l1, l1Offset: l1Offset, active: active, target: target)
+            try walk(l1, l1Offset: l1Offset, active: active, target: target, countRefcountStructure: countRefcountStructure)
         }
         if !snapshots.isEmpty { inc(h.snapshotsOffset, UInt64(SnapshotRecord.tableLength(snapshots))) }
         if let b = extensions.bitmaps, h.autoclearFeatures.contains(.bitmaps), inFile(b.directoryOffset, b.directorySize) {
@@ -309,7 +309,7 @@ private struct RefcountChecker {
     }
 
     /// Counts the references of one L1 table's L2 tables and data clusters.
-    private mutating func walk(_ l1: [UInt64], l1Offset: UInt64, active: Bool, target: Bool) throws {
+    private mutating func walk(_ l1: [UInt64], l1Offset: UInt64, active: Bool, target: Bool, countRefcountStructure: Bool) throws {
         let entriesPerL2 = Int(cs / (extended ? 16 : 8))
         let guestPerL2 = UInt64(entriesPerL2) * cs
         let size = header.size
@@ -383,7 +383,11 @@ private struct RefcountChecker {
                     } else if !inFile(host, cs) {
                         bad.append(BadEntry(at: eat, guest: g, isL1: false, why: "data cluster past the end of the file"))
                         isBad = true
-                    } else if let kind = metadata[host / cs] {
+                    } else if let kind = metadata[host / cs],
+                              countRefcountStructure || (kind != .refcountBlock && kind != .refcountTable) {
+                        // (When the refcount structure is being replaced, the data keeps its
+                        // cluster: which of the two was there first cannot be told, and
+                        // the old blocks are abandoned.)
                         bad.append(BadEntry(at: eat, guest: g, isL1: false, why: "data cluster overlaps \(kind)"))
                         isBad = true
                     }
@@ -580,10 +584,11 @@ private struct RefcountChecker {
         for c in 0..<UInt64(refs.count) where refs[Int(c)] > 0 {
             if try stored(c, &s) == 0 { needRebuild = true; break }
         }
-        let badEntries = bad
+        var badEntries = bad
         if needRebuild {
             log("Rebuilding refcount structure")
             try count(target: true, countRefcountStructure: false)
+            badEntries = bad
             try writeNewRefcountStructure()
         } else {
             // 1. Raise counts that are too low.
@@ -602,8 +607,10 @@ private struct RefcountChecker {
         var lost: [Range<UInt64>] = []
         for b in badEntries {
             let replacement: UInt64 = b.isL1 || header.version < 3 || extended ? 0 : L2Entry.zeroFlag
-            var field = [UInt8](repeating: 0, count: 8)
+            var field = [UInt8](repeating: 0, count: !b.isL1 && extended ? 16 : 8)
             field.put64(replacement, 0)
+            // Extended L2: every subcluster reads as zeroes.
+            if !b.isL1 && extended { field.put64(SubclusterBitmap.allZero.raw, 8) }
             try storage.writeBytes(field, at: b.at)
             if let g = b.guest, !g.isEmpty {
                 lost.append(g)
