@@ -186,6 +186,44 @@ final class CheckTests: ToolTestCase {
         XCTAssertEqual(try contents("d.qcow2")[79] & 1, 0, "the dirty bit is cleared")
     }
 
+    func testDataClusterThatIsAlsoAnL2Table() throws {
+        try damageCase(expect: 2) { l in
+            // Guest cluster 2 maps the L2 table itself: a write there would overwrite the table.
+            try write("d.qcow2", be64(Self.copied | l.l2), at: l.l2 + 2 * 8)
+            return [2 * 65536 ..< 3 * 65536]
+        }
+        XCTAssertEqual(try layout().l2Entry(2) & Self.offsetMask, 0, "the entry no longer maps the table")
+    }
+
+    func testImageWithPersistentBitmapChecksLikeQemuImg() throws {
+        try makeImage()
+        ok(try qemuImg("bitmap", "--add", "d.qcow2", "b0"), "bitmap")
+        let l = try layout()
+        let c = (l.length + l.clusterSize - 1) / l.clusterSize      // the file may end mid-cluster
+        try truncate("d.qcow2", to: (c + 1) * l.clusterSize)
+        try write("d.qcow2", be16(1), at: l.refcount(of: c))
+        for args in [["check", "d.qcow2"], ["check", "--output", "json", "d.qcow2"]] {
+            let ours = try strata(args), theirs = try qemuImg(args)
+            XCTAssertEqual(ours.stdout, theirs.stdout, args.joined(separator: " "))
+            XCTAssertEqual(ours.status, 3)
+        }
+        ok(try strata("check", "-r", "leaks", "d.qcow2"), "repair")
+        ok(try qemuImg("check", "d.qcow2"), "clean")
+        XCTAssertTrue(ok(try qemuImg("info", "d.qcow2"), "info").stdout.contains("b0"))
+    }
+
+    func testRepairingLeaksOnlyRefusesWhatNeedsARebuildLikeQemuImg() throws {
+        try makeImage()
+        let l = try layout()
+        try write("d.qcow2", be16(0), at: l.refcount(of: (l.l2Entry(1) & Self.offsetMask) / l.clusterSize))
+        try FileManager.default.copyItem(atPath: path("d.qcow2"), toPath: path("q.qcow2"))
+        let ours = try strata("check", "-r", "leaks", "d.qcow2"), theirs = try qemuImg("check", "-r", "leaks", "q.qcow2")
+        XCTAssertEqual(ours.status, 1, ours.stderr)
+        XCTAssertEqual(ours.status, theirs.status)
+        XCTAssertTrue(ours.stderr.contains("ERROR need to rebuild refcount structures"), ours.stderr)
+        XCTAssertEqual(try contents("d.qcow2"), try contents("q.qcow2"), "nothing changed")
+    }
+
     // MARK: Output
 
     func testHumanAndJSONOutputMatchQemuImg() throws {

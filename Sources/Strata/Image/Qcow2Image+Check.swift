@@ -554,11 +554,18 @@ private struct RefcountChecker {
             }
             lost = try repairAll(log: log)
         } else if before.checkErrors == 0 {
-            quiet = false
+            // A used cluster without a count or a broken refcount block needs a rebuild,
+            // which only -r all does: qemu-img then fails the check and changes nothing.
+            if rebuild {
+                log("ERROR need to rebuild refcount structures")
+                var failed = before
+                failed.checkErrors += 1
+                return failed
+            }
+            quiet = true
             result = CheckResult()
             readSnapshots()
             try count(target: false, countRefcountStructure: true)
-            quiet = true
             _ = try compare(fix: .leaks)
         }
         var after = try pass(quiet: true)
