@@ -69,7 +69,9 @@ final class CheckTests: ToolTestCase {
 
     /// Damages the image, compares verdicts, repairs, and checks the result.
     /// `damage` returns guest ranges whose content the damage itself changed.
-    func damageCase(expect: Int32, _ damage: (Layout) throws -> [Range<Int>],
+    /// With `sameReport`, `strata check -r all` must also print what `qemu-img check -r all`
+    /// prints on stdout (the cases qemu-img repairs: the fixed counts and the final report).
+    func damageCase(expect: Int32, sameReport: Bool = false, _ damage: (Layout) throws -> [Range<Int>],
                     file: StaticString = #filePath, line: UInt = #line) throws {
         try makeImage()
         let changed = try damage(try layout())
@@ -78,7 +80,14 @@ final class CheckTests: ToolTestCase {
         XCTAssertEqual(ours.status, theirs.status, "verdict\nstrata:\n\(ours.stdout)\(ours.stderr)\nqemu-img:\n\(theirs.stdout)\(theirs.stderr)",
                        file: file, line: line)
         XCTAssertEqual(ours.status, expect, "strata check:\n\(ours.stdout)\(ours.stderr)", file: file, line: line)
+        if sameReport {
+            try FileManager.default.copyItem(atPath: path("d.qcow2"), toPath: path("q.qcow2"))
+        }
         let repair = try strata("check", "-r", "all", "d.qcow2")
+        if sameReport {
+            let theirs = try qemuImg("check", "-r", "all", "q.qcow2")
+            XCTAssertEqual(repair.stdout, theirs.stdout, "the report after -r all", file: file, line: line)
+        }
         XCTAssertEqual(repair.status, 0, "strata check -r all:\n\(repair.stdout)\(repair.stderr)", file: file, line: line)
         let after = try qemuImg("check", "d.qcow2")
         XCTAssertEqual(after.status, 0, "qemu-img check after the repair:\n\(after.stdout)\(after.stderr)\nrepair:\n\(repair.stderr)",
@@ -97,7 +106,7 @@ final class CheckTests: ToolTestCase {
     // MARK: The damage matrix, by priority
 
     func testLeakedCluster() throws {
-        try damageCase(expect: 3) { l in
+        try damageCase(expect: 3, sameReport: true) { l in
             // One cluster appended to the file, counted once, referenced by nothing.
             let c = l.length / l.clusterSize
             try truncate("d.qcow2", to: l.length + l.clusterSize)
@@ -107,7 +116,7 @@ final class CheckTests: ToolTestCase {
     }
 
     func testRefcountTooLow() throws {
-        try damageCase(expect: 2) { l in
+        try damageCase(expect: 2, sameReport: true) { l in
             // Guest cluster 0's host cluster is shared with the snapshot: 2 becomes 1.
             let host = l.l2Entry(0) & Self.offsetMask
             try write("d.qcow2", be16(1), at: l.refcount(of: host / l.clusterSize))
@@ -116,7 +125,7 @@ final class CheckTests: ToolTestCase {
     }
 
     func testRefcountZeroForUsedCluster() throws {
-        try damageCase(expect: 2) { l in
+        try damageCase(expect: 2, sameReport: true) { l in
             let host = l.l2Entry(1) & Self.offsetMask
             try write("d.qcow2", be16(0), at: l.refcount(of: host / l.clusterSize))
             return []
@@ -145,7 +154,7 @@ final class CheckTests: ToolTestCase {
     }
 
     func testTwoL2EntriesClaimOneCluster() throws {
-        try damageCase(expect: 2) { l in
+        try damageCase(expect: 2, sameReport: true) { l in
             // Guest cluster 5 (never written) now maps guest cluster 1's cluster (refcount 1).
             try write("d.qcow2", be64(l.l2Entry(1)), at: l.l2 + 5 * 8)
             return [5 * 65536 ..< 6 * 65536]
@@ -153,7 +162,7 @@ final class CheckTests: ToolTestCase {
     }
 
     func testWrongCopiedFlag() throws {
-        try damageCase(expect: 2) { l in
+        try damageCase(expect: 2, sameReport: true) { l in
             // Guest cluster 0 is shared (refcount 2): COPIED set says it may be written in place.
             try write("d.qcow2", be64(l.l2Entry(0) | Self.copied), at: l.l2)
             return []
@@ -175,7 +184,7 @@ final class CheckTests: ToolTestCase {
     }
 
     func testDirtyBitWithLazyRefcounts() throws {
-        try damageCase(expect: 2) { l in
+        try damageCase(expect: 2, sameReport: true) { l in
             // A lazy-refcounts writer that crashed: dirty bit set, a refcount not yet raised.
             try write("d.qcow2", be64(1), at: 72)                  // incompatible_features: dirty
             try write("d.qcow2", be64(1), at: 80)                  // compatible_features: lazy_refcounts

@@ -120,6 +120,9 @@ private struct RefcountChecker {
     var snapshots: [SnapshotRecord] = []
     var snapshotTableError: String? = nil
     var quiet = false
+    /// COPIED flags found wrong by the last check pass, and repaired by the last repair.
+    var copiedErrors = 0
+    var copiedFixed = 0
     var logLine: (String) -> Void = { _ in }
 
     init(storage: any BlockStorage, path: String) throws {
@@ -462,6 +465,7 @@ private struct RefcountChecker {
             let rc = try stored(off / cs, &s)
             if (rc == 1) != L1Entry(raw: e).isCopied {
                 say("\(fix ? "Repairing" : "ERROR") OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(hex(e)) refcount=\(rc)")
+                if fix { copiedFixed += 1 } else { copiedErrors += 1 }
                 if fix {
                     newL1[i] = rc == 1 ? e | L1Entry.copied : e & ~L1Entry.copied
                     if rc != 1 { l1Clears = true }
@@ -482,7 +486,8 @@ private struct RefcountChecker {
                 let rc = try stored(host / cs, &s)
                 guard (rc == 1) != entry.isCopied else { continue }
                 say("\(fix ? "Repairing" : "ERROR") OFLAG_COPIED data cluster: l2_entry=\(hex(raw)) refcount=\(rc)")
-                if !fix { result.corruptions += 1; continue }
+                if !fix { result.corruptions += 1; copiedErrors += 1; continue }
+                copiedFixed += 1
                 if rc == 1 {
                     setOnes.put64(raw | L2Entry.copied, j * step); anySet = true
                 } else {
@@ -516,6 +521,7 @@ private struct RefcountChecker {
     mutating func pass(quiet: Bool) throws -> CheckResult {
         self.quiet = quiet
         result = CheckResult()
+        copiedErrors = 0
         fileLength = try storage.length()
         readSnapshots()
         if let e = snapshotTableError {
@@ -538,6 +544,10 @@ private struct RefcountChecker {
                 || header.incompatibleFeatures.contains(.corrupt) else { return before }
         var lost: [Range<UInt64>] = []
         var discarded = 0
+        // Fixed counts as qemu-img counts them: what the refcount comparison finds before the
+        // repair and no longer after it, plus each COPIED flag repaired (checked after the
+        // refcounts are right), plus a discarded snapshot table.
+        var corruptionsFixed = 0, refCorruptions = 0, refLeaks = before.leaks
         if repair == .all {
             if snapshotTableError != nil {
                 // The snapshots cannot be found: drop the table (their clusters become leaks).
@@ -550,9 +560,18 @@ private struct RefcountChecker {
                 try storage.sync()
                 header.nbSnapshots = 0
                 header.snapshotsOffset = 0
-                readSnapshots()
+                corruptionsFixed += 1
             }
+            quiet = true
+            result = CheckResult()
+            readSnapshots()
+            try count(target: false, countRefcountStructure: true)
+            _ = try compare(fix: nil)
+            refCorruptions = result.corruptions
+            refLeaks = result.leaks
+            copiedFixed = 0
             lost = try repairAll(log: log)
+            corruptionsFixed += copiedFixed
         } else if before.checkErrors == 0 {
             // A used cluster without a count or a broken refcount block needs a rebuild,
             // which only -r all does: qemu-img then fails the check and changes nothing.
@@ -569,12 +588,10 @@ private struct RefcountChecker {
             _ = try compare(fix: .leaks)
         }
         var after = try pass(quiet: true)
-        if before.checkErrors == 0 {
-            after.corruptionsFixed = max(0, before.corruptions - after.corruptions)
-            after.leaksFixed = max(0, before.leaks - after.leaks)
-        } else if repair == .all {
-            after.corruptionsFixed = 1
+        if repair == .all {
+            after.corruptionsFixed = corruptionsFixed + max(0, refCorruptions - (after.corruptions - copiedErrors))
         }
+        after.leaksFixed = max(0, refLeaks - after.leaks)
         after.lostRanges = lost
         after.discardedSnapshots = discarded
         return after
@@ -653,7 +670,9 @@ private struct RefcountChecker {
             try setStored(tail, &s2)
         }
         // 4. COPIED flags.
+        quiet = false
         try checkCopied(fix: true)
+        quiet = true
         // 5. The corrupt and dirty bits.
         if header.version >= 3 {
             var features = header.incompatibleFeatures
