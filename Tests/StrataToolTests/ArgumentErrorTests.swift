@@ -92,14 +92,14 @@ final class ArgumentErrorTests: ToolTestCase {
             XCTAssertEqual(r.stderr, "")
         }
 
-        let unknown = try strata("check", "x.qcow2")
+        let unknown = try strata("bench", "x.qcow2")
         XCTAssertEqual(unknown.status, 1)
-        XCTAssertEqual(unknown.stderr, "strata: unknown command 'check' (see 'strata --help')\n")
+        XCTAssertEqual(unknown.stderr, "strata: unknown command 'bench' (see 'strata --help')\n")
         XCTAssertEqual(unknown.stdout, "")
         XCTAssertEqual(try qemuImg("nosuch", "x.qcow2").status, 1)
-        let helpUnknown = try strata("help", "check")
+        let helpUnknown = try strata("help", "bench")
         XCTAssertEqual(helpUnknown.status, 1)
-        XCTAssertEqual(helpUnknown.stderr, "strata: unknown command 'check' (see 'strata --help')\n")
+        XCTAssertEqual(helpUnknown.stderr, "strata: unknown command 'bench' (see 'strata --help')\n")
 
         // Known commands keep their help.
         XCTAssertTrue(ok(try strata("help", "create"), "help create").stdout.contains("USAGE: strata create"))
@@ -114,7 +114,9 @@ final class ArgumentErrorTests: ToolTestCase {
         ok(try strata("create", "-q", "-f", "qcow2", "q.qcow2", "1M"), "create q.qcow2")
         let table: [(args: [String], file: String?)] = [
             ([], nil),
-            (["check", "q.qcow2"], nil),
+            (["bench", "q.qcow2"], nil),
+            (["check", "missing.qcow2"], "missing.qcow2"),
+            (["check", "-r", "some", "q.qcow2"], nil),
             (["--bogus"], nil),
             (["create"], nil),
             (["create", "-Z", "n.qcow2", "1M"], nil),

@@ -115,6 +115,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     }
 
     private init(storage: any BlockStorage, path: String, options: OpenOptions, chain: [String], imageLock: consuming ImageLock?) throws {
+        if options.writable { try Self.repairIfDirty(storage, path: path) }
         let fileLength = try storage.length()
         let first = try storage.readBytes(at: 0, count: Int(min(fileLength, 2 << 20)))
         var header = try Qcow2Header.decode(first, path: path, fileSize: fileLength)
