@@ -53,7 +53,7 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
         case .unsupportedFeature(let p, let f): return "\(p): unsupported feature: \(f)"
         case .corrupt(let c): return c.description
         case .imageIsCorruptBit(let p): return "\(p): image is marked corrupt; it can only be opened read-only (repair with 'qemu-img check -r all')"
-        case .imageIsDirty(let p): return "\(p): image is marked dirty (lazy refcounts were in use); repair it with 'qemu-img check -r all' before writing"
+        case .imageIsDirty(let p): return "\(p): image is marked dirty (lazy refcounts were in use); its repair on open did not leave it clean; run 'strata check -r all \(p)' to see why"
         case .imageIsTemplate(let p):
             return "\(p): image is a template, which is never opened for writing (its linked clones read through it, and would be corrupted); open it read-only to read it, make a linked clone to change it with 'strata clone \(p) NEW', or an independent copy with 'strata clone --full \(p) NEW'"
         case .noSuchSnapshot(let p, let n): return "\(p): no snapshot with id or name '\(n)'"
