@@ -74,7 +74,10 @@ class Conn:
                 buf += data
                 continue
             try:
-                buf += self.tls.read(n - len(buf))
+                data = self.tls.read(n - len(buf))
+                if not data:  # the server's close_notify
+                    raise EOFError("server closed the TLS session")
+                buf += data
             except ssl.SSLWantReadError:
                 self._flush()
                 self._feed()
