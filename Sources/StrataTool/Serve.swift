@@ -167,7 +167,8 @@ struct Serve: ParsableCommand {
                 + "that CA signed (use a CA for those clients only), or use qemu-nbd --tls-authz"
         }
         if !object.isEmpty {
-            return "--object: strata has no QEMU objects (secrets, TLS credentials); serve plain images, or use qemu-nbd"
+            return "--object: strata has no QEMU objects; give TLS credentials with --tls-cert, --tls-key and --tls-ca, "
+                + "serve plain images (no secrets), or use qemu-nbd"
         }
         if imageOpts {
             return "--image-opts: FILE is a plain file name here; give the format with -f, or use qemu-nbd --image-opts"
