@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 
 /// Drives one connection through the handshake: sends the greeting, frames client messages
 /// with ``HandshakeDecoder``, performs what ``HandshakeStateMachine`` decides, and on
@@ -85,6 +86,10 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if let tlsError = error as? NIOSSLError {
+            close(context: context, because: NBDProtocolError.tlsHandshakeFailed("\(tlsError)"))
+            return
+        }
         close(context: context, because: error)
     }
 
