@@ -83,6 +83,10 @@ public struct NBDTLSConfiguration: Sendable {
         }
         do {
             context = try NIOSSLContext(configuration: tls)
+        } catch NIOSSLError.failedToLoadPrivateKey {
+            // The key parsed above, so BoringSSL refused the pair.
+            throw NBDTLSError.unusable(certificate: certificate, key: key,
+                                       reason: "the key is not the certificate's (failedToLoadPrivateKey)")
         } catch {
             throw NBDTLSError.unusable(certificate: certificate, key: key, reason: "\(error)")
         }

@@ -236,7 +236,7 @@ struct Serve: ParsableCommand {
         }
         guard let tlsCert else {
             for (flag, given) in [("--tls-key", tlsKey != nil), ("--tls-ca", tlsCA != nil), ("--tls", tlsMode != nil)] where given {
-                throw ValidationError("\(flag) needs --tls-cert (and --tls-key) to enable TLS")
+                throw ValidationError("\(flag) needs --tls-cert and --tls-key to enable TLS")
             }
             return
         }

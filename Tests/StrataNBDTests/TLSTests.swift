@@ -279,7 +279,7 @@ final class TLSTests: XCTestCase {
             XCTAssertTrue("\($0)".contains("--tls-key: '\(pki.serverCert)' holds no PEM private key"), "\($0)")
         }
         XCTAssertThrowsError(try NBDTLSConfiguration(certificate: pki.serverCert, key: "\(pki.client)/client-key.pem")) {
-            XCTAssertTrue("\($0)".contains("cannot be used together"), "a key that is not the certificate's: \($0)")
+            XCTAssertTrue("\($0)".contains("cannot be used together: the key is not the certificate's"), "\($0)")
         }
     }
 
@@ -315,7 +315,8 @@ final class TLSTests: XCTestCase {
         ] {
             let r = try Peer.run(strata, base + args, timeout: 20)
             XCTAssertNotEqual(r.status, 0, "\(args) is refused")
-            XCTAssertTrue(r.err.contains(message), "\(args): expected '\(message)' in:\n\(r.err)")
+            XCTAssertTrue(r.err.hasPrefix("strata: ") && r.err.contains(message), "\(args): expected '\(message)' in:\n\(r.err)")
+            XCTAssertEqual(r.err.filter { $0 == "\n" }.count, 1, "\(args): one line:\n\(r.err)")
         }
         XCTAssertFalse(FileManager.default.fileExists(atPath: "\(dir)/nbd.sock"))
 
