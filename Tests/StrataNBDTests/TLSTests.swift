@@ -247,6 +247,31 @@ final class TLSTests: XCTestCase {
         XCTAssertTrue(upgraded.out.contains("with TLS"), "a TLS client on the same server gets TLS:\n\(upgraded.out)")
     }
 
+    /// The in-flight caps still stop reading when requests arrive through TLS: with the image
+    /// stalled, 1000 encrypted 16 KiB writes are not swallowed (the plain-text bound of
+    /// BackpressureTests, plus TLS record overhead).
+    func testInFlightCapsStopReadingInsideTLS() throws {
+        let dir = try makeTempDir(self)
+        let pki = try TestPKI.make(in: dir)
+        let device = FakeDevice(size: 8 << 20)
+        device.closeGate()
+        let tls = try pki.configuration()
+        let server = try TestServer(dir: dir, registry: ExportRegistry([Export(name: "gated", device: device)])) { $0.tls = tls }
+        let (count, size) = (1000, 16 << 10)
+        let client = try Spawned(try Peer.path("python3"),
+                                 Peer.scriptArguments("tls_backpressure.py", [server.socket, "gated", "\(count)", "\(size)", pki.client]),
+                                 stderrPath: "\(dir)/client.log")
+        let accepted = client.waitForLines(1).first.flatMap { Int($0.split(separator: " ").last ?? "") }
+        device.openGate()
+        client.send("go")
+        XCTAssertEqual(client.waitForExit(timeout: 60), 0, "\(client.lines)\n\(client.stderr)")
+        let got = try XCTUnwrap(accepted, "no 'accepted' line: \(client.lines) \(client.stderr)")
+        XCTAssertLessThan(got, 6 << 20, "the server kept reading while \(count) writes were stalled (\(got) bytes taken)")
+        XCTAssertTrue(client.lines.contains("replied \(count)"), "\(client.lines)")
+        print("TLS backpressure: \(got) of about \(count * (size + 28)) bytes taken while stalled")
+        try server.stop()
+    }
+
     func testTLSCAAdmitsOnlyClientsWithACertificateItSigned() throws {
         let dir = try makeTempDir(self)
         let pki = try TestPKI.make(in: dir)
