@@ -272,6 +272,41 @@ final class TLSTests: XCTestCase {
         try server.stop()
     }
 
+    /// A client that sends STARTTLS and then stalls the TLS handshake is dropped by the
+    /// handshake time limit, like one that stalls option haggling.
+    func testAStalledTLSHandshakeIsDroppedByTheHandshakeTimeLimit() throws {
+        let dir = try makeTempDir(self)
+        let pki = try TestPKI.make(in: dir)
+        try makeRaw("\(dir)/d.raw", size: 1 << 20)
+        let tls = try pki.configuration()
+        let server = try TestServer(dir: dir, exports: [TestExport(name: "disk", path: "\(dir)/d.raw")]) {
+            $0.tls = tls
+            $0.handshakeTimeout = .milliseconds(500)
+        }
+        let script = """
+            import socket, struct, sys, time
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(sys.argv[1])
+            def exactly(n):
+                b = b""
+                while len(b) < n:
+                    d = s.recv(n - len(b))
+                    if not d: sys.exit("closed early")
+                    b += d
+                return b
+            exactly(18)                                                          # greeting
+            s.sendall(struct.pack(">I", 1) + struct.pack(">QII", 0x49484156454F5054, 5, 0))  # flags, STARTTLS
+            assert struct.unpack(">QIII", exactly(20))[2] == 1                    # ACK
+            start = time.time()
+            while s.recv(65536): pass                                             # no ClientHello: wait
+            print(f"closed after {time.time() - start:.1f} s")
+            """
+        let r = try Peer.run(try Peer.path("python3"), ["-c", script, server.socket], timeout: 30)
+        XCTAssertEqual(r.status, 0, r.transcript)
+        XCTAssertTrue(r.out.hasPrefix("closed after"), r.transcript)
+    }
+
     func testTLSCAAdmitsOnlyClientsWithACertificateItSigned() throws {
         let dir = try makeTempDir(self)
         let pki = try TestPKI.make(in: dir)
