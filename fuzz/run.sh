@@ -53,7 +53,8 @@ build() {
         done
         echo "run.sh: linking bin/$target (${#objects[@]} objects)" >&2
         # (gold warns once per ASan helper symbol that it "cannot export local symbol": noise.)
-        swiftc -sanitize=fuzzer,address "${objects[@]}" -lz -llz4 -lzstd -o "$HERE/bin/$target" \
+        # (-lstdc++: BoringSSL, under swift-nio-ssl, is C++; SwiftPM links it the same way.)
+        swiftc -sanitize=fuzzer,address "${objects[@]}" -lz -llz4 -lzstd -lstdc++ -o "$HERE/bin/$target" \
             2> >(grep -v "Cannot export local symbol" >&2)
     done
 }

@@ -4,7 +4,7 @@
 set -euo pipefail
 want=(liblz4-dev libzstd-dev zlib1g-dev pkg-config)
 if [ "${1:-test}" = test ]; then
-  want+=(qemu-utils libnbd-bin python3-libnbd fio nbdkit)
+  want+=(qemu-utils libnbd-bin python3-libnbd fio nbdkit openssl)
 fi
 missing=()
 for p in "${want[@]}"; do

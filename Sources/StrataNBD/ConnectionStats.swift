@@ -10,6 +10,8 @@ final class ConnectionStats {
     let peer: String
     /// The export chosen, once the handshake is over.
     var exportName: String?
+    /// True once `NBD_OPT_STARTTLS` was acknowledged.
+    var tls = false
     /// True once the client reached the transmission phase.
     var negotiated = false
     var requests = 0
@@ -29,6 +31,7 @@ final class ConnectionStats {
     var summary: String {
         var s = "connection \(id) from \(peer) closed"
         if let exportName { s += " (export '\(exportName)')" }
+        if tls { s += " over TLS" }
         s += ": \(requests) requests, \(bytesRead) bytes read, \(bytesWritten) bytes written"
         if rejected > 0 { s += ", \(rejected) refused" }
         if failed > 0 { s += ", \(failed) failed" }

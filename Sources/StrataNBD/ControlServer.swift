@@ -44,8 +44,7 @@ public final class ControlServer: Sendable {
                 .childChannelInitializer { [self] channel in
                     channel.eventLoop.makeCompletedFuture { try self.accepted(channel) }
                 }
-                .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait()
-            chmod(path, 0o600)
+                .withBoundSocket(try Self.bindOwnerOnly(path: path)).wait()
             channel.withLock { $0 = bound }
             logger.info("control socket listening on \(path)")
         } catch {
@@ -54,6 +53,36 @@ public final class ControlServer: Sendable {
             if let e = error as? NBDServerError { throw e }
             throw NBDServerError.cannotListen(address, NBDServerError.listenFailure(error, address: address))
         }
+    }
+
+    /// A Unix stream socket bound at `path` whose file already has mode 0600 when it starts
+    /// listening (`withBoundSocket` calls `listen`), so no other user can connect at any
+    /// moment. `chmod` is used because `fchmod` on a socket does not change the file `bind`
+    /// creates. A stale socket file is replaced; anything else at `path` is left alone.
+    static func bindOwnerOnly(path: String) throws -> CInt {
+        let address = try SocketAddress(unixDomainSocketPath: path)
+        var st = stat()
+        if lstat(path, &st) == 0 {
+            guard st.st_mode & S_IFMT == S_IFSOCK else {
+                throw NBDServerError.cannotListen(.unix(path: path), .notASocket)
+            }
+            unlink(path)
+        }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw IOError(errnoCode: errno, reason: "socket") }
+        let bound = address.withSockAddr { bind(fd, $0, socklen_t($1)) }
+        guard bound == 0 else {
+            let e = errno
+            close(fd)
+            throw IOError(errnoCode: e, reason: "bind")
+        }
+        guard chmod(path, 0o600) == 0 else {
+            let e = errno
+            close(fd)
+            unlink(path)
+            throw IOError(errnoCode: e, reason: "chmod")
+        }
+        return fd
     }
 
     /// Stops listening, closes control connections (a command already running finishes),

@@ -1,11 +1,16 @@
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 
 /// Drives one connection through the handshake: sends the greeting, frames client messages
 /// with ``HandshakeDecoder``, performs what ``HandshakeStateMachine`` decides, and on
 /// `NBD_OPT_GO` / `NBD_OPT_EXPORT_NAME` takes a lease on the chosen export and replaces itself
 /// with a ``TransmissionHandler``, handing over the lease and any bytes the client already sent.
+///
+/// On an acknowledged `NBD_OPT_STARTTLS` it puts a TLS server handler at the front of the
+/// pipeline and keeps haggling over the decrypted stream; the TLS handler stays for the
+/// transmission phase.
 final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -19,10 +24,12 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private let stats: ConnectionStats
     private let timeLimit: TimeAmount
     private var timeout: Scheduled<Void>?
+    private let tls: NBDTLSConfiguration?
 
     init(registry: ExportRegistry, pool: NIOThreadPool, logger: Logger, stats: ConnectionStats,
-         timeout: TimeAmount = .seconds(NBDLimits.handshakeTimeoutSeconds)) {
-        self.machine = HandshakeStateMachine(registry: registry)
+         timeout: TimeAmount = .seconds(NBDLimits.handshakeTimeoutSeconds), tls: NBDTLSConfiguration? = nil) {
+        self.machine = HandshakeStateMachine(registry: registry, tls: tls?.mode)
+        self.tls = tls
         self.registry = registry
         self.pool = pool
         self.logger = logger
@@ -55,7 +62,8 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
             var more = incoming
             buffer!.writeBuffer(&more)
         }
-        while !machine.isFinished {
+        // `buffer` becomes nil when STARTTLS hands the bytes after it to the TLS handler.
+        while !machine.isFinished, buffer != nil {
             let message: NBDHandshakeMessage?
             do {
                 message = try decoder.decode(buffer: &buffer!)
@@ -78,6 +86,10 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if let tlsError = error as? NIOSSLError {
+            close(context: context, because: NBDProtocolError.tlsHandshakeFailed("\(tlsError)"))
+            return
+        }
         close(context: context, because: error)
     }
 
@@ -99,8 +111,31 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
             ReplyEncoder.writeExportNameReply(size: session.export.size, flags: session.flags, zeroes: zeroes, into: &reply)
             context.writeAndFlush(wrapOutboundOut(reply), promise: nil)
             startTransmission(session, context: context)
+        case .startTLS(let ack):
+            send([ack], context: context)
+            startTLS(context: context)
         case .close(let error):
             close(context: context, because: error)
+        }
+    }
+
+    /// Puts the TLS handler first, after the plain-text ACK has been written. Bytes the client
+    /// sent after STARTTLS (its first TLS record, if it did not wait for the ACK) are fed to
+    /// the TLS handler rather than read as options.
+    private func startTLS(context: ChannelHandlerContext) {
+        guard let tls else { preconditionFailure("the machine accepts STARTTLS only with TLS credentials") }
+        let early = buffer
+        buffer = nil
+        do {
+            try context.pipeline.syncOperations.addHandler(tls.makeHandler(), position: .first)
+        } catch {
+            close(context: context, because: error)
+            return
+        }
+        stats.tls = true
+        logger.debug("STARTTLS: TLS handshake begins")
+        if let early, early.readableBytes > 0 {
+            context.pipeline.syncOperations.fireChannelRead(NIOAny(early))
         }
     }
 

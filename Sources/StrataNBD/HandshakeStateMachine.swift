@@ -30,6 +30,12 @@ public struct NBDSession: Sendable, Equatable {
 ///
 /// The server has already sent the greeting (`NBDMAGIC`, `IHAVEOPT`, handshake flags
 /// `FIXED_NEWSTYLE | NO_ZEROES`) when the machine starts.
+///
+/// TLS (when the server has credentials): `NBD_OPT_STARTTLS` is answered with `NBD_REP_ACK`
+/// and everything after it is encrypted. In ``NBDTLSMode/require`` (the protocol's FORCEDTLS)
+/// every other option before it gets `NBD_REP_ERR_TLS_REQD`, except `NBD_OPT_ABORT`, and
+/// `NBD_OPT_EXPORT_NAME`, which cannot carry an error, closes the connection. STARTTLS forgets
+/// structured replies and meta contexts negotiated before it, as the protocol asks.
 struct HandshakeStateMachine {
     /// What the handler must do next.
     enum Action: Equatable {
@@ -45,6 +51,9 @@ struct HandshakeStateMachine {
         /// `NBD_OPT_EXPORT_NAME` succeeded: send size and flags (plus 124 zeroes unless the
         /// client negotiated no-zeroes) and switch to the transmission phase.
         case enterTransmissionAfterExportName(NBDSession, zeroes: Bool)
+        /// `NBD_OPT_STARTTLS` accepted: send this `NBD_REP_ACK` in plain text, then run the
+        /// TLS handshake on the same connection; option haggling goes on inside TLS.
+        case startTLS(NBDOptionReply)
         /// The client broke the protocol: drop the connection.
         case close(NBDProtocolError)
     }
@@ -56,6 +65,9 @@ struct HandshakeStateMachine {
     }
 
     private let registry: ExportRegistry
+    private let tls: NBDTLSMode?
+    /// True once `NBD_OPT_STARTTLS` was acknowledged: the rest of the connection is encrypted.
+    private(set) var tlsStarted = false
     private var state: State = .awaitingClientFlags
     private var optionCount = 0
     private var noZeroes = false
@@ -67,9 +79,11 @@ struct HandshakeStateMachine {
     /// The flags this server greets with.
     static let greetingFlags: NBDHandshakeFlags = [.fixedNewstyle, .noZeroes]
 
-    /// A machine answering from `registry`, which it asks afresh on every option.
-    init(registry: ExportRegistry) {
+    /// A machine answering from `registry`, which it asks afresh on every option; `tls` is nil
+    /// when the server has no TLS credentials (STARTTLS is refused by policy).
+    init(registry: ExportRegistry, tls: NBDTLSMode? = nil) {
         self.registry = registry
+        self.tls = tls
     }
 
     /// True once the handshake has handed over to transmission or decided to close.
@@ -104,6 +118,16 @@ struct HandshakeStateMachine {
     }
 
     private mutating func option(_ code: NBDOptionCode, _ data: ByteBuffer) -> Action {
+        if tls == .require && !tlsStarted {
+            switch code {
+            case .startTLS, .abort:
+                break
+            case .exportName:
+                return finish(.close(.tlsRequired))
+            default:
+                return .send([.error(code, .errTLSRequired, "TLS is required: send NBD_OPT_STARTTLS first")])
+            }
+        }
         switch code {
         case .exportName:
             let name = String(buffer: data)
@@ -126,7 +150,13 @@ struct HandshakeStateMachine {
 
         case .startTLS:
             guard data.readableBytes == 0 else { return .send([.error(code, .errInvalid, "NBD_OPT_STARTTLS takes no data")]) }
-            return .send([.error(code, .errPolicy, "TLS is not supported by this server")])
+            guard tls != nil else { return .send([.error(code, .errPolicy, "TLS is not enabled on this server")]) }
+            guard !tlsStarted else { return .send([.error(code, .errInvalid, "TLS is already on")]) }
+            tlsStarted = true
+            structuredReplies = false
+            metaContexts = []
+            metaContextExport = nil
+            return .startTLS(.ack(code))
 
         case .info, .go:
             guard let request = NBDInfoRequest.parse(data) else {

@@ -385,6 +385,12 @@ public enum NBDProtocolError: Error, Equatable, CustomStringConvertible {
     /// The export chosen by `NBD_OPT_GO` / `NBD_OPT_EXPORT_NAME` was removed before
     /// transmission began.
     case exportRemoved(String)
+    /// `NBD_OPT_EXPORT_NAME` before `NBD_OPT_STARTTLS` on a server that requires TLS (it
+    /// cannot be answered with an error).
+    case tlsRequired
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (a missing or untrusted client
+    /// certificate, a client that does not trust ours); the TLS library's reason.
+    case tlsHandshakeFailed(String)
 
     public var description: String {
         switch self {
@@ -398,6 +404,8 @@ public enum NBDProtocolError: Error, Equatable, CustomStringConvertible {
         case .truncatedMessage(let p, let n): return "connection closed in the middle of a \(p) message (\(n) bytes buffered)"
         case .handshakeTimeout: return "handshake not finished in time"
         case .exportRemoved(let n): return "export '\(n)' was removed while the client was choosing it"
+        case .tlsRequired: return "NBD_OPT_EXPORT_NAME without TLS, which this server requires"
+        case .tlsHandshakeFailed(let why): return "TLS handshake failed: \(why)"
         }
     }
 }

@@ -51,6 +51,9 @@ public final class NBDServer: Sendable {
         public var eventLoopThreads = System.coreCount
         /// How long a connection may take to finish the handshake before it is dropped.
         public var handshakeTimeout = TimeAmount.seconds(NBDLimits.handshakeTimeoutSeconds)
+        /// TLS credentials and mode; nil serves plain text only (`NBD_OPT_STARTTLS` is refused
+        /// with `NBD_REP_ERR_POLICY`).
+        public var tls: NBDTLSConfiguration?
 
         public init(address: Address = .tcp(host: "127.0.0.1", port: 10809)) {
             self.address = address
@@ -127,6 +130,9 @@ public final class NBDServer: Sendable {
         boundAddress.withLock { $0 = channel.localAddress }
         connections.withLock { $0.serverChannel = channel }
         channel.closeFuture.whenComplete { [self] _ in checkDrained() }
+        if let tls = configuration.tls {
+            logger.info("TLS \(tls.mode == .require ? "required" : "optional")\(tls.verifiesClients ? ", client certificates verified" : "")")
+        }
         logger.info("listening on \(boundDescription), exports: \(registry.exports.map { "'\($0.name)'" }.joined(separator: ", "))")
     }
 
@@ -142,9 +148,11 @@ public final class NBDServer: Sendable {
     }
 
     /// The NBD URIs clients can use, one per export served now (the first export is also the
-    /// default, reached with an empty name).
+    /// default, reached with an empty name). With TLS they use the `nbds` schemes.
     public var uris: [String] {
-        registry.exports.map { NBDServer.uri(for: configuration.address, bound: localAddress, export: $0.name) }
+        registry.exports.map {
+            NBDServer.uri(for: configuration.address, bound: localAddress, export: $0.name, tls: configuration.tls != nil)
+        }
     }
 
     /// Serves `export` from now on; new handshakes see it at once. The registry takes
@@ -243,7 +251,7 @@ public final class NBDServer: Sendable {
         var connectionLogger = logger
         connectionLogger[metadataKey: "conn"] = "\(id)"
         let handshake = HandshakeHandler(registry: registry, pool: pool, logger: connectionLogger, stats: stats,
-                                         timeout: configuration.handshakeTimeout)
+                                         timeout: configuration.handshakeTimeout, tls: configuration.tls)
         try channel.pipeline.syncOperations.addHandler(handshake)
         channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
             connectionLogger.debug("\(stats.summary)")
@@ -302,14 +310,16 @@ public final class NBDServer: Sendable {
     }
 
     /// The NBD URI for one export (see the NBD URI specification): `nbd+unix:///NAME?socket=PATH`
-    /// or `nbd://HOST:PORT/NAME`, with the name and path percent-encoded.
-    public static func uri(for address: Address, bound: SocketAddress?, export: String) -> String {
+    /// or `nbd://HOST:PORT/NAME`, with the name and path percent-encoded; `nbds+unix` and
+    /// `nbds` when `tls`.
+    public static func uri(for address: Address, bound: SocketAddress?, export: String, tls: Bool = false) -> String {
+        let scheme = tls ? "nbds" : "nbd"
         switch address {
         case .unix(let path):
-            return "nbd+unix:///\(percentEncode(export, keeping: "/"))?socket=\(percentEncode(path, keeping: "/"))"
+            return "\(scheme)+unix:///\(percentEncode(export, keeping: "/"))?socket=\(percentEncode(path, keeping: "/"))"
         case .tcp(let host, let port):
             let h = host.contains(":") ? "[\(host)]" : host
-            return "nbd://\(h):\(bound?.port ?? port)/\(percentEncode(export, keeping: "/"))"
+            return "\(scheme)://\(h):\(bound?.port ?? port)/\(percentEncode(export, keeping: "/"))"
         }
     }
 

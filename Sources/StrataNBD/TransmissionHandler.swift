@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 
 /// The transmission phase of one connection.
 ///
@@ -117,6 +118,13 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         stats.closeReason = "\(error)"
+        if case .uncleanShutdown? = error as? NIOSSLError {
+            // A TLS client that hung up without close_notify: an ordinary disconnect here,
+            // since every NBD reply is framed and a truncated one is noticed by the client.
+            logger.debug("connection \(stats.id): TLS client closed without close_notify")
+            context.close(promise: nil)
+            return
+        }
         logger.warning("connection \(stats.id): \(error)")
         context.close(promise: nil)
     }

@@ -25,9 +25,12 @@ struct Serve: ParsableCommand {
             SIGINT or SIGTERM (or, with --once, until the first client has disconnected), \
             then finishes in-flight requests, flushes and closes the images and exits 0. \
             Unlike qemu-nbd, strata keeps serving after a client disconnects (qemu-nbd's \
-            --persistent); --once is qemu-nbd's default behaviour. qemu-nbd's -B, -l, -c, \
-            -d, -L, --tls-creds, --tls-authz, --object, --image-opts, --aio, --detect-zeroes \
-            and -o are refused with the reason and what to use instead.
+            --persistent); --once is qemu-nbd's default behaviour. \
+            TLS: --tls-cert and --tls-key (PEM) enable NBD_OPT_STARTTLS; with --tls require \
+            (the default) plain-text clients are refused, with --tls optional they may stay \
+            in plain text; --tls-ca makes clients present a certificate signed by that CA. \
+            qemu-nbd's -B, -c, -d, -L, --tls-creds, --tls-authz, --object, --image-opts, \
+            --aio, --detect-zeroes and -o are refused with the reason and what to use instead.
             """)
 
     @Option(name: [.customShort("k"), .long], help: ArgumentHelp("Listen on a Unix socket.", valueName: "path"))
@@ -93,6 +96,22 @@ struct Serve: ParsableCommand {
                                valueName: "path"))
     var control: String?
 
+    @Option(name: .customLong("tls-cert"),
+            help: ArgumentHelp("Serve TLS (NBD_OPT_STARTTLS) with this PEM certificate (chain).", valueName: "file"))
+    var tlsCert: String?
+
+    @Option(name: .customLong("tls-key"), help: ArgumentHelp("The PEM private key of --tls-cert.", valueName: "file"))
+    var tlsKey: String?
+
+    @Option(name: .customLong("tls-ca"),
+            help: ArgumentHelp("Require client certificates signed by this PEM CA (mutual TLS).", valueName: "file"))
+    var tlsCA: String?
+
+    @Option(name: .customLong("tls"),
+            help: ArgumentHelp("require (default with --tls-cert): refuse plain-text clients; optional: serve both.",
+                               valueName: "mode"))
+    var tlsMode: String?
+
     @Flag(help: "Run in the background: return once the server is listening, printing its URIs.")
     var fork = false
 
@@ -139,12 +158,17 @@ struct Serve: ParsableCommand {
                 + "use nbd-client -d DEVICE"
         }
         if list { return "-L/--list is a client's job: list a server's exports with 'nbdinfo --list URI'" }
-        if tlsCreds != nil || tlsAuthz != nil {
-            return "\(tlsCreds != nil ? "--tls-creds" : "--tls-authz"): TLS is not yet supported; use qemu-nbd, "
-                + "or carry the connection over an encrypted tunnel (ssh -L)"
+        if tlsCreds != nil {
+            return "--tls-creds: strata has no QEMU objects; give the x509 files directly: "
+                + "--tls-cert DIR/server-cert.pem --tls-key DIR/server-key.pem [--tls-ca DIR/ca-cert.pem]"
+        }
+        if tlsAuthz != nil {
+            return "--tls-authz: strata has no authorization lists; --tls-ca admits every client whose certificate "
+                + "that CA signed (use a CA for those clients only), or use qemu-nbd --tls-authz"
         }
         if !object.isEmpty {
-            return "--object: strata has no QEMU objects (secrets, TLS credentials); serve plain images, or use qemu-nbd"
+            return "--object: strata has no QEMU objects; give TLS credentials with --tls-cert, --tls-key and --tls-ca, "
+                + "serve plain images (no secrets), or use qemu-nbd"
         }
         if imageOpts {
             return "--image-opts: FILE is a plain file name here; give the format with -f, or use qemu-nbd --image-opts"
@@ -176,6 +200,7 @@ struct Serve: ParsableCommand {
                 throw ValidationError("--control path is \(control.utf8.count) bytes, longer than \(NBDServerError.maxUnixPathBytes)")
             }
         }
+        try validateTLS()
         if let port, !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535") }
         if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
         if once && persistent { throw ValidationError("--once and -t/--persistent contradict each other") }
@@ -201,6 +226,38 @@ struct Serve: ParsableCommand {
         var seen = Set<String>()
         for e in entries where !seen.insert(e.name).inserted {
             throw ValidationError("export name '\(e.name)' is used twice")
+        }
+    }
+
+    /// The TLS flags fit together and their files can be read (the files are parsed in `run`).
+    func validateTLS() throws {
+        if let tlsMode, NBDTLSMode(rawValue: tlsMode) == nil {
+            throw ValidationError("unknown --tls mode '\(tlsMode)' (expected require or optional)")
+        }
+        guard let tlsCert else {
+            for (flag, given) in [("--tls-key", tlsKey != nil), ("--tls-ca", tlsCA != nil), ("--tls", tlsMode != nil)] where given {
+                throw ValidationError("\(flag) needs --tls-cert and --tls-key to enable TLS")
+            }
+            return
+        }
+        guard let tlsKey else { throw ValidationError("--tls-cert needs --tls-key, the certificate's private key") }
+        for (flag, path) in [("--tls-cert", tlsCert), ("--tls-key", tlsKey), ("--tls-ca", tlsCA)] {
+            guard let path else { continue }
+            if access(path, R_OK) != 0 {
+                throw ValidationError("\(flag): cannot read '\(path)': \(String(cString: strerror(errno)))")
+            }
+        }
+    }
+
+    /// The server's TLS settings, or nil without --tls-cert. Throws with the flag and file that
+    /// cannot be used.
+    func tlsConfiguration() throws -> NBDTLSConfiguration? {
+        guard let tlsCert, let tlsKey else { return nil }
+        do {
+            return try NBDTLSConfiguration(certificate: tlsCert, key: tlsKey, clientCA: tlsCA,
+                                           mode: tlsMode.flatMap(NBDTLSMode.init(rawValue:)) ?? .require)
+        } catch {
+            throw CLIError.message("\(error)")
         }
     }
 
@@ -249,6 +306,8 @@ struct Serve: ParsableCommand {
 
         var logger = Logger(label: "strata.serve", factory: { StreamLogHandler.standardError(label: $0) })
         logger.logLevel = verbose ? .trace : .info
+        // Before any image is opened, so bad credentials leave nothing to close.
+        let tls = try tlsConfiguration()
 
         var options = OpenOptions(writable: !readOnly && snapshotToLoad == nil, format: format.flatMap(ImageFormat.init(rawValue:)),
                                   cache: CacheMode(rawValue: cacheMode)!)
@@ -272,6 +331,7 @@ struct Serve: ParsableCommand {
         }
         config.maxConnections = maxConnections
         config.once = once
+        config.tls = tls
 
         let server = NBDServer(registry: registry, configuration: config, logger: logger)
         do {

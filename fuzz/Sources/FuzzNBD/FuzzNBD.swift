@@ -114,6 +114,9 @@ private func handshake(registry: ExportRegistry, _ stream: ClientStream) -> NBDS
             case .enterTransmissionAfterExportName(let session, let zeroes):
                 ReplyEncoder.writeExportNameReply(size: session.export.size, flags: session.flags, zeroes: zeroes, into: &out)
                 return session
+            case .startTLS:
+                // Not reached: this machine has no TLS credentials, so STARTTLS is refused.
+                return nil
             case .close:
                 return nil
             }
