@@ -209,6 +209,9 @@ public final class NBDServer: Sendable {
     /// Makes SIGINT and SIGTERM stop the server gracefully. A second signal exits at once
     /// with status 1.
     public func installSignalHandlers() {
+        // A write past a file size limit (RLIMIT_FSIZE) fails with EFBIG, answered as ENOSPC,
+        // instead of the signal killing the server.
+        signal(SIGXFSZ, SIG_IGN)
         let sources = [SIGINT, SIGTERM].map { sig -> DispatchSourceSignal in
             signal(sig, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: sig, queue: DispatchQueue.global())

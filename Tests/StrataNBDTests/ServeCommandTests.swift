@@ -129,6 +129,22 @@ final class ServeCommandTests: XCTestCase {
         }
     }
 
+    /// A full disk: the server runs under a file size limit (RLIMIT_FSIZE, so no mount is
+    /// needed) that its image reaches after about 2 MiB. Writes then fail with ENOSPC, the
+    /// server keeps serving; once the limit is lifted the same connection writes the rest
+    /// (Tests/nbd/full_disk.py), and the image checks clean and holds every byte.
+    func testFullDiskAnswersENOSPCAndTheImageStaysUsable() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/disk.qcow2", size: "16M")
+        let sock = "\(dir)/s.sock"
+        let server = try Spawned(try Peer.path("prlimit"), ["--fsize=\(2 << 20):unlimited", try strata(), "serve", "--socket", sock, "\(dir)/disk.qcow2"],
+                                 stderrPath: "\(dir)/serve.log")
+        guard let uri = server.waitForLines(1).first else { return XCTFail("no URI: \(server.stderr)") }
+        try Peer.python("full_disk.py", [uri, "\(server.process.processIdentifier)", "\(16 << 20)"])
+        XCTAssertEqual(server.stop(SIGTERM), 0, "the server kept running and stops cleanly:\n\(server.stderr)")
+        try Peer.expectSuccess("qemu-img", ["check", "\(dir)/disk.qcow2"])
+    }
+
     func testOnceExitsAfterTheFirstClientDisconnects() throws {
         let dir = try makeTempDir(self)
         try makeQcow2("\(dir)/once.qcow2", size: "8M")
