@@ -47,12 +47,8 @@ if ((${#missing[@]})); then
 fi
 [[ -d "$TREE" ]] || { echo "compress-bench: no folder $TREE (set TREE)" >&2; exit 2; }
 
-if [[ -z "${STRATA:-}" ]]; then
-    echo "compress-bench: building strata (release) in $STRATA_SCRATCH ..." >&2
-    (cd "$REPO" && swift build -c release --scratch-path "$STRATA_SCRATCH" --product strata >&2)
-    STRATA="$STRATA_SCRATCH/release/strata"
-fi
-[[ -x "$STRATA" ]] || { echo "compress-bench: no strata binary at $STRATA" >&2; exit 2; }
+source "$HERE/lib.sh"
+find_strata compress-bench
 
 WORKDIR=${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/strata-compress-bench.XXXXXX")}
 cleanup() {

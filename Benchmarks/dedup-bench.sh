@@ -84,27 +84,13 @@ if ! fio --enghelp 2>/dev/null | grep -qw nbd; then
     exit 2
 fi
 
-if [[ -z "${STRATA:-}" ]]; then
-    echo "dedup-bench: building strata (release) in $STRATA_SCRATCH ..." >&2
-    (cd "$REPO" && swift build -c release --scratch-path "$STRATA_SCRATCH" --product strata >&2)
-    STRATA="$STRATA_SCRATCH/release/strata"
-fi
-[[ -x "$STRATA" ]] || { echo "dedup-bench: no strata binary at $STRATA" >&2; exit 2; }
+source "$HERE/lib.sh"
+find_strata dedup-bench
 
 WORKDIR=${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/strata-dedup-bench.XXXXXX")}
 mkdir -p "$WORKDIR/fio"
-SERVER_PID=""
-stop_server() {
-    if [[ -n "$SERVER_PID" ]]; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 1 600); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-        SERVER_PID=""
-    fi
-}
 cleanup() {
-    stop_server
+    stop_server 60
     if [[ "${KEEP:-0}" == 1 ]]; then echo "dedup-bench: kept $WORKDIR" >&2; else rm -rf "$WORKDIR"; fi
 }
 trap cleanup EXIT
@@ -168,7 +154,7 @@ run_ratio() {
                 --run "nbdcopy --target-is-zero $NBDCOPY_OPTS -- '$1' \"\$uri\""
         done
         t1=$(now)
-        stop_server    # finishes requests, flushes and closes the image
+        stop_server 60 # finishes requests, flushes and closes the image
         t2=$(now)
         local check compare_a compare_b
         check=$(qemu-img check -q "$img" >/dev/null 2>&1 && echo clean || echo "rc=$?")
@@ -243,7 +229,7 @@ run_write() {
                     --iodepth="$DEPTH" "${content[@]}" "${args[@]}" \
                     --output-format=json --output="$WORKDIR/fio/$server.$profile.$round.json" >/dev/null
             done
-            stop_server
+            stop_server 60
             if [[ $server == strata-dedup ]]; then
                 "$STRATA" info --space --output json "$img" >"$WORKDIR/fio/$server.space.$round.json"
             fi

@@ -60,26 +60,11 @@ if ! nbdkit file --version >/dev/null 2>&1; then
     exit 2
 fi
 
-if [[ -z "${STRATA:-}" ]]; then
-    echo "nbd-bench: building strata (release) in $STRATA_SCRATCH ..." >&2
-    (cd "$REPO" && swift build -c release --scratch-path "$STRATA_SCRATCH" --product strata >&2)
-    STRATA="$STRATA_SCRATCH/release/strata"
-fi
-[[ -x "$STRATA" ]] || { echo "nbd-bench: no strata binary at $STRATA" >&2; exit 2; }
+source "$HERE/lib.sh"
+find_strata nbd-bench
 
 WORKDIR=${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/strata-nbd-bench.XXXXXX")}
 mkdir -p "$WORKDIR/results"
-SERVER_PID=""
-
-stop_server() {
-    if [[ -n "$SERVER_PID" ]]; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-        SERVER_PID=""
-    fi
-}
 cleanup() {
     stop_server
     if [[ "${KEEP:-0}" == 1 ]]; then

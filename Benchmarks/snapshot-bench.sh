@@ -47,12 +47,8 @@ if ((${#missing[@]})); then
     exit 2
 fi
 
-if [[ -z "${STRATA:-}" ]]; then
-    echo "snapshot-bench: building strata (release) in $STRATA_SCRATCH ..." >&2
-    (cd "$REPO" && swift build -c release --scratch-path "$STRATA_SCRATCH" --product strata >&2)
-    STRATA="$STRATA_SCRATCH/release/strata"
-fi
-[[ -x "$STRATA" ]] || { echo "snapshot-bench: no strata binary at $STRATA" >&2; exit 2; }
+source "$HERE/lib.sh"
+find_strata snapshot-bench
 
 WORKDIR=${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/strata-snapshot-bench.XXXXXX")}
 mkdir -p "$WORKDIR"
