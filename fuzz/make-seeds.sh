@@ -80,8 +80,8 @@ def save(name, b):
     open(os.path.join(out, name), "wb").write(bytes(b))
 
 cs = 512
-# A leaked cluster: a count for a cluster nothing uses (the one past the end of the file).
-b = load("data-512.qcow2"); set_refcount(b, len(b) // cs + 1, 1); save("leak-512.qcow2", b)
+# A leaked cluster: a cluster appended to the file, counted, used by nothing.
+b = load("data-512.qcow2"); b += bytes(cs); set_refcount(b, len(b) // cs - 1, 1); save("leak-512.qcow2", b)
 # The L1 table's count dropped to 0: a corruption.
 b = load("data-512.qcow2"); set_refcount(b, u64(b, 40) // cs, 0); save("l1-refcount-zero-512.qcow2", b)
 # A data cluster counted twice: its COPIED flag is then wrong, and a leak.
