@@ -42,13 +42,19 @@ enum Fixture {
     }()
     static let raw = [UInt8](repeating: 7, count: 65536)
 
-    /// The scratch folder, made once per process; the working folder from then on.
+    /// The scratch folder, made once per process in the working folder; the working folder from then on.
     static let folder: String = {
-        var template = Array("\(String(cString: getenv("TMPDIR") ?? strdup("/tmp")))/strata-fuzz-control.XXXXXX".utf8CString)
+        // Inside the working folder (run.sh runs each target in a fresh one and removes it).
+        var cwd = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        guard getcwd(&cwd, cwd.count) != nil else { fatalError("fuzz_control: getcwd failed") }
+        var template = Array("\(String(cString: cwd))/control.XXXXXX".utf8CString)
         guard let p = mkdtemp(&template) else { fatalError("fuzz_control: mkdtemp failed") }
         let path = String(cString: p)
         guard chdir(path) == 0 else { fatalError("fuzz_control: chdir \(path) failed") }
-        atexit { _ = Fixture.clear() }
+        atexit {
+            Fixture.clear()
+            rmdir(Fixture.folder)
+        }
         return path
     }()
 
