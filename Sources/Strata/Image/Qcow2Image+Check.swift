@@ -162,7 +162,8 @@ private struct RefcountChecker {
         let ti = c / s.entries
         guard ti < UInt64(s.table.count) else { return 0 }
         let off = s.table[Int(ti)] & ~UInt64(511)
-        guard off != 0, off % cs == 0, off + cs <= fileLength else { return 0 }
+        // (A hostile entry may be near 2^64: compare without adding to it.)
+        guard off != 0, off % cs == 0, inFile(off, cs) else { return 0 }
         if s.cached?.offset != off { s.cached = (off, try storage.readBytes(at: off, count: Int(cs))) }
         return s.cached!.bytes.withUnsafeBytes { RefcountCodec.get($0, index: Int(c % s.entries), order: s.order) }
     }
