@@ -39,4 +39,23 @@ final class FuzzRegressionTests: XCTestCase {
         let (again, _) = try check(after, repair: nil)
         XCTAssertEqual([again.corruptions, again.leaks, again.checkErrors], [0, 0, 0])
     }
+
+    /// fuzz_snapshots-crash-4ee0bd5a: the same overflow, reached by opening for writing an image
+    /// whose dirty bit is set (the open repairs it first, as QEMU does). Opening a hostile
+    /// image writable must repair or refuse it, never trap.
+    func testWritableOpenOfDirtyImageWithRefcountTableEntryNear2To64() throws {
+        var b = try image()
+        b.put64(UInt64.max, Int(b.be64(48)))        // refcount table entry 0: all ones
+        b.put64(b.be64(72) | 1, 72)                 // incompatible_features: dirty
+        b.put64(b.be64(80) | 1, 80)                 // compatible_features: lazy refcounts
+        let storage = MemoryStorage(name: "fuzz.qcow2", bytes: b)
+        do {
+            let disk = try Qcow2Image(storage: storage, options: OpenOptions(writable: true, format: .qcow2))
+            try disk.close()
+            let (again, _) = try check(storage.contents, repair: nil)
+            XCTAssertEqual([again.corruptions, again.leaks, again.checkErrors], [0, 0, 0])
+        } catch let e as StrataError {
+            XCTAssertTrue("\(e)".contains("fuzz.qcow2"), "\(e)")
+        }
+    }
 }
