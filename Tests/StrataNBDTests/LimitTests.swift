@@ -9,7 +9,9 @@ import XCTest
 /// ``NBDTLSLimits``) that no other test names, each at its edge: the cap is accepted, one past
 /// it is refused. (`maxOptionLength`, `maxOptionsPerHandshake`, `maxStringLength`, `maxPayload`,
 /// `maxInFlightRequests`, `maxInFlightBytes`, `maxConnections` and `maxLineBytes` have tests
-/// in the files for their rooms.)
+/// in the files for their rooms. Not tested anywhere: `ControlConnectionHandler.maxPending`,
+/// requests queued by one control client that does not read its replies, which needs a
+/// socket client that stops reading.)
 final class LimitTests: XCTestCase {
     // MARK: NBD
 
@@ -99,6 +101,20 @@ final class LimitTests: XCTestCase {
         XCTAssertTrue(FileManager.default.createFile(atPath: big, contents: Data(repeating: 0x41, count: NBDTLSLimits.maxPEMBytes + 1)))
         XCTAssertThrowsError(try NBDTLSConfiguration(certificate: big, key: big)) {
             XCTAssertTrue("\($0)".contains("larger than \(NBDTLSLimits.maxPEMBytes) bytes"), "\($0)")
+        }
+    }
+
+    // MARK: Listening
+
+    func testUnixSocketPathsAreCappedAtMaxUnixPathBytes() throws {
+        let dir = try makeTempDir(self) + "/"
+        let path = dir + String(repeating: "s", count: NBDServerError.maxUnixPathBytes + 1 - dir.utf8.count)
+        XCTAssertEqual(path.utf8.count, NBDServerError.maxUnixPathBytes + 1)
+        let server = NBDServer(registry: ExportRegistry(logger: testLogger()),
+                               configuration: NBDServer.Configuration(address: .unix(path: path)), logger: testLogger())
+        defer { server.shutdown() }
+        XCTAssertThrowsError(try server.start()) {
+            XCTAssertTrue("\($0)".contains("at most \(NBDServerError.maxUnixPathBytes)"), "\($0)")
         }
     }
 }
