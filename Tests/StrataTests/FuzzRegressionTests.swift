@@ -58,4 +58,28 @@ final class FuzzRegressionTests: XCTestCase {
             XCTAssertTrue("\(e)".contains("fuzz.qcow2"), "\(e)")
         }
     }
+
+    /// fuzz_check-crash-cd71a253: a snapshot whose L1 table lies on the refcount table. Its
+    /// entry 0 (really refcount table entry 0) points at a refcount block, which `-r all` took
+    /// for a bad L1 entry and zeroed, wiping every refcount: the image was worse after the
+    /// repair than before. Now the snapshot table counts as unreadable and is discarded.
+    func testRepairOfSnapshotL1TableOnTheRefcountTable() throws {
+        let storage = MemoryStorage(name: "fuzz.qcow2", bytes: try image())
+        let disk = try Qcow2Image(storage: storage, options: OpenOptions(writable: true, format: .qcow2))
+        _ = try disk.createSnapshot(name: "s1")
+        try disk.close()
+        var b = storage.contents
+        let refcountTable = b.be64(48)              // refcount_table_offset
+        let entry = Int(b.be64(64))                 // snapshots_offset: the first entry
+        b.put64(refcountTable, entry)               // l1_table_offset: the refcount table
+        b.put32(1, entry + 8)                       // l1_size: 1
+        let (found, _) = try check(b, repair: nil)
+        XCTAssertGreaterThan(found.checkErrors, 0, "the snapshot table cannot be read")
+        let (repaired, after) = try check(b, repair: .all)
+        XCTAssertEqual(repaired.discardedSnapshots, 1)
+        XCTAssertEqual([repaired.corruptions, repaired.leaks, repaired.checkErrors], [0, 0, 0])
+        XCTAssertEqual(after.be64(Int(refcountTable)), b.be64(Int(refcountTable)), "refcount table entry 0 kept")
+        let (again, _) = try check(after, repair: nil)
+        XCTAssertEqual([again.corruptions, again.leaks, again.checkErrors], [0, 0, 0])
+    }
 }
