@@ -82,4 +82,20 @@ final class FuzzRegressionTests: XCTestCase {
         let (again, _) = try check(after, repair: nil)
         XCTAssertEqual([again.corruptions, again.leaks, again.checkErrors], [0, 0, 0])
     }
+
+    /// fuzz_check-crash-22cd6fb6 (not fixed yet): two active L1 entries share one L2 table,
+    /// and the refcount structure must be rebuilt. After `-r all` the shared table has
+    /// refcount 1 and two references, and a second `-r all` does not change that. (qemu-img
+    /// check -r all leaves the fuzzed original with 126 errors.)
+    func testRepairOfL2TableSharedByTwoL1EntriesWithRebuild() throws {
+        throw XCTSkip("known issue found by fuzz_check: -r all leaves a shared L2 table counted once")
+        var b = try image()
+        let l1 = Int(b.be64(40))                    // l1_table_offset
+        b.put64(b.be64(l1) & ~(UInt64(1) << 63), l1 + 20 * 8)  // L1 entry 20: entry 0's L2 table, COPIED clear
+        b.put64(0, Int(b.be64(48)))                 // refcount table entry 0: gone, so the structure is rebuilt
+        let (repaired, after) = try check(b, repair: .all)
+        XCTAssertEqual([repaired.corruptions, repaired.leaks, repaired.checkErrors], [0, 0, 0])
+        let (again, _) = try check(after, repair: nil)
+        XCTAssertEqual([again.corruptions, again.leaks, again.checkErrors], [0, 0, 0])
+    }
 }
