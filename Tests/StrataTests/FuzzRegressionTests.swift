@@ -83,19 +83,36 @@ final class FuzzRegressionTests: XCTestCase {
         XCTAssertEqual([again.corruptions, again.leaks, again.checkErrors], [0, 0, 0])
     }
 
-    /// fuzz_check-crash-22cd6fb6 (not fixed yet): two active L1 entries share one L2 table,
-    /// and the refcount structure must be rebuilt. After `-r all` the shared table has
-    /// refcount 1 and two references, and a second `-r all` does not change that. (qemu-img
-    /// check -r all leaves the fuzzed original with 126 errors.)
-    func testRepairOfL2TableSharedByTwoL1EntriesWithRebuild() throws {
-        throw XCTSkip("known issue found by fuzz_check: -r all leaves a shared L2 table counted once")
-        var b = try image()
-        let l1 = Int(b.be64(40))                    // l1_table_offset
-        b.put64(b.be64(l1) & ~(UInt64(1) << 63), l1 + 20 * 8)  // L1 entry 20: entry 0's L2 table, COPIED clear
-        b.put64(0, Int(b.be64(48)))                 // refcount table entry 0: gone, so the structure is rebuilt
-        let (repaired, after) = try check(b, repair: .all)
-        XCTAssertEqual([repaired.corruptions, repaired.leaks, repaired.checkErrors], [0, 0, 0])
-        let (again, _) = try check(after, repair: nil)
-        XCTAssertEqual([again.corruptions, again.leaks, again.checkErrors], [0, 0, 0])
+    /// fuzz_check-crash-22cd6fb6 and -b1da22c1: two active L1 entries share one L2 table (or
+    /// two compressed clusters share a host cluster) in an image with 1-bit refcounts, and the
+    /// refcount structure must be rebuilt. No 1-bit count can say 2: after `-r all` the check
+    /// honestly reports those clusters (refcount=1 reference=2), and nothing else. With
+    /// 16-bit refcounts the same damage is repaired clean.
+    func testRepairOfL2TableSharedByTwoL1Entries() throws {
+        for bits in [16, 1] {
+            let storage = MemoryStorage(name: "fuzz.qcow2")
+            var options = CreateOptions(size: 1 << 20)
+            options.clusterSize = 512
+            options.refcountBits = bits
+            try Qcow2Image.create(storage: storage, path: "fuzz.qcow2", options: options)
+            let disk = try Qcow2Image(storage: storage, options: OpenOptions(writable: true, format: .qcow2))
+            try [UInt8](repeating: 0xAB, count: 2048).withUnsafeBytes { try disk.write($0, at: 0, fua: false) }
+            try disk.close()
+            var b = storage.contents
+            let l1 = Int(b.be64(40))                                // l1_table_offset
+            b.put64(b.be64(l1) & ~(UInt64(1) << 63), l1 + 20 * 8)  // L1 entry 20: entry 0's L2 table, COPIED clear
+            b.put64(0, Int(b.be64(48)))                             // refcount table entry 0: gone (a rebuild)
+            let (_, after) = try check(b, repair: .all)
+            var lines: [String] = []
+            let again = try Qcow2Image.check(storage: MemoryStorage(name: "fuzz.qcow2", bytes: after), path: "fuzz.qcow2",
+                                             repair: nil) { lines.append($0) }
+            if bits == 16 {
+                XCTAssertEqual([again.corruptions, again.leaks, again.checkErrors], [0, 0, 0], "\(lines)")
+            } else {
+                // The L2 table and the four data clusters it maps are each referenced twice.
+                XCTAssertEqual([again.corruptions, again.leaks, again.checkErrors], [5, 0, 0], "\(lines)")
+                XCTAssertTrue(lines.filter { $0.hasPrefix("ERROR") }.allSatisfy { $0.hasSuffix("refcount=1 reference=2") }, "\(lines)")
+            }
+        }
     }
 }
