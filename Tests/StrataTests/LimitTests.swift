@@ -217,13 +217,21 @@ final class LimitTests: XCTestCase {
         var options = CreateOptions(size: 64 << 10)
         options.clusterSize = 512
         try Qcow2Image.create(path: "\(dir)/0.qcow2", options: options)
-        for i in 1...Limits.maxBackingChainDepth {
+        func chained(over i: Int) -> CreateOptions {
             var o = CreateOptions(size: 64 << 10)
             o.clusterSize = 512
             o.backingFile = "\(i - 1).qcow2"
             o.backingFormat = .qcow2
-            try Qcow2Image.create(path: "\(dir)/\(i).qcow2", options: o)
+            return o
         }
+        for i in 1..<Limits.maxBackingChainDepth { try Qcow2Image.create(path: "\(dir)/\(i).qcow2", options: chained(over: i)) }
+        // Creating one more on top opens the chain below it, which is refused...
+        let top = Limits.maxBackingChainDepth
+        XCTAssertThrowsError(try Qcow2Image.create(path: "\(dir)/\(top).qcow2", options: chained(over: top)))
+        // ...unless the backing file is not opened (-u).
+        var unsafe = chained(over: top)
+        unsafe.unsafeBacking = true
+        try Qcow2Image.create(path: "\(dir)/\(top).qcow2", options: unsafe)
         // Top plus maxBackingChainDepth backing files: one too many.
         XCTAssertThrowsError(try Qcow2Image(path: "\(dir)/\(Limits.maxBackingChainDepth).qcow2", options: OpenOptions())) {
             XCTAssertTrue("\($0)".contains("\(Limits.maxBackingChainDepth)"), "\($0)")
