@@ -29,6 +29,17 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        .target(name: "FuzzCheck", dependencies: [
+            .product(name: "Strata", package: parent),
+        ]),
+        .target(name: "FuzzSnapshots", dependencies: [
+            .product(name: "Strata", package: parent),
+        ]),
+        .target(name: "FuzzControl", dependencies: [
+            .product(name: "StrataNBD", package: parent),
+            .product(name: "Strata", package: parent),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
     ],
     swiftLanguageModes: [.v5]
 )

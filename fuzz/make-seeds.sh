@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the committed seed corpora: small qcow2 images made by qemu-img/qemu-io
-# (corpus/image) and NBD client byte streams (corpus/nbd). Needs qemu-utils and python3.
+# (corpus/image), the same images plus hand-damaged copies (corpus/check), images with several
+# internal snapshots (corpus/snapshots), NBD client byte streams (corpus/nbd) and control
+# socket request lines (corpus/control). Needs qemu-utils and python3.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 for tool in qemu-img qemu-io python3; do
@@ -32,6 +34,138 @@ qemu-img create -q -f qcow2 -o cluster_size=512 -b base.raw -F raw -u backing-51
 make snap-512.qcow2 cluster_size=512
 io snap-512.qcow2 'write -P 0x77 0 512'
 qemu-img snapshot -c s1 snap-512.qcow2
+
+# fuzz_check: every image above, plus copies damaged the ways `check -r all` repairs.
+CHK="$HERE/corpus/check"
+mkdir -p "$CHK"
+rm -f "$CHK"/*.qcow2
+cp "$IMG"/*.qcow2 "$CHK"/
+python3 - "$IMG" "$CHK" <<'PY'
+import struct, sys, os
+src, out = sys.argv[1], sys.argv[2]
+u32 = lambda b, o: struct.unpack_from(">I", b, o)[0]
+u64 = lambda b, o: struct.unpack_from(">Q", b, o)[0]
+
+def load(name):
+    return bytearray(open(os.path.join(src, name), "rb").read())
+
+def geometry(b):
+    cb = u32(b, 20)
+    order = u32(b, 96) if u32(b, 4) >= 3 else 4
+    return 1 << cb, order
+
+def refblock0(b):
+    cs, _ = geometry(b)
+    return u64(b, u64(b, 48))  # the first refcount table entry
+
+def set_refcount(b, cluster, value):
+    cs, order = geometry(b)
+    assert order == 4, "16-bit refcounts only"
+    struct.pack_into(">H", b, refblock0(b) + 2 * cluster, value)
+
+def first_l2(b):
+    l1 = u64(b, 40)
+    return u64(b, l1) & 0x00FFFFFFFFFFFE00
+
+def first_data_entry(b):
+    cs, _ = geometry(b)
+    l2 = first_l2(b)
+    for i in range(cs // 8):
+        e = u64(b, l2 + 8 * i)
+        if e & 0x00FFFFFFFFFFFE00 and not e & (1 << 62):
+            return l2 + 8 * i, e
+    raise SystemExit("no data entry")
+
+def save(name, b):
+    open(os.path.join(out, name), "wb").write(bytes(b))
+
+cs = 512
+# A leaked cluster: a cluster appended to the file, counted, used by nothing.
+b = load("data-512.qcow2"); b += bytes(cs); set_refcount(b, len(b) // cs - 1, 1); save("leak-512.qcow2", b)
+# The L1 table's count dropped to 0: a corruption.
+b = load("data-512.qcow2"); set_refcount(b, u64(b, 40) // cs, 0); save("l1-refcount-zero-512.qcow2", b)
+# A data cluster counted twice: its COPIED flag is then wrong, and a leak.
+b = load("data-512.qcow2"); at, e = first_data_entry(b); set_refcount(b, (e & 0x00FFFFFFFFFFFE00) // cs, 2)
+save("data-refcount-two-512.qcow2", b)
+# A data cluster without a count: a corruption (the cluster looks free).
+b = load("data-512.qcow2"); at, e = first_data_entry(b); set_refcount(b, (e & 0x00FFFFFFFFFFFE00) // cs, 0)
+save("data-refcount-zero-512.qcow2", b)
+# An L2 entry past the end of the file, and one unaligned.
+b = load("data-512.qcow2"); at, e = first_data_entry(b); struct.pack_into(">Q", b, at, (e & ~0x00FFFFFFFFFFFE00) | (1 << 40))
+save("l2-past-eof-512.qcow2", b)
+b = load("data-512.qcow2"); at, e = first_data_entry(b); struct.pack_into(">Q", b, at, e | 0x100)
+save("l2-unaligned-512.qcow2", b)
+# Two guest clusters mapped to the same host cluster.
+b = load("data-512.qcow2"); at, e = first_data_entry(b); struct.pack_into(">Q", b, at + 8, e)
+save("l2-shared-512.qcow2", b)
+# The refcount table's first block gone: the structure must be rebuilt.
+b = load("data-512.qcow2"); struct.pack_into(">Q", b, u64(b, 48), 0); save("refblock-missing-512.qcow2", b)
+# Dirty (lazy refcounts, not closed cleanly) and corrupt bits.
+b = load("lazy-512.qcow2"); struct.pack_into(">Q", b, 72, u64(b, 72) | 1); save("dirty-512.qcow2", b)
+b = load("data-512.qcow2"); struct.pack_into(">Q", b, 72, u64(b, 72) | 2); save("corrupt-bit-512.qcow2", b)
+# A snapshot table that cannot be read.
+b = load("snap-512.qcow2"); struct.pack_into(">Q", b, 64, (1 << 50)); save("snapshot-table-past-eof-512.qcow2", b)
+PY
+
+# fuzz_snapshots: images with several internal snapshots.
+SNP="$HERE/corpus/snapshots"
+mkdir -p "$SNP"
+rm -f "$SNP"/*.qcow2
+cd "$SNP"
+make snaps3-512.qcow2 cluster_size=512
+io snaps3-512.qcow2 'write -P 0x11 0 1k'
+qemu-img snapshot -c s1 snaps3-512.qcow2
+io snaps3-512.qcow2 'write -P 0x22 512 1k' 'write -P 0x23 700k 512'
+qemu-img snapshot -c s2 snaps3-512.qcow2
+io snaps3-512.qcow2 'discard 0 512' 'write -z 64k 4k'
+qemu-img snapshot -c s3 snaps3-512.qcow2
+make snaps-deleted-512.qcow2 cluster_size=512
+for i in 1 2 3 4; do io snaps-deleted-512.qcow2 "write -P 0x4$i $((i * 4))k 1k"; qemu-img snapshot -c "snap-$i" snaps-deleted-512.qcow2; done
+qemu-img snapshot -d snap-2 snaps-deleted-512.qcow2
+make snaps-resized-512.qcow2 cluster_size=512
+io snaps-resized-512.qcow2 'write -P 0x51 0 2k'
+qemu-img snapshot -c small snaps-resized-512.qcow2
+qemu-img resize -q snaps-resized-512.qcow2 2M
+io snaps-resized-512.qcow2 'write -P 0x52 1536k 1k'
+qemu-img snapshot -c large snaps-resized-512.qcow2
+make snaps-v2-512.qcow2 cluster_size=512,compat=0.10
+io snaps-v2-512.qcow2 'write -P 0x61 0 1k'
+qemu-img snapshot -c a snaps-v2-512.qcow2
+io snaps-v2-512.qcow2 'write -P 0x62 0 512'
+qemu-img snapshot -c b snaps-v2-512.qcow2
+make snaps-compressed-1k.qcow2 cluster_size=1024
+io snaps-compressed-1k.qcow2 'write -c -P 0x71 0 1k' 'write -P 0x72 4k 2k'
+qemu-img snapshot -c before snaps-compressed-1k.qcow2
+io snaps-compressed-1k.qcow2 'write -P 0x73 0 1k'
+qemu-img snapshot -c "$(printf 'n%.0s' {1..100})" snaps-compressed-1k.qcow2
+make snaps-refcount64-512.qcow2 cluster_size=512,refcount_bits=64
+io snaps-refcount64-512.qcow2 'write -P 0x81 0 1k'
+qemu-img snapshot -c x snaps-refcount64-512.qcow2
+qemu-img snapshot -c y snaps-refcount64-512.qcow2
+
+# fuzz_control: request lines (files named in them are in the target's scratch folder).
+CTL="$HERE/corpus/control"
+mkdir -p "$CTL"
+rm -f "$CTL"/*.txt
+printf '%s\n' '{"execute": "query-version", "id": 1}' '{"execute": "query-commands"}' \
+    '{"execute": "query-exports", "id": "x"}' > "$CTL/queries.txt"
+printf '%s\n' '{"execute": "block-export-add", "arguments": {"name": "old", "file": "disk.qcow2", "snapshot": "s1"}}' \
+    '{"execute": "query-exports"}' '{"execute": "block-export-del", "arguments": {"name": "old"}}' \
+    '{"execute": "block-export-add", "arguments": {"name": "r", "file": "raw.img", "format": "raw", "read-only": true}}' \
+    '{"execute": "block-export-del", "arguments": {"name": "ro"}}' > "$CTL/exports.txt"
+printf '%s\n' '{"execute": "snapshot-list", "arguments": {"export": "disk"}}' \
+    '{"execute": "snapshot-create", "arguments": {"export": "disk", "name": "s2"}}' \
+    '{"execute": "snapshot-delete", "arguments": {"export": "disk", "name": "s1"}}' \
+    '{"execute": "snapshot-create", "arguments": {"export": "ro", "name": "nope"}}' \
+    '{"execute": "snapshot-list", "arguments": {"export": "disk"}, "id": [1, 2.5e3, null]}' > "$CTL/snapshots.txt"
+printf '%s\n' '{"execute": "snapshot-external", "arguments": {"export": "disk", "overlay": "top.qcow2"}}' \
+    '{"execute": "query-exports"}' '{"execute": "snapshot-create", "arguments": {"export": "disk", "name": "on-top"}}' \
+    '{"execute": "snapshot-external", "arguments": {"export": "disk", "overlay": "top.qcow2"}}' > "$CTL/external.txt"
+printf '%s\r\n' '{"execute": "nope"}' '[1, 2]' '{"execute": 5}' '{"execute": "query-version", "arguments": []}' \
+    '{"execute": "query-version", "arguments": {"x": 1}}' '{"a": "\u00e9\ud83d\ude00\n", "b": -0.5e-3, "a": 1}' \
+    '[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]' '{"execute": "block-export-add", "arguments": {"name": "", "file": "x\u0000"}}' \
+    '{"execute"' 'tru' '"\ud800"' > "$CTL/errors.txt"
+cd "$HERE"
 
 mkdir -p "$HERE/corpus/nbd"
 rm -f "$HERE/corpus/nbd"/*.bin
@@ -86,4 +220,4 @@ for fname, data in seeds.items():
     with open(os.path.join(out, fname), "wb") as f:
         f.write(data)
 PY
-du -cb "$HERE"/corpus/image/* "$HERE"/corpus/nbd/* | tail -1
+du -cb "$HERE"/corpus/*/* | tail -1

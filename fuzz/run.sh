@@ -2,7 +2,8 @@
 # Builds the libFuzzer targets and runs each one for a while.
 #
 #   fuzz/run.sh [SECONDS] [TARGET...]      SECONDS per target (default 60);
-#                                          TARGETs: fuzz_image fuzz_nbd (default: both)
+#                                          TARGETs: fuzz_image fuzz_nbd fuzz_check
+#                                          fuzz_snapshots fuzz_control (default: all)
 #   fuzz/run.sh build                      build only
 #   fuzz/run.sh repro TARGET FILE...       run TARGET once on each FILE (a crash reproducer)
 #
@@ -20,12 +21,15 @@ set -euo pipefail
 export SWIFT_BACKTRACE=enable=no
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SCRATCH=${FUZZ_SCRATCH:-$HERE/.build}
-ALL_TARGETS=(fuzz_image fuzz_nbd)
+ALL_TARGETS=(fuzz_image fuzz_nbd fuzz_check fuzz_snapshots fuzz_control)
 
 module_of() {
     case $1 in
     fuzz_image) echo FuzzImage ;;
     fuzz_nbd) echo FuzzNBD ;;
+    fuzz_check) echo FuzzCheck ;;
+    fuzz_snapshots) echo FuzzSnapshots ;;
+    fuzz_control) echo FuzzControl ;;
     *) echo "run.sh: unknown target $1 (expected: ${ALL_TARGETS[*]})" >&2; exit 2 ;;
     esac
 }
@@ -61,8 +65,8 @@ build() {
 
 max_len() {
     case $1 in
-    fuzz_image) echo 65536 ;;
-    fuzz_nbd) echo 8192 ;;
+    fuzz_image | fuzz_check | fuzz_snapshots) echo 65536 ;;
+    fuzz_nbd | fuzz_control) echo 8192 ;;
     esac
 }
 

@@ -162,7 +162,8 @@ private struct RefcountChecker {
         let ti = c / s.entries
         guard ti < UInt64(s.table.count) else { return 0 }
         let off = s.table[Int(ti)] & ~UInt64(511)
-        guard off != 0, off % cs == 0, off + cs <= fileLength else { return 0 }
+        // (A hostile entry may be near 2^64: compare without adding to it.)
+        guard off != 0, off % cs == 0, inFile(off, cs) else { return 0 }
         if s.cached?.offset != off { s.cached = (off, try storage.readBytes(at: off, count: Int(cs))) }
         return s.cached!.bytes.withUnsafeBytes { RefcountCodec.get($0, index: Int(c % s.entries), order: s.order) }
     }
@@ -216,10 +217,37 @@ private struct RefcountChecker {
                 throw StrataError.corrupt(Corruption(path: path, kind: .pastEnd, offset: s.l1TableOffset,
                                                      detail: "the L1 table of snapshot '\(s.name)' is unaligned or past the end of the file"))
             }
+            // A snapshot L1 table lying on the header, the refcount structure or the snapshot
+            // table is not a table: reading its "entries" reads that metadata, and a repair
+            // clearing them would write over it. The table cannot be read.
+            let fixed = try fixedMetadataClusters()
+            for s in snapshots where s.l1Size > 0 {
+                let first = s.l1TableOffset / cs, end = divUp(s.l1TableOffset + UInt64(s.l1Size) * 8, cs)
+                if let c = (first..<end).first(where: { fixed.contains($0) }) {
+                    throw StrataError.corrupt(Corruption(path: path, kind: .malformedTable, offset: s.l1TableOffset,
+                                                         detail: "the L1 table of snapshot '\(s.name)' overlaps other metadata at host offset \(c * cs)"))
+                }
+            }
         } catch {
             snapshots = []
             snapshotTableError = "\(error)"
         }
+    }
+
+    /// Host clusters holding the header, the refcount table, the refcount blocks (those in
+    /// the file) and the snapshot table: what no table entry may be written into.
+    func fixedMetadataClusters() throws -> Set<UInt64> {
+        var out: Set<UInt64> = [0]
+        func add(_ offset: UInt64, _ bytes: UInt64) {
+            guard bytes > 0, inFile(offset, bytes) else { return }
+            for c in (offset / cs)..<divUp(offset + bytes, cs) { out.insert(c) }
+        }
+        add(header.refcountTableOffset, UInt64(header.refcountTableClusters) * cs)
+        for e in try readRefcountTable() { add(e & ~UInt64(511), cs) }
+        if header.nbSnapshots > 0 {
+            add(header.snapshotsOffset, max(UInt64(SnapshotRecord.tableLength(snapshots)), 40 * UInt64(header.nbSnapshots)))
+        }
+        return out
     }
 
     /// Computes references from every table. `target`: as a repair will leave them (bad
@@ -629,7 +657,15 @@ private struct RefcountChecker {
         // 2. Entries that point nowhere valid become unallocated (zero on v3, so a backing
         //    file does not show through).
         var lost: [Range<UInt64>] = []
+        // Never write an entry that lies in the header or the refcount structure (an active
+        // L1 table that overlaps them): that would destroy them. Such an entry stays, and the
+        // image stays corrupt. (When the structure was just rebuilt, the old one is abandoned.)
+        let fixed: Set<UInt64> = try needRebuild ? [0] : fixedMetadataClusters()
         for b in badEntries {
+            if fixed.contains(b.at / cs) {
+                log("Cannot clear the entry at host offset \(b.at) (\(b.why)): it lies in other metadata")
+                continue
+            }
             let replacement: UInt64 = b.isL1 || header.version < 3 || extended ? 0 : L2Entry.zeroFlag
             var field = [UInt8](repeating: 0, count: !b.isL1 && extended ? 16 : 8)
             field.put64(replacement, 0)
