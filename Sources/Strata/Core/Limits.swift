@@ -9,9 +9,9 @@ public enum Limits {
     public static let maxBackingNameBytes: UInt64 = 1023
     /// Header extensions must fit in the first cluster; each is also capped here.
     public static let maxHeaderExtensionBytes: UInt64 = 2 << 20
-    /// Most entries the in-memory inline dedup index holds (about 40 bytes each, so about
-    /// 80 MiB; 8 GiB of distinct data at 4 KiB clusters). Past it, new clusters are not
-    /// indexed: dedup ratio drops, nothing else changes.
+    /// Most entries the inline dedup index holds (about 40 bytes each in memory, so about
+    /// 80 MiB; 24 bytes each in its file; 8 GiB of distinct data at 4 KiB clusters). Past
+    /// it, new clusters are not indexed: dedup ratio drops, nothing else changes.
     public static let maxDedupIndexEntries = 1 << 21
     /// Deepest backing chain we follow.
     public static let maxBackingChainDepth = 64
