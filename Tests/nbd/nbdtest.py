@@ -94,3 +94,33 @@ def recv_exactly(s, n):
 def done():
     print(f"all {checks} checks passed", flush=True)
     sys.exit(0)
+
+
+def push_until_stalled_then_collect(sock, stream, count, recv):
+    """The backpressure scripts' two phases over the raw socket `sock`: push `stream` (`count`
+    pipelined 64-bit-cookie writes, already encoded) without blocking for 2 s and print how
+    many bytes the server took; then, once stdin says "go", send the rest and require one
+    successful simple reply per cookie, read with `recv(n)`."""
+    import select
+    import struct
+    import time
+    sock.setblocking(False)
+    sent = 0
+    deadline = time.time() + 2
+    while sent < len(stream) and time.time() < deadline:
+        try:
+            sent += sock.send(stream[sent:sent + (1 << 20)])
+        except BlockingIOError:
+            select.select([], [sock], [], 0.05)
+    print(f"accepted {sent}", flush=True)
+
+    check(sys.stdin.readline().strip() == "go", "told to go on")
+    sock.setblocking(True)
+    sock.sendall(stream[sent:])
+    cookies = set()
+    for _ in range(count):
+        magic, error, cookie = struct.unpack(">IIQ", recv(16))
+        check(magic == 0x67446698 and error == 0, f"write {cookie}: magic {magic:#x} error {error}")
+        cookies.add(cookie)
+    check(cookies == set(range(count)), "every write answered once")
+    print(f"replied {count}", flush=True)
