@@ -106,6 +106,34 @@ struct Check: ParsableCommand {
                 + "\(percent(Double(r.compressedClusters) * 100 / a))% compressed clusters\n"
         }
         if r.imageEndOffset != 0 { out += "Image end offset: \(r.imageEndOffset)\n" }
+        out += marks(r)
+        return out
+    }
+
+    /// Strata's own lines, after qemu-img's report (none for an image without Strata's marks).
+    static func marks(_ r: CheckResult) -> String {
+        var out = ""
+        if let t = r.template {
+            out += t.sealed ? "Template: sealed (not written since it was made a template)\n"
+                : "Template: NOT sealed: written after it was made a template; linked clones made before may read changed data\n"
+            if t.writableMode {
+                out += t.modeFixed ? "Template: file mode made read-only (0444)\n"
+                    : "Template: the file mode allows writing (chmod a-w, or strata check -r leaks)\n"
+            }
+        }
+        if let d = r.dedupIndex {
+            if let why = d.unusable {
+                out += "Dedup index: not used (\(why)); 'strata dedup' rebuilds it\n"
+            } else {
+                out += "Dedup index: \(d.records) records\(d.complete ? ", complete" : "")"
+                if d.checked {
+                    out += d.staleRecordsDropped > 0 ? ", \(d.staleRecordsDropped) stale records removed" : ", \(d.staleRecords) stale"
+                } else {
+                    out += ", records not checked (the image is corrupt)"
+                }
+                out += "\n"
+            }
+        }
         return out
     }
 
@@ -133,6 +161,23 @@ struct Check: ParsableCommand {
         fields.append(("filename", .string(filename)))
         fields.append(("format", .string("qcow2")))
         optional("fragmented-clusters", r.fragmentedClusters)
+        // Strata's own (absent for images without its marks, so qemu-img's shape is kept).
+        if let t = r.template {
+            var o: [(String, JSONValue)] = [("sealed", .bool(t.sealed)), ("writable-mode", .bool(t.writableMode))]
+            if t.modeFixed { o.append(("mode-fixed", .bool(true))) }
+            fields.append(("template", .object(o)))
+        }
+        if let d = r.dedupIndex {
+            var o: [(String, JSONValue)] = [("filename", .string(d.path))]
+            if let why = d.unusable {
+                o.append(("unusable", .string(why)))
+            } else {
+                o += [("records", .uint(UInt64(d.records))), ("complete", .bool(d.complete)), ("checked", .bool(d.checked))]
+                if d.checked { o.append(("stale-records", .uint(UInt64(d.staleRecords)))) }
+                if d.staleRecordsDropped > 0 { o.append(("stale-records-dropped", .uint(UInt64(d.staleRecordsDropped)))) }
+            }
+            fields.append(("dedup-index", .object(o)))
+        }
         return .object(fields)
     }
 }

@@ -290,4 +290,68 @@ final class CheckTests: ToolTestCase {
         XCTAssertEqual([UInt8](try contents("snap.raw")[(1 << 20)..<((1 << 20) + 65536)]), [UInt8](repeating: 2, count: 65536),
                        "the snapshot kept its copy")
     }
+
+    // MARK: Strata's own marks
+
+    /// A template is sealed when made; a write by QEMU breaks the seal, which check reports
+    /// (without changing qemu-img's verdict); a writable file mode is reported and repaired.
+    func testTemplateSealIsCheckedAndBrokenByAQemuWrite() throws {
+        ok(try strata("create", "-f", "qcow2", "base.qcow2", "4M"), "create")
+        ok(try qemuIO("-c", "write -P 7 0 1M", path("base.qcow2")), "qemu-io write")
+        ok(try strata("template", "create", "base.qcow2", "t.qcow2"), "template create")
+        func template(_ r: RunResult) -> [String: Any]? { (json(r.stdout) as? [String: Any])?["template"] as? [String: Any] }
+        let sealed = ok(try strata("check", "--output", "json", "t.qcow2"), "check")
+        XCTAssertEqual(template(sealed)?["sealed"] as? Bool, true)
+        XCTAssertEqual(template(sealed)?["writable-mode"] as? Bool, false)
+        XCTAssertTrue(ok(try strata("check", "t.qcow2"), "check").stdout.contains("Template: sealed"))
+
+        ok(try qemuIO("-c", "write -P 9 0 64k", path("t.qcow2")), "qemu-io write into the template")
+        let broken = try strata("check", "--output", "json", "t.qcow2")
+        XCTAssertEqual(broken.status, 0, "a broken seal is not a qcow2 error: \(broken.stderr)")
+        XCTAssertEqual(template(broken)?["sealed"] as? Bool, false)
+        XCTAssertTrue(broken.stderr.contains("linked clones made before then may read changed data"), broken.stderr)
+        XCTAssertEqual(try qemuImg("check", path("t.qcow2")).status, 0)
+
+        XCTAssertEqual(chmod(path("t.qcow2"), 0o644), 0)
+        XCTAssertEqual(template(try strata("check", "--output", "json", "t.qcow2"))?["writable-mode"] as? Bool, true)
+        let fixed = ok(try strata("check", "-r", "leaks", "t.qcow2"), "check -r leaks")
+        XCTAssertTrue(fixed.stdout.contains("made read-only"), fixed.stdout)
+        XCTAssertEqual(try FileManager.default.attributesOfItem(atPath: path("t.qcow2"))[.posixPermissions] as? Int, 0o444)
+        // An image that is no template carries no template field (qemu-img's JSON shape).
+        XCTAssertNil(template(ok(try strata("check", "--output", "json", "base.qcow2"), "check")))
+    }
+
+    /// The dedup index's records are compared with the tables: a record whose guest cluster
+    /// was discarded is stale, a repair rewrites the file without it, and an index QEMU
+    /// made untrusted (by writing the image) is reported as not used.
+    func testDedupIndexRecordsAreCheckedAndStaleOnesDropped() throws {
+        ok(try strata("create", "-f", "qcow2", "-o", "dedup=on,cluster_size=4096", "d.qcow2", "4M"), "create")
+        ok(try strata("io", "-c", "write -P 5 0 64k", "-c", "write -P 6 64k 64k", "-c", "write -P 8 128k 4k", "d.qcow2"), "io write")
+        func index(_ r: RunResult) -> [String: Any]? { (json(r.stdout) as? [String: Any])?["dedup-index"] as? [String: Any] }
+        let fresh = index(ok(try strata("check", "--output", "json", "d.qcow2"), "check"))
+        XCTAssertEqual(fresh?["records"] as? Int, 3)
+        XCTAssertEqual(fresh?["stale-records"] as? Int, 0)
+        XCTAssertEqual(fresh?["checked"] as? Bool, true)
+
+        // Guest cluster 32 (the 4k of pattern 8) is the only one naming its host cluster.
+        ok(try strata("io", "-c", "discard 128k 4k", "-c", "discard 0 4k", "d.qcow2"), "io discard")
+        let stale = try strata("check", "--output", "json", "d.qcow2")
+        XCTAssertEqual(stale.status, 0, "stale records are no error: \(stale.stderr)")
+        XCTAssertEqual(index(stale)?["stale-records"] as? Int, 2)
+        let repaired = index(ok(try strata("check", "-r", "leaks", "--output", "json", "d.qcow2"), "check -r leaks"))
+        XCTAssertEqual(repaired?["stale-records-dropped"] as? Int, 2)
+        let after = index(ok(try strata("check", "--output", "json", "d.qcow2"), "check"))
+        XCTAssertEqual(after?["records"] as? Int, 1)
+        XCTAssertEqual(after?["stale-records"] as? Int, 0)
+        XCTAssertEqual(try qemuImg("check", path("d.qcow2")).status, 0)
+        // The kept record still dedups: a new copy of pattern 6 shares its cluster.
+        let before = try contents("d.qcow2").count
+        ok(try strata("io", "-c", "write -P 6 1M 64k", "d.qcow2"), "io write")
+        XCTAssertEqual(try contents("d.qcow2").count, before, "the copy should share the indexed cluster")
+
+        ok(try qemuIO("-c", "write -P 1 2M 4k", path("d.qcow2")), "qemu-io write")
+        let untrusted = index(ok(try strata("check", "--output", "json", "d.qcow2"), "check"))
+        XCTAssertTrue((untrusted?["unusable"] as? String)?.contains("not trusted") ?? false, "\(String(describing: untrusted))")
+        XCTAssertTrue(ok(try strata("check", "d.qcow2"), "check").stdout.contains("Dedup index: not used"))
+    }
 }

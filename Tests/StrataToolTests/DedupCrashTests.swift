@@ -201,7 +201,7 @@ final class DedupCrashTests: ToolTestCase {
         p.arguments = args
         p.currentDirectoryURL = dir
         p.environment = ProcessInfo.processInfo.environment.merging(["SWIFT_BACKTRACE": "enable=no"]) { $1 }
-        FileManager.default.createFile(atPath: path(log), contents: nil)
+        _ = FileManager.default.createFile(atPath: path(log), contents: nil)
         let h = try FileHandle(forWritingTo: URL(fileURLWithPath: path(log)))
         p.standardOutput = h
         p.standardError = h

@@ -219,6 +219,11 @@ public struct AutoclearFeatures: OptionSet, Sendable, Hashable {
     /// when recorded, and nothing but a Strata writer keeping that index wrote the image
     /// since). QEMU clears it when it opens the image for writing. See spec/format.md.
     public static let dedupIndex = AutoclearFeatures(rawValue: 1 << 63)
+    /// Strata's: the image has not been opened for writing since it was made a template
+    /// (set by ``Qcow2Image/markAsTemplate()``). Strata never opens a template for writing;
+    /// QEMU clears the bit when it does, and `strata check` then says the template may have
+    /// changed under its clones. See spec/format.md.
+    public static let templateSealed = AutoclearFeatures(rawValue: 1 << 62)
 }
 
 /// Compression method for compressed clusters (header byte 104).

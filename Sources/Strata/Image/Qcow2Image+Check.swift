@@ -34,6 +34,10 @@ public struct CheckResult: Sendable, Equatable {
     public var lostRanges: [Range<UInt64>] = []
     /// Snapshots a repair discarded (their table could not be read).
     public var discardedSnapshots = 0
+    /// Strata's own marks (nil when the image has none): its dedup index file, its template
+    /// seal. Informational: they never change ``exitCode``.
+    public var dedupIndex: DedupIndexCheck?
+    public var template: TemplateCheck?
 
     public init() {}
 
@@ -76,18 +80,20 @@ extension Qcow2Image {
     public static func check(storage: any BlockStorage, path: String, repair: CheckRepair?,
                              log: @escaping (String) -> Void) throws -> CheckResult {
         var checker = try RefcountChecker(storage: storage, path: path)
-        return try checker.run(repair: repair, log: log)
+        var result = try checker.run(repair: repair, log: log)
+        try checker.checkMarks(&result, repair: repair, log: log)
+        return result
     }
 }
 
 /// The metadata a check knows a host cluster holds.
-private enum CheckedKind: Equatable {
+enum CheckedKind: Equatable {
     case header, l1Table, l2Table, refcountTable, refcountBlock, snapshotTable, snapshotL1Table, bitmapDirectory, bitmapTable
 }
 
 /// An entry a repair must clear: it points past the end of the file, is unaligned, has
 /// reserved bits, or points into other metadata.
-private struct BadEntry {
+struct BadEntry {
     /// Host offset of the entry itself.
     var at: UInt64
     /// The guest range it maps, when it belongs to the active disk.
@@ -100,7 +106,7 @@ private struct BadEntry {
 /// cluster, saturating), the metadata map, and the entries a repair must clear. Memory
 /// follows the file's cluster count and the metadata, never the data: for a 1 TiB file of
 /// 64 KiB clusters, 16 Mi clusters, the counts take 32 MiB; tables are read one at a time.
-private struct RefcountChecker {
+struct RefcountChecker {
     let storage: any BlockStorage
     let path: String
     var header: Qcow2Header

@@ -48,7 +48,7 @@ extension Qcow2Image {
     }
 
     /// Marks the image a template: Strata never opens it for writing again (QEMU ignores the
-    /// mark). The last step of `strata template create`; this open handle stays writable
+    /// mark), and seals it (``AutoclearFeatures/templateSealed``). The last step of `strata template create`; this open handle stays writable
     /// until closed.
     public func markAsTemplate() throws {
         if isReadOnly { throw StrataError.readOnly(path: path) }
@@ -65,5 +65,8 @@ extension Qcow2Image {
                 }
             }
         }
+        // The seal last: a crash before it leaves a template reported as unsealed, never the
+        // other way round.
+        try writeAutoclear(lock.withLock { md.header.autoclearFeatures }.union(.templateSealed))
     }
 }

@@ -227,6 +227,25 @@ final class DedupIndexFile: @unchecked Sendable {
     /// four times that many records refused, every record's clusters checked against the
     /// image (`hostClusters`, `guestClusters`).
     func load(capacity: Int, hostClusters: UInt64, guestClusters: UInt64) throws -> Result<[UInt64: DedupIndex.Entry], DedupIndexProblem> {
+        var entries: [UInt64: DedupIndex.Entry] = [:]
+        let scanned = try forEachRecord(maxRecords: 4 * capacity + 4 * DedupIndex.persistBatch) { hash, host, guest in
+            guard host > 0, host < hostClusters, guest < guestClusters else { return }
+            if entries.count < capacity || entries[hash] != nil { entries[hash] = .init(host: host, guest: guest) }
+        }
+        switch scanned {
+        case .failure(let p): return .failure(p)
+        case .success(let header):
+            io.withLock { _ in
+                records = header.records
+                complete = header.complete
+            }
+            return .success(entries)
+        }
+    }
+
+    /// Checks the header (this image's id and cluster size, at most `maxRecords` records),
+    /// then calls `body` with each record, (hash, host cluster, guest cluster), in file order.
+    func forEachRecord(maxRecords: Int, _ body: (UInt64, UInt64, UInt64) -> Void) throws -> Result<Header, DedupIndexProblem> {
         let header: Header
         switch try Self.readHeader(storage) {
         case .failure(let p): return .failure(p)
@@ -234,11 +253,9 @@ final class DedupIndexFile: @unchecked Sendable {
         }
         guard header.id == id else { return .failure(.unusable("it belongs to another image")) }
         guard header.clusterBits == clusterBits else { return .failure(.unusable("it was made for another cluster size")) }
-        guard header.records <= 4 * capacity + 4 * DedupIndex.persistBatch else {
-            return .failure(.unusable("it holds \(header.records) records, more than an index of \(capacity) entries ever writes"))
+        guard header.records <= maxRecords else {
+            return .failure(.unusable("it holds \(header.records) records, more than the \(maxRecords) an index ever writes"))
         }
-        var entries: [UInt64: DedupIndex.Entry] = [:]
-        entries.reserveCapacity(min(header.records, capacity))
         let chunkRecords = 1 << 16
         let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkRecords * Self.recordBytes, alignment: 8)
         defer { buf.deallocate() }
@@ -247,18 +264,10 @@ final class DedupIndexFile: @unchecked Sendable {
             let n = min(chunkRecords, header.records - done)
             let bytes = UnsafeMutableRawBufferPointer(rebasing: buf[0..<n * Self.recordBytes])
             _ = try storage.read(into: bytes, at: UInt64(Self.headerBytes + done * Self.recordBytes))
-            for r in 0..<n {
-                let hash = bytes.be64(r * 3), host = bytes.be64(r * 3 + 1), guest = bytes.be64(r * 3 + 2)
-                guard host > 0, host < hostClusters, guest < guestClusters else { continue }
-                if entries.count < capacity || entries[hash] != nil { entries[hash] = .init(host: host, guest: guest) }
-            }
+            for r in 0..<n { body(bytes.be64(r * 3), bytes.be64(r * 3 + 1), bytes.be64(r * 3 + 2)) }
             done += n
         }
-        io.withLock { _ in
-            records = header.records
-            complete = header.complete
-        }
-        return .success(entries)
+        return .success(header)
     }
 
     /// Runs `body` with the file's lock held; a failure marks the file broken.
