@@ -188,6 +188,67 @@ final class ControlSocketTests: XCTestCase {
         try server.stop()
     }
 
+    /// Sends `text` on `fd` and reads `count` reply lines (nil when the server closes first).
+    private func request(_ fd: Int32, _ text: String, replies count: Int) -> [String]? {
+        let bytes = Array(text.utf8)
+        guard bytes.withUnsafeBytes({ Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) == bytes.count else { return nil }
+        var timeout = timeval(tv_sec: 20, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var data = [UInt8]()
+        var byte: UInt8 = 0
+        var lines: [String] = []
+        while lines.count < count {
+            guard recv(fd, &byte, 1, 0) == 1 else { return nil }
+            if byte == 0x0A { lines.append(String(decoding: data, as: UTF8.self)); data = [] } else { data.append(byte) }
+        }
+        return lines
+    }
+
+    func testAtMostMaxConnectionsControlClientsAreServedAtOnce() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/a.qcow2", size: "8M")
+        let (server, control) = try startInProcess(dir, exports: [.init(name: "a", path: "\(dir)/a.qcow2")])
+        let query = "{\"execute\": \"query-version\"}\n"
+        var open: [Int32] = []
+        defer { open.forEach { close($0) } }
+        for i in 0..<ControlLimits.maxConnections {
+            let fd = try connectUnix(control.path)
+            open.append(fd)
+            XCTAssertEqual(request(fd, query, replies: 1)?.count, 1, "connection \(i + 1) of \(ControlLimits.maxConnections) is served")
+        }
+        // One more is accepted by the kernel, then closed by the server without a reply.
+        let extra = try connectUnix(control.path)
+        XCTAssertNil(request(extra, query, replies: 1), "connection \(ControlLimits.maxConnections + 1) is closed")
+        close(extra)
+        // A freed slot serves a new client (the count drops once the server sees the close).
+        close(open.removeLast())
+        var served = false
+        for _ in 0..<50 where !served {
+            let fd = try connectUnix(control.path)
+            served = request(fd, query, replies: 1)?.count == 1
+            close(fd)
+            if !served { usleep(100_000) }
+        }
+        XCTAssertTrue(served, "a slot freed by a closed connection is reused")
+        try server.stop()
+    }
+
+    func testAClientQueueingMoreThanMaxPendingRequestsIsClosed() throws {
+        let dir = try makeTempDir(self)
+        try makeQcow2("\(dir)/a.qcow2", size: "8M")
+        let (server, control) = try startInProcess(dir, exports: [.init(name: "a", path: "\(dir)/a.qcow2")])
+        let query = "{\"execute\": \"query-version\"}\n"
+        // At the cap, sent in one write before reading anything: every request is answered.
+        let atCap = try exchange(control.path, String(repeating: query, count: ControlConnectionHandler.maxPending))
+        XCTAssertEqual(atCap.count, ControlConnectionHandler.maxPending)
+        // Well past it: the connection is closed before every request is answered.
+        let past = try exchange(control.path, String(repeating: query, count: 4 * ControlConnectionHandler.maxPending))
+        XCTAssertLessThanOrEqual(past.count, ControlConnectionHandler.maxPending, "closed once more than \(ControlConnectionHandler.maxPending) were queued")
+        // The server is fine.
+        XCTAssertEqual(try exchange(control.path, query).count, 1)
+        try server.stop()
+    }
+
     func testTheSocketFileIsRefusedWhenLiveReplacedWhenStaleRemovedAtStop() throws {
         let dir = try makeTempDir(self)
         try makeQcow2("\(dir)/a.qcow2", size: "8M")

@@ -8,10 +8,9 @@ import XCTest
 /// The server's named caps on what a client sends (``NBDLimits``, ``ControlLimits``,
 /// ``NBDTLSLimits``) that no other test names, each at its edge: the cap is accepted, one past
 /// it is refused. (`maxOptionLength`, `maxOptionsPerHandshake`, `maxStringLength`, `maxPayload`,
-/// `maxInFlightRequests`, `maxInFlightBytes`, the NBD server's `maxConnections` setting and
-/// `ControlLimits.maxLineBytes` have tests in the files for their rooms. Not tested anywhere:
-/// `ControlLimits.maxConnections` and `ControlConnectionHandler.maxPending`, which need
-/// control socket clients that connect in numbers or stop reading.)
+/// `maxInFlightRequests`, `maxInFlightBytes`, the NBD server's `maxConnections` setting,
+/// `ControlLimits.maxLineBytes`, `ControlLimits.maxConnections` and
+/// `ControlConnectionHandler.maxPending` have tests in the files for their rooms.)
 final class LimitTests: XCTestCase {
     // MARK: NBD
 

@@ -6,10 +6,9 @@ import XCTest
 /// that names the field, and (where the check is cheap to reach) the value at the cap gets
 /// past that check. Images are made in memory by the engine, then one header field is patched.
 ///
-/// Caps without a test here (and why): `maxDedupIndexEntries` (2 Mi index entries; the inline
-/// dedup code is being changed elsewhere), `maxSnapshotTableBytes` (needs a table over 64 MiB),
-/// `maxClaimedTableClusters` (past it the overlap guard silently stops claiming: nothing to
-/// observe but time).
+/// The allocator's side of `maxHostOffset` (no allocation ends past 2^56) has no test: a
+/// refcount table within `maxRefcountTableBytes` cannot describe a file that large unless
+/// clusters are 2 MiB and refcounts 1 bit, and no test storage is that sparse.
 final class LimitTests: XCTestCase {
     /// A fresh qcow2 image in memory, as bytes.
     func image(size: UInt64 = 1 << 20, clusterSize: Int = 512) throws -> [UInt8] {
@@ -246,5 +245,86 @@ final class LimitTests: XCTestCase {
         XCTAssertThrowsError(try [UInt8](repeating: 1, count: 1).withUnsafeBytes { try storage.write($0, at: Limits.maxMemoryStorage) })
         XCTAssertThrowsError(try storage.setLength(Limits.maxMemoryStorage + 1))
         XCTAssertEqual(try storage.length(), 0)
+    }
+
+    // MARK: Snapshot table size
+
+    /// An image whose snapshot table of 65536 entries (`maxSnapshots`) is `entryBytes` each
+    /// (fixed 40 bytes plus extra data, no L1 table), laid out after the image.
+    func imageWithSnapshotTable(entryBytes: Int, lastEntryBytes: Int) throws -> [UInt8] {
+        var b = try image(clusterSize: 65536)
+        let tableOffset = (b.count + 65535) / 65536 * 65536
+        let count = Int(Limits.maxSnapshots)
+        b += [UInt8](repeating: 0, count: tableOffset - b.count + (count - 1) * entryBytes + lastEntryBytes)
+        for i in 0..<count {
+            let at = tableOffset + i * entryBytes
+            b.put32(UInt32((i == count - 1 ? lastEntryBytes : entryBytes) - 40), at + 36)  // extra_data_size
+        }
+        b.put32(UInt32(count), 60)         // nb_snapshots
+        b.put64(UInt64(tableOffset), 64)   // snapshots_offset
+        return b
+    }
+
+    func testSnapshotTableAboveMaxSnapshotTableBytesIsRefused() throws {
+        // 65536 entries of 1024 bytes: exactly 64 MiB.
+        XCTAssertEqual(Limits.maxSnapshotTableBytes, UInt64(Limits.maxSnapshots) * 1024)
+        let atCap = try Qcow2Image(storage: MemoryStorage(name: "limit.qcow2", bytes: try imageWithSnapshotTable(entryBytes: 1024, lastEntryBytes: 1024)),
+                                   options: OpenOptions(format: .qcow2))
+        XCTAssertNil(atCap.snapshotTableError)
+        XCTAssertEqual(atCap.snapshots.count, Int(Limits.maxSnapshots))
+        try atCap.close()
+        // The last entry 8 bytes longer: the table is 8 bytes past the cap.
+        let past = try Qcow2Image(storage: MemoryStorage(name: "limit.qcow2", bytes: try imageWithSnapshotTable(entryBytes: 1024, lastEntryBytes: 1032)),
+                                  options: OpenOptions(format: .qcow2))
+        defer { try? past.close() }
+        XCTAssertTrue(past.snapshots.isEmpty)
+        XCTAssertTrue(past.snapshotTableError.map { "\($0)" }?.contains("\(Limits.maxSnapshotTableBytes) bytes") ?? false,
+                      "\(String(describing: past.snapshotTableError))")
+    }
+
+    // MARK: Dedup index
+
+    /// The in-memory index holds `maxDedupIndexEntries` entries (the capacity a dedup image
+    /// opens with); past that, new hashes are not recorded (dedup ratio drops), while known
+    /// hashes still update. The edge is shown on an index of 1024 entries: the code is the same.
+    func testDedupIndexStopsRecordingAtMaxDedupIndexEntries() throws {
+        var options = CreateOptions(size: 1 << 20)
+        options.dedupWrites = true
+        let storage = MemoryStorage(name: "limit.qcow2")
+        try Qcow2Image.create(storage: storage, path: "limit.qcow2", options: options)
+        let disk = try Qcow2Image(storage: MemoryStorage(name: "limit.qcow2", bytes: storage.contents), options: OpenOptions(writable: true))
+        XCTAssertEqual(disk.dedup?.capacity, Limits.maxDedupIndexEntries)
+        try disk.close()
+
+        let cap = 1024
+        let index = DedupIndex(capacity: cap)
+        for h in 0..<UInt64(cap) { index.insert(h &* 0x9E37_79B9_7F4A_7C15, DedupIndex.Entry(host: h + 1, guest: h)) }
+        XCTAssertEqual(index.lookup(UInt64(cap - 1) &* 0x9E37_79B9_7F4A_7C15)?.host, UInt64(cap), "the cap-th entry is recorded")
+        let extra: UInt64 = 0xDEAD_BEEF_0000_0001
+        index.insert(extra, DedupIndex.Entry(host: 7, guest: 7))
+        XCTAssertNil(index.lookup(extra), "one past the cap is not recorded")
+        index.insert(0, DedupIndex.Entry(host: 9, guest: 9))
+        XCTAssertEqual(index.lookup(0)?.host, 9, "a known hash still updates at the cap")
+    }
+
+    /// An index file with more records than an index of its capacity ever writes (four times
+    /// the entries plus four batches) is not loaded; one at that count is.
+    func testDedupIndexFileAboveItsRecordCapIsNotLoaded() throws {
+        let capacity = 8, id = [UInt8](repeating: 3, count: 16)
+        let most = 4 * capacity + 4 * DedupIndex.persistBatch
+        func file(records: Int) throws -> DedupIndexFile {
+            let f = DedupIndexFile(storage: MemoryStorage(name: "x.dedup-index"), id: id, clusterBits: 16)
+            try f.rewrite([:], complete: false)
+            try f.serialized { try f.appendLocked((0..<records).map { (UInt64($0), DedupIndex.Entry(host: 1, guest: 0)) }) }
+            return f
+        }
+        guard case .success(let entries) = try file(records: most).load(capacity: capacity, hostClusters: 2, guestClusters: 1) else {
+            return XCTFail("a file at the record cap should load")
+        }
+        XCTAssertEqual(entries.count, capacity)
+        guard case .failure(.unusable(let why)) = try file(records: most + 1).load(capacity: capacity, hostClusters: 2, guestClusters: 1) else {
+            return XCTFail("a file past the record cap should be refused")
+        }
+        XCTAssertTrue(why.contains("\(most + 1) records"), why)
     }
 }

@@ -272,7 +272,14 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
             do {
                 return try SnapshotRecord.decodeTable(bytes, count: Int(h.nbSnapshots), tableOffset: h.snapshotsOffset, path: path)
             } catch {
-                guard want < available else { throw error }
+                guard want < available else {
+                    // Cut at the cap, not at the end of the file: say so.
+                    if available == Limits.maxSnapshotTableBytes, case .corrupt(let c) = error as? StrataError, c.detail.hasSuffix("runs past the end of the table") {
+                        throw StrataError.corrupt(Corruption(path: path, kind: .malformedTable, offset: h.snapshotsOffset,
+                                                             detail: "the snapshot table of \(h.nbSnapshots) entries is larger than \(Limits.maxSnapshotTableBytes) bytes (the most QEMU and Strata read)"))
+                    }
+                    throw error
+                }
                 want = min(available, want * 4)
             }
         }
