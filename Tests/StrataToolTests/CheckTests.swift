@@ -291,6 +291,31 @@ final class CheckTests: ToolTestCase {
                        "the snapshot kept its copy")
     }
 
+    /// Two entries claiming one cluster of a 1-bit refcount image: no count can be true.
+    /// qemu-img -r all leaves it corrupt ("overflow cluster"); ours copies the cluster for the
+    /// second entry, so both keep their bytes and qemu-img finds the image clean.
+    func testTwoEntriesClaimingOneClusterOfAOneBitImageAreSeparated() throws {
+        ok(try qemuImg("create", "-q", "-f", "qcow2", "-o", "refcount_bits=1", "d.qcow2", "4M"), "create")
+        ok(try qemuIO("-c", "write -P 1 0 64k", "-c", "write -P 2 64k 64k", "d.qcow2"), "write")
+        let l = try layout()
+        try write("d.qcow2", be64(l.l2Entry(0)), at: l.l2 + 16 * 8)   // guest 1 MiB -> guest 0's cluster
+        ok(try qemuImg("convert", "-O", "raw", "d.qcow2", "before.raw"), "raw copy")
+        XCTAssertEqual(try qemuImg("check", "d.qcow2").status, 2)
+        XCTAssertEqual(try strata("check", "d.qcow2").status, 2)
+        ok(try run("/bin/cp", [path("d.qcow2"), path("q.qcow2")]), "copy")
+        XCTAssertEqual(try qemuImg("check", "-r", "all", "q.qcow2").status, 2, "qemu-img cannot repair it")
+
+        let repaired = try strata("check", "-r", "all", "d.qcow2")
+        XCTAssertEqual(repaired.status, 0, repaired.stderr + repaired.stdout)
+        XCTAssertTrue(repaired.stderr.contains("1-bit refcount cannot count its references"), repaired.stderr)
+        ok(try qemuImg("check", "d.qcow2"), "qemu-img check after the repair")
+        ok(try qemuImg("compare", "-f", "raw", "-F", "qcow2", "before.raw", "d.qcow2"), "every guest byte kept")
+        // The two entries are separate now: a write to one leaves the other.
+        ok(try qemuIO("-c", "write -P 3 1M 64k", "d.qcow2"), "write")
+        ok(try qemuIO("-c", "read -P 1 0 64k", "d.qcow2"), "guest 0 keeps its data")
+        ok(try qemuImg("check", "d.qcow2"), "qemu-img check after the write")
+    }
+
     // MARK: Strata's own marks
 
     /// A template is sealed when made; a write by QEMU breaks the seal, which check reports

@@ -637,6 +637,7 @@ struct RefcountChecker {
     private mutating func repairAll(log: (String) -> Void) throws -> [Range<UInt64>] {
         quiet = true
         try count(target: true, countRefcountStructure: true)
+        if try breakOverflowingShares(log: log) > 0 { try count(target: true, countRefcountStructure: true) }
         var s = try newStored()
         var needRebuild = rebuild
         for c in 0..<UInt64(refs.count) where refs[Int(c)] > 0 {

@@ -130,3 +130,50 @@ extension RefcountChecker {
         return out
     }
 }
+
+extension RefcountChecker {
+    /// `-r all`, before the counts are repaired: a data cluster referenced more often than the
+    /// refcount width can count (two entries claiming one cluster of a 1-bit image) cannot
+    /// be given a true count. Each reference past the maximum that comes from an active L2
+    /// table of its own (refcount 1, so no snapshot shares the table) gets a copy of the data
+    /// in a new cluster at the end of the file, and its entry is pointed at the copy: the
+    /// copies are durable before any entry changes, so a crash leaves every entry reading
+    /// the same bytes. qemu-img 7.2 cannot repair this ("overflow cluster"). Needs the target
+    /// counts (``count(target:countRefcountStructure:)``); returns the entries moved.
+    mutating func breakOverflowingShares(log: (String) -> Void) throws -> Int {
+        let maxValue = RefcountCodec.maxValue(order: header.refcountOrder)
+        guard maxValue < UInt64(UInt16.max) else { return 0 }
+        var excess: [UInt64: UInt64] = [:]
+        for (c, n) in refs.enumerated() where UInt64(n) > maxValue { excess[UInt64(c)] = UInt64(n) - maxValue }
+        guard !excess.isEmpty else { return 0 }
+        let stride = extended ? 16 : 8
+        var end = divUp(fileLength, cs) * cs
+        var moves: [(at: UInt64, raw: UInt64)] = []
+        let l1 = try readTable(header.l1TableOffset, entries: Int(header.l1Size))
+        for e in l1 {
+            let off = e & L1Entry.offsetMask
+            guard off != 0, inFile(off, cs), metadata[off / cs] == .l2Table, refs[Int(off / cs)] == 1 else { continue }
+            let l2 = try storage.readBytes(at: off, count: Int(cs))
+            for j in 0..<Int(cs) / stride {
+                let raw = l2.be64(j * stride)
+                guard case .data(let host, _) = L2Entry(raw: raw).mapping(clusterBits: clusterBits, extended: extended),
+                      host % cs == 0, let left = excess[host / cs], left > 0 else { continue }
+                excess[host / cs] = left - 1
+                try storage.writeBytes(try storage.readBytes(at: host, count: Int(cs)), at: end)
+                moves.append((off + UInt64(j * stride), (raw & ~L2Entry.offsetMask) | end | L2Entry.copied))
+                log("Copying cluster \(host / cs) to cluster \(end / cs) for the entry at host offset \(off + UInt64(j * stride)): a \(header.refcountBits)-bit refcount cannot count its references")
+                end += cs
+            }
+        }
+        guard !moves.isEmpty else { return 0 }
+        try storage.sync()
+        for m in moves {
+            var field = [UInt8](repeating: 0, count: 8)
+            field.put64(m.raw, 0)
+            try storage.writeBytes(field, at: m.at)
+        }
+        try storage.sync()
+        fileLength = try storage.length()
+        return moves.count
+    }
+}
