@@ -105,5 +105,7 @@ fi
 } >"$work/out/info"
 rm -rf "$out"
 mv "$work/out" "$out"
+# Guests of older versions of these scripts are of no more use.
+find "$cache" -mindepth 1 -maxdepth 1 -type d ! -name "$key" ! -name 'build.*' -exec rm -rf {} +
 echo "guest build: $(tr '\n' ';' <"$out/info")" >&2
 echo "$out"
