@@ -40,7 +40,12 @@ start=$(date +%s)
 work=$(mktemp -d "$cache/build.XXXXXX")
 chmod 755 "$work"  # apt-get download runs as _apt where it can
 trap 'rm -rf "$work"' EXIT
-kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+kernel_package() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+kpkg=$(kernel_package)
+if [ -z "$kpkg" ] && [ "$(id -u)" -eq 0 ]; then  # a fresh machine may have no package lists yet
+  apt-get update -q >&2 || true
+  kpkg=$(kernel_package)
+fi
 [ -n "$kpkg" ] || { echo "guest build: apt-cache does not know linux-image-amd64 (run apt-get update)" >&2; exit 1; }
 echo "guest build: downloading $kpkg" >&2
 (cd "$work" && apt-get download "$kpkg" >&2) || {
