@@ -5,6 +5,9 @@ set -euo pipefail
 want=(liblz4-dev libzstd-dev zlib1g-dev pkg-config)
 if [ "${1:-test}" = test ]; then
   want+=(qemu-utils libnbd-bin python3-libnbd fio nbdkit openssl)
+  # The real-guest tests (scripts/guest/build.sh, GuestTests): QEMU, the initramfs tools,
+  # the guest's NBD client and mke2fs, and the host's e2fsck/debugfs; xz unpacks the kernel.
+  want+=(qemu-system-x86 busybox-static nbd-client e2fsprogs xz-utils)
 fi
 missing=()
 for p in "${want[@]}"; do
