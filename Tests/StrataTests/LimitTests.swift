@@ -327,4 +327,42 @@ final class LimitTests: XCTestCase {
         }
         XCTAssertTrue(why.contains("\(most + 1) records"), why)
     }
+
+    // MARK: Repair
+
+    /// `check -r all` copies clusters a refcount width cannot count, at most
+    /// `maxRepairCopyBytes`: shown with a cap of one cluster on a 1-bit image where three
+    /// entries claim one cluster (two copies needed, one made, the image still corrupt),
+    /// then with the real cap (both made, the image clean).
+    func testRepairCopiesAtMostMaxRepairCopyBytes() throws {
+        let storage = MemoryStorage(name: "r.qcow2")
+        var options = CreateOptions(size: 1 << 20)
+        options.clusterSize = 512
+        options.refcountBits = 1
+        try Qcow2Image.create(storage: storage, path: "r.qcow2", options: options)
+        let disk = try Qcow2Image(storage: storage, options: OpenOptions(writable: true))
+        try [UInt8](repeating: 7, count: 512).withUnsafeBytes { try disk.write($0, at: 0, fua: false) }
+        try disk.close()
+        var b = storage.contents
+        let l2 = Int(b.be64(Int(b.be64(40))) & L2Entry.offsetMask)
+        b.put64(b.be64(l2), l2 + 8)
+        b.put64(b.be64(l2), l2 + 16)      // guest clusters 1 and 2 claim guest 0's cluster
+        let damaged = b
+        XCTAssertLessThan(Limits.maxRepairCopyBytes, UInt64(Int.max))
+
+        let capped = MemoryStorage(name: "r.qcow2", bytes: damaged)
+        var checker = try RefcountChecker(storage: capped, path: "r.qcow2")
+        try checker.count(target: true, countRefcountStructure: true)
+        var lines: [String] = []
+        XCTAssertEqual(try checker.breakOverflowingShares(maxBytes: 512) { lines.append($0) }, 1)
+        XCTAssertTrue(lines.contains { $0.contains("Not copying more than 512 bytes") }, "\(lines)")
+
+        let full = MemoryStorage(name: "r.qcow2", bytes: damaged)
+        XCTAssertEqual(try Qcow2Image.check(storage: full, path: "r.qcow2", repair: .all) { _ in }.exitCode, 0)
+        let repaired = try Qcow2Image(storage: full, options: OpenOptions())
+        defer { try? repaired.close() }
+        var out = [UInt8](repeating: 0, count: 1536)
+        try out.withUnsafeMutableBytes { try repaired.read(into: $0, at: 0) }
+        XCTAssertEqual(out, [UInt8](repeating: 7, count: 1536), "every entry keeps its bytes")
+    }
 }

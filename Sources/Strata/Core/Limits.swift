@@ -38,6 +38,10 @@ public enum Limits {
     public static let maxBitmapTableEntries: UInt64 = 0x800_0000
     /// Bitmap names (QEMU's BDRV_BITMAP_MAX_NAME_SIZE).
     public static let maxBitmapNameBytes: UInt64 = 1023
+    /// Bytes `check -r all` copies to separate the references a refcount width cannot count
+    /// (a hostile 1-bit image could ask for billions of copies); past it, the rest stay
+    /// corrupt and are reported.
+    public static let maxRepairCopyBytes: UInt64 = 1 << 30
     /// In-memory storage cap (tests, fuzzing).
     public static let maxMemoryStorage: UInt64 = 1 << 30
 }

@@ -139,8 +139,9 @@ extension RefcountChecker {
     /// in a new cluster at the end of the file, and its entry is pointed at the copy: the
     /// copies are durable before any entry changes, so a crash leaves every entry reading
     /// the same bytes. qemu-img 7.2 cannot repair this ("overflow cluster"). Needs the target
-    /// counts (``count(target:countRefcountStructure:)``); returns the entries moved.
-    mutating func breakOverflowingShares(log: (String) -> Void) throws -> Int {
+    /// counts (``count(target:countRefcountStructure:)``); copies at most `maxBytes`
+    /// (``Limits/maxRepairCopyBytes``); returns the entries moved.
+    mutating func breakOverflowingShares(maxBytes: UInt64 = Limits.maxRepairCopyBytes, log: (String) -> Void) throws -> Int {
         let maxValue = RefcountCodec.maxValue(order: header.refcountOrder)
         guard maxValue < UInt64(UInt16.max) else { return 0 }
         var excess: [UInt64: UInt64] = [:]
@@ -150,7 +151,7 @@ extension RefcountChecker {
         var end = divUp(fileLength, cs) * cs
         var moves: [(at: UInt64, raw: UInt64)] = []
         let l1 = try readTable(header.l1TableOffset, entries: Int(header.l1Size))
-        for e in l1 {
+        tables: for e in l1 {
             let off = e & L1Entry.offsetMask
             guard off != 0, inFile(off, cs), metadata[off / cs] == .l2Table, refs[Int(off / cs)] == 1 else { continue }
             let l2 = try storage.readBytes(at: off, count: Int(cs))
@@ -158,6 +159,10 @@ extension RefcountChecker {
                 let raw = l2.be64(j * stride)
                 guard case .data(let host, _) = L2Entry(raw: raw).mapping(clusterBits: clusterBits, extended: extended),
                       host % cs == 0, let left = excess[host / cs], left > 0 else { continue }
+                guard UInt64(moves.count + 1) * cs <= maxBytes else {
+                    log("Not copying more than \(maxBytes) bytes: the other references past the refcount width stay corrupt")
+                    break tables
+                }
                 excess[host / cs] = left - 1
                 try storage.writeBytes(try storage.readBytes(at: host, count: Int(cs)), at: end)
                 moves.append((off + UInt64(j * stride), (raw & ~L2Entry.offsetMask) | end | L2Entry.copied))
