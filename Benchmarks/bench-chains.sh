@@ -18,10 +18,13 @@
 #   strata stride   strata bench -c COUNT -d 64 -s 4k -S 4k*1021       (scattered, the same offsets
 #   qemu stride     qemu-img bench -c COUNT -d 64 -s 4k -S 4k*1021      as qemu-img's, which has no
 #                                                                        random pattern)
+# (strata wraps the stride modulo size - 4k as qemu does since ff2ab634, qemu-img 7.2 modulo
+# the size: the offsets part after the first wrap, both scattered over the whole image.)
 # The figure is requests per second by the tool's own clock (strata's elapsed-ns, qemu-img's
-# "Run completed in"), the median of ROUNDS; "vs base" is each tool's figure over its own
-# figure on the reference fixture (snap-0 for the snapshots, chain-1 for the chains).
-# Goal: strata's random-read figure stays within 10% of its own reference (vs base >= 0.90).
+# "Run completed in"), the median of ROUNDS, and the CPU time (user + system) per request of
+# the whole process; "vs ref" is each tool's figure over its own figure on the reference
+# fixture (snap-0 for the snapshots, chain-1 for the chains).
+# Goal: strata's random-read figure stays within 10% of its own reference (vs ref >= 0.90).
 #
 # Settings (environment):
 #   ROUNDS=5  COUNT=75000  SIZE=1G  SNAPSHOTS="0 10 50"  DEPTHS="1 5 20"
