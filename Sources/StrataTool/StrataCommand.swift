@@ -23,7 +23,7 @@ struct StrataCommand: ParsableCommand {
             on stderr and exit 1 ('compare' exits 1 when the images differ and 2 on error).
             """,
         version: "strata version \(version)",
-        subcommands: [Create.self, Info.self, Check.self, Map.self, Measure.self, Convert.self, Compare.self, Amend.self, Resize.self, Commit.self, Rebase.self, IO.self, Serve.self, Snapshot.self, Template.self, Clone.self, Dedup.self, ExportCommand.self]
+        subcommands: [Create.self, Info.self, Check.self, Map.self, Measure.self, Convert.self, Compare.self, Amend.self, Resize.self, Commit.self, Rebase.self, IO.self, Serve.self, Snapshot.self, Template.self, Clone.self, Dedup.self, ExportCommand.self, Bench.self]
     )
 
     /// Subcommands whose failure status is 2 rather than 1 (their 1 means something else).
