@@ -165,6 +165,7 @@ extension Qcow2Image {
     /// Reads from the backing file, whose own runs (and zero runs) go to the sink; past its
     /// end (or with none), one zero run.
     func readBacking(at guest: UInt64, length: Int, to sink: ReadSink) throws {
+        if let chain = chainResolution, try chain.read(at: guest, length: length, to: sink) { return }
         let bsize = backing?.size ?? 0
         let avail = guest < bsize ? Int(min(UInt64(length), bsize - guest)) : 0
         if avail > 0, let backing { try backing.read(at: guest, length: avail, runs: sink) }

@@ -74,6 +74,9 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     public var supportsDiscard: Bool { !isReadOnly }
     /// The backing image, if any (already open, read-only).
     public let backing: (any BlockDevice)?
+    /// For the top image of a read-only backing chain at least two layers deep: where the
+    /// chain's units lie, remembered (see ``ChainResolution``).
+    let chainResolution: ChainResolution?
     /// The backing file name as recorded in the image (changed by ``setBackingFile(name:format:)``;
     /// ``backing`` stays the file opened at open time).
     public var backingFileName: String? { lock.withLock { md.file.backingName } }
@@ -253,6 +256,8 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         (self.dedup, self.dedupIndexState) = Self.openDedupIndex(storage: storage, path: path, header: header, extensions: ext,
                                                                  fileLength: fileLength, keep: dedupOn && options.writable)
         self.backing = backing
+        // Only the top image resolves its chain: the layers below are reached through it.
+        self.chainResolution = chain.isEmpty ? ChainResolution.make(backing: backing) : nil
         self.backingFilePath = backingPath
         self.backingFormat = backingFormat
         self.snapshotTableError = snapshotError
