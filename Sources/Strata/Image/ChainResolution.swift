@@ -8,9 +8,9 @@ import Synchronization
 /// the shared image lock, which keeps every writer out, and the engine never writes a
 /// read-only image). A unit (the first backing layer's cluster size) is remembered when one
 /// layer holds all of it as plain data; anything else (zeroes, compressed clusters,
-/// subclusters, a layer ending inside the unit, smaller clusters below) takes the walk,
-/// every time. At most ``capacity`` units are remembered (about 40 bytes each), past which
-/// reads take the walk.
+/// subclusters, a layer ending inside the unit, smaller clusters below) is remembered as
+/// "walk", and reads of it walk the chain as before. At most ``capacity`` units are
+/// remembered (about 40 bytes each), past which reads of new units walk.
 final class ChainResolution: @unchecked Sendable {
     /// The byte stores of the layers, top (the image's backing) first.
     let layers: [any BlockStorage]
@@ -26,6 +26,8 @@ final class ChainResolution: @unchecked Sendable {
     }
     private let shards: [Shard]
     private let count = Atomic<Int>(0)
+    /// Remembered for a unit no single layer holds as plain data: the caller walks.
+    private static let walk = UInt64.max
     /// Units remembered so far.
     var remembered: Int { count.load(ordering: .relaxed) }
 
@@ -67,13 +69,13 @@ final class ChainResolution: @unchecked Sendable {
         let shard = shards[Int(truncatingIfNeeded: u & ((1 << UInt64(Self.shardBits)) - 1))]
         var packed = shard.units.withLock { $0[u] }
         if packed == nil {
-            guard let found = try locate(u) else { return false }
+            let found = try locate(u) ?? Self.walk
             packed = found
             if count.load(ordering: .relaxed) < capacity {
                 shard.units.withLock { if $0.updateValue(found, forKey: u) == nil { count.add(1, ordering: .relaxed) } }
             }
         }
-        guard let p = packed else { return false }
+        guard let p = packed, p != Self.walk else { return false }
         guard let out = try sink(guest, length, false) else { return true }
         _ = try layers[Int(p >> 56)].read(into: out, at: (p & ((1 << 56) - 1)) + (guest & (unit - 1)))
         return true
