@@ -1,16 +1,23 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 
 /// Where each unit of a read-only backing chain's data lies, found once and remembered, so
-/// that a read through many layers costs one lookup instead of one walk per layer.
+/// that a read through many layers costs one atomic load instead of one walk per layer.
 ///
 /// A chain qualifies when every layer below the image is a read-only qcow2 image, except
 /// the last, which may be raw: their mappings cannot change while they are open (they take
 /// the shared image lock, which keeps every writer out, and the engine never writes a
-/// read-only image). A unit (the first backing layer's cluster size) is remembered when one
-/// layer holds all of it as plain data; anything else (zeroes, compressed clusters,
-/// subclusters, a layer ending inside the unit, smaller clusters below) is remembered as
-/// "walk", and reads of it walk the chain as before. At most ``capacity`` units are
-/// remembered (about 40 bytes each), past which reads of new units walk.
+/// read-only image). A unit (the first backing layer's cluster size) is remembered with the
+/// layer and host offset when one layer holds all of it as plain data; anything else
+/// (zeroes, compressed clusters, subclusters, a layer ending inside the unit, smaller
+/// clusters below) is remembered as "walk", and reads of it walk the chain as before.
+///
+/// One 8-byte word per unit, for the first ``maxUnits`` units (past them, reads walk), in
+/// zero-filled memory that the kernel backs only where units were read: 8 bytes per 64 KiB
+/// read at the usual cluster size. Lookups take no lock: the words only go from unknown to
+/// their final value, and any thread that finds a unit unknown computes the same value.
 final class ChainResolution: @unchecked Sendable {
     /// The byte stores of the layers, top (the image's backing) first.
     let layers: [any BlockStorage]
@@ -18,22 +25,20 @@ final class ChainResolution: @unchecked Sendable {
     private let first: any BlockDevice
     let unitBits: UInt64
     let unit: UInt64
-    let capacity: Int
-    private static let shardBits = 6
-    /// One lock per shard of units (a class: a `Mutex` cannot sit in an array).
-    private final class Shard: Sendable {
-        let units = Mutex<[UInt64: UInt64]>([:])
-    }
-    private let shards: [Shard]
-    private let count = Atomic<Int>(0)
-    /// Remembered for a unit no single layer holds as plain data: the caller walks.
+    /// Units with a word (the chain's size in units, at most ``maxUnits``).
+    let units: UInt64
+    /// 1 TiB of 64 KiB units (128 MiB of address space, backed only where touched).
+    static let maxUnits: UInt64 = 1 << 24
+    /// 0: not known yet; ``walk``; else 1 + (layer index << 56 | host offset of the unit).
+    private let words: UnsafeMutablePointer<Atomic<UInt64>>
     private static let walk = UInt64.max
-    /// Units remembered so far.
+    private let count = Atomic<Int>(0)
+    /// Units resolved so far (held by one layer, or to walk).
     var remembered: Int { count.load(ordering: .relaxed) }
 
     /// A resolution for the chain under `backing`, or nil when it does not qualify or is
     /// too shallow to gain (one layer: its walk costs what a lookup costs).
-    static func make(backing: (any BlockDevice)?, capacity: Int = 1 << 18) -> ChainResolution? {
+    static func make(backing: (any BlockDevice)?) -> ChainResolution? {
         guard let top = backing as? Qcow2Image, top.isReadOnly, top.backing != nil else { return nil }
         var layers: [any BlockStorage] = []
         var device: (any BlockDevice)? = top
@@ -48,34 +53,39 @@ final class ChainResolution: @unchecked Sendable {
                 return nil
             }
         }
-        guard layers.count <= 255 else { return nil }
-        return ChainResolution(first: top, layers: layers, unitBits: top.clusterBits, capacity: capacity)
+        guard layers.count < 255 else { return nil }
+        let units = min(maxUnits, (top.size + top.clusterSize - 1) >> top.clusterBits)
+        guard units > 0, let raw = calloc(Int(units), MemoryLayout<UInt64>.stride) else { return nil }
+        let words = raw.bindMemory(to: Atomic<UInt64>.self, capacity: Int(units))
+        return ChainResolution(first: top, layers: layers, unitBits: top.clusterBits, units: units, words: words)
     }
 
-    private init(first: any BlockDevice, layers: [any BlockStorage], unitBits: UInt64, capacity: Int) {
+    private init(first: any BlockDevice, layers: [any BlockStorage], unitBits: UInt64, units: UInt64,
+                 words: UnsafeMutablePointer<Atomic<UInt64>>) {
         self.first = first
         self.layers = layers
         self.unitBits = unitBits
         self.unit = 1 << unitBits
-        self.capacity = capacity
-        shards = (0..<(1 << Self.shardBits)).map { _ in Shard() }
+        self.units = units
+        self.words = words
     }
+
+    deinit { free(words) }
 
     /// Reads `[guest, guest+length)` of the chain into the sink when it lies within one
     /// unit that one layer holds as plain data; false when the caller must walk the chain.
     func read(at guest: UInt64, length: Int, to sink: ReadSink) throws -> Bool {
         let u = guest >> unitBits
-        guard length > 0, (guest + UInt64(length) - 1) >> unitBits == u else { return false }
-        let shard = shards[Int(truncatingIfNeeded: u & ((1 << UInt64(Self.shardBits)) - 1))]
-        var packed = shard.units.withLock { $0[u] }
-        if packed == nil {
-            let found = try locate(u) ?? Self.walk
-            packed = found
-            if count.load(ordering: .relaxed) < capacity {
-                shard.units.withLock { if $0.updateValue(found, forKey: u) == nil { count.add(1, ordering: .relaxed) } }
+        guard length > 0, u < units, (guest + UInt64(length) - 1) >> unitBits == u else { return false }
+        var word = words[Int(u)].load(ordering: .relaxed)
+        if word == 0 {
+            word = try locate(u).map { $0 + 1 } ?? Self.walk
+            if words[Int(u)].compareExchange(expected: 0, desired: word, ordering: .relaxed).exchanged {
+                count.add(1, ordering: .relaxed)
             }
         }
-        guard let p = packed, p != Self.walk else { return false }
+        guard word != Self.walk else { return false }
+        let p = word - 1
         guard let out = try sink(guest, length, false) else { return true }
         _ = try layers[Int(p >> 56)].read(into: out, at: (p & ((1 << 56) - 1)) + (guest & (unit - 1)))
         return true
