@@ -121,7 +121,7 @@ final class CompressorPool: @unchecked Sendable {
     let clusterSize: Int
     /// Compressors not in use; guarded by `lock` (each is used by one thread at a time).
     private var idle: [ClusterCompressor] = []
-    private let lock = Mutex<Void>(())
+    private let lock = PthreadLocked<Void>(())
 
     init(type: CompressionType, clusterSize: Int) {
         self.type = type

@@ -17,9 +17,9 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     let md: Metadata
     let lock = ConditionLock()
     /// Serializes full flushes (never held together with `lock` across I/O of guest data).
-    let flushLock = Mutex<Void>(())
+    let flushLock = PthreadLocked<Void>(())
     /// Serializes taking copies of dirty metadata and writing them (see Qcow2Image+Flush).
-    let writeOutLock = Mutex<Void>(())
+    let writeOutLock = PthreadLocked<Void>(())
     /// Guest I/O in flight per epoch parity (see ``epoch``).
     let inFlight0 = Atomic<Int>(0)
     let inFlight1 = Atomic<Int>(0)

@@ -29,3 +29,25 @@ final class ConditionLock: @unchecked Sendable {
         return try body()
     }
 }
+
+/// A value behind a pthread mutex: the engine's locks. ThreadSanitizer sees pthread locks;
+/// it does not see `Synchronization.Mutex` on Linux once a waiter sleeps (its slow path is in
+/// the uninstrumented standard library), and so reports the data such a mutex guards as
+/// racing. The engine's sanitized runs stay meaningful with these.
+final class PthreadLocked<Value>: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private var value: Value
+    init(_ value: Value) {
+        self.value = value
+        pthread_mutex_init(mutex, nil)
+    }
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+    @inline(__always) func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body(&value)
+    }
+}

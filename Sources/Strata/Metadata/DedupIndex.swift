@@ -42,7 +42,7 @@ final class DedupIndex: @unchecked Sendable {
         var pending: [(UInt64, Entry)] = []
     }
     private final class Locked: Sendable {
-        let shard = Mutex(Shard())
+        let shard = PthreadLocked(Shard())
         func withLock<R>(_ body: (inout Shard) throws -> R) rethrows -> R { try shard.withLock { try body(&$0) } }
     }
     private static let shardBits = 6
@@ -184,7 +184,7 @@ final class DedupIndexFile: @unchecked Sendable {
     let storage: any BlockStorage
     let id: [UInt8]
     let clusterBits: UInt32
-    private let io = Mutex<Void>(())
+    private let io = PthreadLocked<Void>(())
     // Guarded by `io`:
     /// Records in the file.
     private(set) var records = 0
