@@ -36,18 +36,23 @@ final class ConditionLock: @unchecked Sendable {
 /// racing. The engine's sanitized runs stay meaningful with these.
 final class PthreadLocked<Value>: @unchecked Sendable {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private var value: Value
+    /// Out of line: a stored `Void` would share its (empty) place with `mutex`, and the
+    /// sanitizer would take the guarded access for one to the unguarded pointer load.
+    private let value: UnsafeMutablePointer<Value>
     init(_ value: Value) {
-        self.value = value
+        self.value = UnsafeMutablePointer<Value>.allocate(capacity: 1)
+        self.value.initialize(to: value)
         pthread_mutex_init(mutex, nil)
     }
     deinit {
         pthread_mutex_destroy(mutex)
         mutex.deallocate()
+        value.deinitialize(count: 1)
+        value.deallocate()
     }
     @inline(__always) func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
-        return try body(&value)
+        return try body(&value.pointee)
     }
 }
