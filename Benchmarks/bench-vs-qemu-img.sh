@@ -38,18 +38,9 @@ REPO=$(cd "$HERE/.." && pwd)
 STRATA_SCRATCH=${STRATA_SCRATCH:-$REPO/.build-strata}
 OUT=${OUT:-$HERE/results/bench-vs-qemu-img-$(date +%Y-%m-%d).txt}
 
-missing=()
-need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1 (Debian package: $2)"); }
-need qemu-img qemu-utils
-need qemu-io qemu-utils
-need python3 python3
-if ((${#missing[@]})); then
-    echo "bench-vs-qemu-img: missing tools; install them first (nothing is installed for you):" >&2
-    printf '  %s\n' "${missing[@]}" >&2
-    exit 2
-fi
-
 source "$HERE/lib.sh"
+require_tools bench-vs-qemu-img qemu-img:qemu-utils qemu-io:qemu-utils python3:python3
+
 find_strata bench-vs-qemu-img
 
 WORKDIR=${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/strata-bench-vs-qemu.XXXXXX")}

@@ -35,19 +35,10 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 STRATA_SCRATCH=${STRATA_SCRATCH:-$REPO/.build-strata}
 
-missing=()
-need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1 (Debian package: $2)"); }
-need qemu-img qemu-utils
-need mkfs.ext4 e2fsprogs
-need python3 python3
-if ((${#missing[@]})); then
-    echo "compress-bench: missing tools; install them first (nothing is installed for you):" >&2
-    printf '  %s\n' "${missing[@]}" >&2
-    exit 2
-fi
+source "$HERE/lib.sh"
+require_tools compress-bench qemu-img:qemu-utils mkfs.ext4:e2fsprogs python3:python3
 [[ -d "$TREE" ]] || { echo "compress-bench: no folder $TREE (set TREE)" >&2; exit 2; }
 
-source "$HERE/lib.sh"
 find_strata compress-bench
 
 WORKDIR=${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/strata-compress-bench.XXXXXX")}

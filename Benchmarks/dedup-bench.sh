@@ -65,26 +65,13 @@ PLAIN4K=${PLAIN4K:-1}
 STRATA_SCRATCH=${STRATA_SCRATCH:-$REPO/.build-strata}
 OUT=${OUT:-$HERE/results/$(date +%Y-%m-%d)-dedup-bench.txt}
 
-missing=()
-need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1 (Debian package: $2)"); }
-need fio fio
-need qemu-img qemu-utils
-need qemu-nbd qemu-utils
-need nbdkit nbdkit
-need nbdcopy libnbd-bin
-need python3 python3
-need mkfs.ext4 e2fsprogs
-if ((${#missing[@]})); then
-    echo "dedup-bench: missing tools; install them first (nothing is installed for you):" >&2
-    printf '  %s\n' "${missing[@]}" >&2
-    exit 2
-fi
+source "$HERE/lib.sh"
+require_tools dedup-bench fio:fio qemu-img:qemu-utils qemu-nbd:qemu-utils nbdkit:nbdkit nbdcopy:libnbd-bin python3:python3 mkfs.ext4:e2fsprogs
 if ! fio --enghelp 2>/dev/null | grep -qw nbd; then
     echo "dedup-bench: this fio has no nbd engine (Debian's fio 3.33 has it)" >&2
     exit 2
 fi
 
-source "$HERE/lib.sh"
 find_strata dedup-bench
 
 WORKDIR=${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/strata-dedup-bench.XXXXXX")}

@@ -1,5 +1,21 @@
 # Shared by the benchmark scripts (sourced, not run). Needs REPO and STRATA_SCRATCH set.
 
+# Stops, naming the Debian package of each missing tool, unless every one is on PATH; nothing
+# is installed for the caller. Usage: require_tools SCRIPT TOOL:PACKAGE ...
+require_tools() {
+    local script=$1 t
+    shift
+    local missing=()
+    for t in "$@"; do
+        command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t%%:*} (Debian package: ${t#*:})")
+    done
+    if ((${#missing[@]})); then
+        echo "$script: missing tools; install them first (nothing is installed for you):" >&2
+        printf '  %s\n' "${missing[@]}" >&2
+        exit 2
+    fi
+}
+
 # Sets STRATA to the strata binary: the one given in $STRATA, else a release build of the
 # repository in $STRATA_SCRATCH. $1 names the calling script in messages.
 find_strata() {

@@ -39,18 +39,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 STRATA_SCRATCH=${STRATA_SCRATCH:-$REPO/.build-strata}
 
-missing=()
-need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1 (Debian package: $2)"); }
-need fio fio
-need qemu-nbd qemu-utils
-need qemu-img qemu-utils
-need nbdkit nbdkit
-need python3 python3
-if ((${#missing[@]})); then
-    echo "nbd-bench: missing tools; install them first (nothing is installed for you):" >&2
-    printf '  %s\n' "${missing[@]}" >&2
-    exit 2
-fi
+source "$HERE/lib.sh"
+require_tools nbd-bench fio:fio qemu-nbd:qemu-utils qemu-img:qemu-utils nbdkit:nbdkit python3:python3
 if ! fio --enghelp 2>/dev/null | grep -qw nbd; then
     echo "nbd-bench: this fio has no nbd engine (Debian's fio 3.33 has it)" >&2
     exit 2
@@ -60,7 +50,6 @@ if ! nbdkit file --version >/dev/null 2>&1; then
     exit 2
 fi
 
-source "$HERE/lib.sh"
 find_strata nbd-bench
 
 WORKDIR=${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/strata-nbd-bench.XXXXXX")}

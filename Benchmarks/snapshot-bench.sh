@@ -37,17 +37,9 @@ REPO=$(cd "$HERE/.." && pwd)
 STRATA_SCRATCH=${STRATA_SCRATCH:-$REPO/.build-strata}
 OUT=${OUT:-$HERE/results/$(date +%Y-%m-%d)-snapshot.txt}
 
-missing=()
-need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1 (Debian package: $2)"); }
-need qemu-img qemu-utils
-need python3 python3
-if ((${#missing[@]})); then
-    echo "snapshot-bench: missing tools; install them first (nothing is installed for you):" >&2
-    printf '  %s\n' "${missing[@]}" >&2
-    exit 2
-fi
-
 source "$HERE/lib.sh"
+require_tools snapshot-bench qemu-img:qemu-utils python3:python3
+
 find_strata snapshot-bench
 
 WORKDIR=${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/strata-snapshot-bench.XXXXXX")}
