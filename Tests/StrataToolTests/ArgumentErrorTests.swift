@@ -92,14 +92,15 @@ final class ArgumentErrorTests: ToolTestCase {
             XCTAssertEqual(r.stderr, "")
         }
 
-        let unknown = try strata("bench", "x.qcow2")
+        // qemu-img's dd, which strata does not have.
+        let unknown = try strata("dd", "x.qcow2")
         XCTAssertEqual(unknown.status, 1)
-        XCTAssertEqual(unknown.stderr, "strata: unknown command 'bench' (see 'strata --help')\n")
+        XCTAssertEqual(unknown.stderr, "strata: unknown command 'dd' (see 'strata --help')\n")
         XCTAssertEqual(unknown.stdout, "")
         XCTAssertEqual(try qemuImg("nosuch", "x.qcow2").status, 1)
-        let helpUnknown = try strata("help", "bench")
+        let helpUnknown = try strata("help", "dd")
         XCTAssertEqual(helpUnknown.status, 1)
-        XCTAssertEqual(helpUnknown.stderr, "strata: unknown command 'bench' (see 'strata --help')\n")
+        XCTAssertEqual(helpUnknown.stderr, "strata: unknown command 'dd' (see 'strata --help')\n")
 
         // Known commands keep their help.
         XCTAssertTrue(ok(try strata("help", "create"), "help create").stdout.contains("USAGE: strata create"))
@@ -114,7 +115,10 @@ final class ArgumentErrorTests: ToolTestCase {
         ok(try strata("create", "-q", "-f", "qcow2", "q.qcow2", "1M"), "create q.qcow2")
         let table: [(args: [String], file: String?)] = [
             ([], nil),
-            (["bench", "q.qcow2"], nil),
+            (["dd", "q.qcow2"], nil),
+            (["bench", "-c", "0", "q.qcow2"], nil),
+            (["bench", "-s", "2M", "q.qcow2"], "q.qcow2"),
+            (["bench", "nope.qcow2"], "nope.qcow2"),
             (["check", "missing.qcow2"], "missing.qcow2"),
             (["check", "-r", "some", "q.qcow2"], nil),
             (["--bogus"], nil),
