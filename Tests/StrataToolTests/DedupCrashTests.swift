@@ -13,17 +13,6 @@ final class DedupCrashTests: ToolTestCase {
     static let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .appendingPathComponent("nbd/dedup_crash_load.py").path
 
-    /// Processes this test started, killed (by pid) if the test ends early.
-    private var spawned: [Process] = []
-
-    override func tearDownWithError() throws {
-        for p in spawned where p.isRunning {
-            kill(p.processIdentifier, SIGKILL)
-            p.waitUntilExit()
-        }
-        spawned = []
-        try super.tearDownWithError()
-    }
 
     func testKillingServeDedupUnderLoadKeepsFlushedBlocksAndAConsistentImage() throws {
         guard FileManager.default.isExecutableFile(atPath: Self.python),

@@ -34,8 +34,6 @@ final class GuestTests: ToolTestCase {
 
     static let qemuSystem = which("qemu-system-x86_64")
 
-    /// Servers and guests started by the current test, killed in tearDown if still running.
-    private var spawned: [Process] = []
     private var guestFolder = ""
 
     override func setUpWithError() throws {
@@ -50,15 +48,6 @@ final class GuestTests: ToolTestCase {
             XCTFail(error.message)
             throw XCTSkip("no guest")
         }
-    }
-
-    override func tearDownWithError() throws {
-        for p in spawned where p.isRunning {
-            kill(p.processIdentifier, SIGKILL)
-            p.waitUntilExit()
-        }
-        spawned = []
-        try super.tearDownWithError()
     }
 
     // MARK: 1. Boot and persist

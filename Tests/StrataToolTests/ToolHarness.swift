@@ -32,7 +32,16 @@ class ToolTestCase: XCTestCase {
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
     }
 
+    /// Processes (servers, guests) the current test started and tracks: killed in tearDown
+    /// if still running, so a test that ends early leaves none behind.
+    var spawned: [Process] = []
+
     override func tearDownWithError() throws {
+        for p in spawned where p.isRunning {
+            kill(p.processIdentifier, SIGKILL)
+            p.waitUntilExit()
+        }
+        spawned = []
         if let dir { try? FileManager.default.removeItem(at: dir) }
         try super.tearDownWithError()
     }
