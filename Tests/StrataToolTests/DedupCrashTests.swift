@@ -183,24 +183,6 @@ final class DedupCrashTests: ToolTestCase {
         return p
     }
 
-    /// Starts a program in the scratch folder, stdout and stderr into `log`, backtraces off.
-    private func spawn(_ program: String, _ args: [String], log: String) throws -> Process {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: program)
-        p.arguments = args
-        p.currentDirectoryURL = dir
-        p.environment = ProcessInfo.processInfo.environment.merging(["SWIFT_BACKTRACE": "enable=no"]) { $1 }
-        _ = FileManager.default.createFile(atPath: path(log), contents: nil)
-        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: path(log)))
-        p.standardOutput = h
-        p.standardError = h
-        p.standardInput = FileHandle.nullDevice
-        try p.run()
-        try h.close()
-        spawned.append(p)
-        return p
-    }
-
     private func waitExit(_ p: Process, seconds: TimeInterval) throws {
         let deadline = Date().addingTimeInterval(seconds)
         while p.isRunning && Date() < deadline { usleep(10_000) }

@@ -524,30 +524,6 @@ final class GuestTests: ToolTestCase {
 
     // MARK: Helpers
 
-    /// Starts a program in the scratch folder, output into files there, backtraces off.
-    private func spawn(_ program: String, _ args: [String], log: String, stdout: String? = nil) throws -> Process {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: program)
-        p.arguments = args
-        p.currentDirectoryURL = dir
-        p.environment = ProcessInfo.processInfo.environment.merging(["SWIFT_BACKTRACE": "enable=no"]) { $1 }
-        _ = FileManager.default.createFile(atPath: path(log), contents: nil)
-        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: path(log)))
-        var o = h
-        if let stdout {
-            _ = FileManager.default.createFile(atPath: path(stdout), contents: nil)
-            o = try FileHandle(forWritingTo: URL(fileURLWithPath: path(stdout)))
-        }
-        p.standardOutput = o
-        p.standardError = h
-        p.standardInput = FileHandle.nullDevice
-        try p.run()
-        try h.close()
-        if stdout != nil { try o.close() }
-        spawned.append(p)
-        return p
-    }
-
     private func log(_ name: String) -> String { (try? String(contentsOfFile: path(name), encoding: .utf8)) ?? "" }
 
     private func sha256<C: Collection>(_ bytes: C) throws -> String where C.Element == UInt8 {

@@ -36,6 +36,31 @@ class ToolTestCase: XCTestCase {
     /// if still running, so a test that ends early leaves none behind.
     var spawned: [Process] = []
 
+    /// Starts a program in the scratch folder, output into files there, backtraces off.
+    /// Tracked in ``spawned``; stdout goes to `stdout` when given, else to `log` with stderr.
+    func spawn(_ program: String, _ args: [String], log: String, stdout: String? = nil) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: program)
+        p.arguments = args
+        p.currentDirectoryURL = dir
+        p.environment = ProcessInfo.processInfo.environment.merging(["SWIFT_BACKTRACE": "enable=no"]) { $1 }
+        _ = FileManager.default.createFile(atPath: path(log), contents: nil)
+        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: path(log)))
+        var o = h
+        if let stdout {
+            _ = FileManager.default.createFile(atPath: path(stdout), contents: nil)
+            o = try FileHandle(forWritingTo: URL(fileURLWithPath: path(stdout)))
+        }
+        p.standardOutput = o
+        p.standardError = h
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        try h.close()
+        if stdout != nil { try o.close() }
+        spawned.append(p)
+        return p
+    }
+
     override func tearDownWithError() throws {
         for p in spawned where p.isRunning {
             kill(p.processIdentifier, SIGKILL)
