@@ -52,14 +52,11 @@ extension Export {
         do {
             switch command {
             case .read(let offset, let length, let dontFragment):
-                if session.structuredReplies {
-                    return NBDReply(bytes: try structuredRead(offset: offset, length: length, dontFragment: dontFragment,
-                                                              cookie: cookie, allocator: allocator))
-                }
-                var reply = allocator.buffer(capacity: ReplyEncoder.simpleReplySize + Int(length))
-                ReplyEncoder.writeSimpleReply(cookie: cookie, error: nil, into: &reply)
-                try readData(offset: offset, count: Int(length), into: &reply)
-                return NBDReply(bytes: reply)
+                let reply = try readReply(offset: offset, length: length, dontFragment: dontFragment, cookie: cookie,
+                                          session: session, allocator: allocator,
+                                          whole: { o, out in try device.read(into: out, at: o); return true },
+                                          runs: { o, n, sink in try device.read(at: o, length: n, runs: sink); return true })
+                return NBDReply(bytes: reply!)
 
             case .write(let offset, let data, let fua):
                 try data.withUnsafeReadableBytes { try device.write($0, at: offset, fua: fua) }
@@ -124,15 +121,6 @@ extension Export {
         return NBDReply(bytes: reply, error: code)
     }
 
-    /// Reads `count` bytes straight into the reply buffer.
-    private func readData(offset: UInt64, count: Int, into reply: inout ByteBuffer) throws {
-        guard count > 0 else { return }
-        try reply.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { space in
-            try device.read(into: UnsafeMutableRawBufferPointer(rebasing: space[0..<count]), at: offset)
-            return count
-        }
-    }
-
     /// True when every byte of the range reads as zero (and, with `needAllocated`, none of it
     /// is a hole).
     private func alreadyZero(offset: UInt64, length: UInt64, needAllocated: Bool) throws -> Bool {
@@ -174,39 +162,79 @@ extension Export {
     }
 }
 
-// MARK: - Structured reads
+// MARK: - Reads
+
+/// How a read reply gets its bytes: all of them into one buffer, or run by run through a
+/// ``ReadSink``; false means the read was given up (see
+/// ``BlockDevice/readIfCached(at:length:runs:)``).
+typealias ReadWhole = (_ offset: UInt64, _ into: UnsafeMutableRawBufferPointer) throws -> Bool
+typealias ReadRuns = (_ offset: UInt64, _ length: Int, _ sink: ReadSink) throws -> Bool
 
 extension Export {
-    /// A structured read: holes (ranges the image says read as zeroes) become
-    /// `NBD_REPLY_TYPE_OFFSET_HOLE` chunks, everything else `OFFSET_DATA`. With DF the whole
-    /// range is one data chunk. The last chunk carries `NBD_REPLY_FLAG_DONE`, which is safe
-    /// because the reply is sent only after every read has succeeded.
-    ///
-    /// Everything a structured read asks of the engine is asked here, in one place: the range's
-    /// block status, then the data runs.
-    ///
-    /// One pass over the mapping (``BlockDevice/read(at:length:runs:)``): each run's chunk
-    /// header goes into the reply, then its data is read straight behind it; neighbouring
-    /// runs of one kind share a chunk.
-    private func structuredRead(offset: UInt64, length: UInt32, dontFragment: Bool, cookie: UInt64,
-                                allocator: ByteBufferAllocator) throws -> ByteBuffer {
-        let count = Int(length)
-        if dontFragment {
-            var reply = allocator.buffer(capacity: ReplyEncoder.chunkHeaderSize + 8 + count)
-            ReplyEncoder.writeDataChunkHeader(cookie: cookie, offset: offset, dataLength: count, flags: .done, into: &reply)
-            try readData(offset: offset, count: count, into: &reply)
+    /// The reply to a command when it can be carried out on the calling thread without
+    /// waiting: a read of cached metadata and page-cached data
+    /// (``BlockDevice/readIfCached(at:length:runs:)``), or a write without FUA that overwrites
+    /// data in place (``BlockDevice/writeInPlaceIfCached(_:at:)``). What lets the event loop
+    /// answer them itself, with no hop to the I/O threads. Nil for anything else; the caller
+    /// then runs ``perform(_:cookie:session:logger:)`` on an I/O thread.
+    func replyIfCached(_ command: NBDCommand, cookie: UInt64, session: NBDSession,
+                       allocator: ByteBufferAllocator) -> ByteBuffer? {
+        switch command {
+        case .read(let offset, let length, let dontFragment):
+            return try? readReply(offset: offset, length: length, dontFragment: dontFragment, cookie: cookie,
+                                  session: session, allocator: allocator,
+                                  whole: { o, out in device.readIfCached(into: out, at: o) },
+                                  runs: { o, n, sink in device.readIfCached(at: o, length: n, runs: sink) })
+        case .write(let offset, let data, let fua) where !fua:
+            guard data.withUnsafeReadableBytes({ device.writeInPlaceIfCached($0, at: offset) }) else { return nil }
+            var reply = allocator.buffer(capacity: ReplyEncoder.simpleReplySize)
+            ReplyEncoder.writeSimpleReply(cookie: cookie, error: nil, into: &reply)
             return reply
+        default:
+            return nil
+        }
+    }
+
+    /// A read's complete reply, its data read straight into it by `whole` or `runs` (nil
+    /// when they gave up).
+    ///
+    /// Without structured replies, or with DF, the data is one run of bytes after one header
+    /// (zero runs are filled). Otherwise holes (ranges the image says read as zeroes) become
+    /// `NBD_REPLY_TYPE_OFFSET_HOLE` chunks and everything else `OFFSET_DATA`, in one pass over
+    /// the mapping: each run's chunk header goes into the reply, then its data straight behind
+    /// it; neighbouring runs of one kind share a chunk. The last chunk carries
+    /// `NBD_REPLY_FLAG_DONE`, which is safe because the reply is sent only after every read
+    /// has succeeded.
+    func readReply(offset: UInt64, length: UInt32, dontFragment: Bool, cookie: UInt64, session: NBDSession,
+                   allocator: ByteBufferAllocator, whole: ReadWhole, runs: ReadRuns) throws -> ByteBuffer? {
+        let count = Int(length)
+        if !session.structuredReplies || dontFragment {
+            let header = session.structuredReplies ? ReplyEncoder.chunkHeaderSize + 8 : ReplyEncoder.simpleReplySize
+            var reply = allocator.buffer(capacity: header + count)
+            if session.structuredReplies {
+                ReplyEncoder.writeDataChunkHeader(cookie: cookie, offset: offset, dataLength: count, flags: .done, into: &reply)
+            } else {
+                ReplyEncoder.writeSimpleReply(cookie: cookie, error: nil, into: &reply)
+            }
+            guard count > 0 else { return reply }
+            var done = false
+            try reply.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { space in
+                done = try whole(offset, UnsafeMutableRawBufferPointer(rebasing: space[0..<count]))
+                return count
+            }
+            return done ? reply : nil
         }
         let room = StructuredReadWriter.capacity(forLength: count)
         var reply = allocator.buffer(capacity: room)
+        var done = false
         try reply.writeWithUnsafeMutableBytes(minimumWritableBytes: room) { space in
             var writer = StructuredReadWriter(space: space, cookie: cookie)
-            try device.read(at: offset, length: count) { off, n, zero in
+            done = try runs(offset, count) { off, n, zero in
                 try writer.run(offset: off, length: n, zero: zero)
             }
             return writer.finish()
         }
-        return reply
+        return done ? reply : nil
     }
 }
 

@@ -193,6 +193,19 @@ public final class SwitchableDevice: BlockDevice, @unchecked Sendable {
         try shared { try $0.read(at: offset, length: length, runs: sink) }
     }
 
+    /// Never waits: during a switch, the read is left to the blocking path.
+    public func readIfCached(at offset: UInt64, length: Int, runs sink: ReadSink) -> Bool {
+        guard pthread_rwlock_tryrdlock(rwlock) == 0 else { return false }
+        defer { pthread_rwlock_unlock(rwlock) }
+        return !closed && current.readIfCached(at: offset, length: length, runs: sink)
+    }
+
+    public func writeInPlaceIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool {
+        guard pthread_rwlock_tryrdlock(rwlock) == 0 else { return false }
+        defer { pthread_rwlock_unlock(rwlock) }
+        return !closed && current.writeInPlaceIfCached(buffer, at: offset)
+    }
+
     public func zeroingIsCheap(at offset: UInt64, length: UInt64) -> Bool {
         shared { $0.zeroingIsCheap(at: offset, length: length) }
     }

@@ -6,10 +6,13 @@ import NIOSSL
 /// The transmission phase of one connection.
 ///
 /// The hot path, per request: ``RequestDecoder`` frames it, ``RequestValidator`` checks it,
-/// then exactly one hop to the I/O thread pool runs ``Export/perform(_:cookie:session:logger:)``
-/// (the blocking device call, which also builds the complete reply), and the reply is written
-/// back on this connection's event loop. Requests run concurrently and are answered in
-/// completion order; the channel serialises the writes.
+/// then a read whose data is already in memory, or an overwrite that changes no metadata
+/// (``Export/replyIfCached(_:cookie:session:allocator:)``), is answered right here on the
+/// event loop, with no thread hop. Anything else takes exactly one hop to the I/O thread pool, which runs
+/// ``Export/perform(_:cookie:session:logger:)`` (the blocking device call, which also builds
+/// the complete reply), and the reply is written back on this connection's event loop.
+/// Requests run concurrently and are answered in completion order; the channel serialises the
+/// writes. Replies built on the event loop are flushed once per batch of decoded requests.
 ///
 /// Backpressure: when ``NBDLimits/maxInFlightRequests`` requests or
 /// ``NBDLimits/maxInFlightBytes`` bytes are outstanding, or the socket's send buffer is full,
@@ -47,6 +50,8 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var inFlightBytes = 0
     /// A `read()` from the channel that we are holding back for backpressure.
     private var readHeld = false
+    /// Replies written on the event loop since the last flush.
+    private var unflushed = false
 
     init(session: NBDSession, lease: consuming ExportLease, pool: NIOThreadPool, logger: Logger, stats: ConnectionStats,
          initialBytes: ByteBuffer) {
@@ -163,11 +168,20 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
             guard let request else { break }
             handle(request, context: context)
         }
+        if unflushed {
+            unflushed = false
+            context.flush()
+        }
         if buffer.readableBytes == 0 {
             // Drop the storage so slices handed to the pool never force a copy on append.
             buffer = context.channel.allocator.buffer(capacity: 0)
-        } else if decoder.bytesAwaited > buffer.readableBytes {
-            buffer.reserveCapacity(minimumWritableBytes: decoder.bytesAwaited - buffer.readableBytes)
+        } else if decoder.bytesAwaited > buffer.readableBytes + buffer.writableBytes {
+            // A request (a write's payload) is still arriving: give it a buffer of exactly
+            // its size, so the payload handed to the I/O thread pins no more memory than it
+            // is, and the bytes already here are copied once.
+            var fresh = context.channel.allocator.buffer(capacity: decoder.bytesAwaited)
+            fresh.writeBuffer(&buffer)
+            buffer = fresh
         }
     }
 
@@ -195,9 +209,16 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         context.writeAndFlush(wrapOutboundOut(reply.bytes), promise: nil)
     }
 
-    /// The one hop: run the command on the I/O pool, come back to this event loop with the
-    /// finished reply.
+    /// A read of cached data or an in-place overwrite is answered here; everything else takes the one hop: run the
+    /// command on the I/O pool, come back to this event loop with the finished reply.
     private func dispatch(_ command: NBDCommand, cookie: UInt64, context: ChannelHandlerContext) {
+        if let bytes = session.export.replyIfCached(command, cookie: cookie, session: session,
+                                                    allocator: context.channel.allocator) {
+            record(command, reply: NBDReply(bytes: bytes))
+            context.write(wrapOutboundOut(bytes), promise: nil)
+            unflushed = true
+            return
+        }
         let bytes = command.payloadBytes
         inFlight += 1
         inFlightBytes += bytes

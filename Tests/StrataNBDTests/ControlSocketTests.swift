@@ -97,7 +97,7 @@ final class ControlSocketTests: XCTestCase {
 
     /// fio writing random 4 KiB blocks with `--verify=crc32c` to `[offset, offset+size)` of an
     /// export, in the background.
-    private func fio(_ dir: String, export: String, offset: String = "8m", size: String = "24m") throws -> Spawned {
+    private func fio(_ dir: String, export: String, offset: String = "8m", size: String = "56m") throws -> Spawned {
         try Spawned(try Peer.path("fio"), [
             "--name=live", "--ioengine=nbd", "--uri=nbd+unix:///\(export)?socket=\(dir)/nbd.sock",
             "--rw=randwrite", "--bs=4k", "--offset=\(offset)", "--size=\(size)", "--iodepth=8",

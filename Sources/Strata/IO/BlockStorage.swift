@@ -12,6 +12,11 @@ public protocol BlockStorage: AnyObject, Sendable {
     /// as zero. Returns how many bytes came from the storage itself.
     @discardableResult
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int
+    /// Reads exactly `buffer.count` bytes at `offset` if that needs no waiting (the bytes are
+    /// in memory already), for callers that must not block, such as an event loop. Returns
+    /// false when it would wait, fails or comes up short; the caller then uses
+    /// ``read(into:at:)`` from a thread that may block.
+    func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool
     /// Writes all of `buffer` at `offset`, growing the storage if needed.
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws
     /// Makes every completed write durable.
@@ -33,6 +38,9 @@ public protocol BlockStorage: AnyObject, Sendable {
 }
 
 extension BlockStorage {
+    /// Storage that cannot tell never reads without waiting.
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool { false }
+
     /// Reads exactly `count` bytes into a new array (metadata only; never on the data path).
     func readBytes(at offset: UInt64, count: Int) throws -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)

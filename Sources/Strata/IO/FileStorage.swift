@@ -98,6 +98,10 @@ public final class FileStorage: BlockStorage {
         }
         return n
     }
+    /// The page-cached descriptor only: with O_DIRECT asked for, every read goes to the disk.
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        directFD < 0 && Syscalls.preadIfCached(fd, buffer, offset)
+    }
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try onFile(name) { try Syscalls.pwriteFully(descriptor(buffer.baseAddress, buffer.count, offset), buffer, offset) }
     }

@@ -23,6 +23,11 @@ public final class MemoryStorage: BlockStorage {
             return n
         }
     }
+    /// Memory never waits for a disk: whole reads inside the storage succeed.
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        guard let n = try? read(into: buffer, at: offset) else { return false }
+        return n == buffer.count
+    }
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try bytes.withLock { b in
             guard offset <= UInt64(Int.max) - UInt64(buffer.count), offset + UInt64(buffer.count) <= Limits.maxMemoryStorage else {

@@ -22,6 +22,9 @@ public final class RecordingStorage: BlockStorage {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
         try inner.read(into: buffer, at: offset)
     }
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        inner.readIfCached(into: buffer, at: offset)
+    }
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try inner.write(buffer, at: offset)
         log.withLock { $0.append(.write(offset: offset, bytes: Array(buffer))) }

@@ -8,6 +8,9 @@ import Darwin
 /// are handled in one place and a test can see exactly what reaches the kernel.
 // GNU extensions Glibc's Swift overlay does not export.
 @_silgen_name("fallocate") private func c_fallocate(_ fd: Int32, _ mode: Int32, _ offset: off_t, _ len: off_t) -> Int32
+@_silgen_name("preadv2") private func c_preadv2(_ fd: Int32, _ iov: UnsafePointer<iovec>, _ iovcnt: Int32, _ offset: off_t, _ flags: Int32) -> Int
+/// `RWF_NOWAIT`: fail with EAGAIN instead of waiting for the disk.
+private let RWF_NOWAIT: Int32 = 0x08
 let O_DIRECT_FLAG: Int32 = 0o40000  // x86_64 / aarch64 Linux
 let SEEK_DATA_WHENCE: Int32 = 3
 let SEEK_HOLE_WHENCE: Int32 = 4
@@ -27,6 +30,18 @@ enum Syscalls {
             done += n
         }
         return done
+    }
+
+    /// Reads all of `buffer` at `offset` only if it can be done without waiting for the disk
+    /// (`preadv2` with `RWF_NOWAIT`: the bytes are in the page cache). Returns false when it
+    /// cannot, or the read comes up short; the buffer's contents are then unspecified.
+    static func preadIfCached(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, _ offset: UInt64) -> Bool {
+        var iov = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
+        while true {
+            let n = c_preadv2(fd, &iov, 1, off_t(offset), RWF_NOWAIT)
+            if n < 0 && errno == EINTR { continue }
+            return n == buffer.count
+        }
     }
 
     /// Writes all of `buffer` at `offset`, looping on EINTR and short writes.

@@ -69,6 +69,17 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// are read into the buffers the sink gives, and runs that read as zeroes without any
     /// data I/O are reported as zero runs.
     func read(at offset: UInt64, length: Int, runs sink: ReadSink) throws
+    /// ``read(at:length:runs:)`` if it can be done without waiting: the metadata it needs is
+    /// in memory, no lock is held by another thread, and the data is in the page cache. For
+    /// an event loop, which must never block. Returns false when it would wait (or anything
+    /// fails); the sink may have been given some of the runs by then, and the caller redoes
+    /// the whole read with ``read(at:length:runs:)`` on a thread that may block.
+    func readIfCached(at offset: UInt64, length: Int, runs sink: ReadSink) -> Bool
+    /// ``write(_:at:fua:)`` without FUA if it needs no metadata change and no waiting for
+    /// another request (an overwrite of data the device already holds; see
+    /// ``Qcow2Image/writeInPlaceIfCached(_:at:)``). For an event loop. Returns false, having
+    /// written nothing, otherwise; the caller then writes from a thread that may block.
+    func writeInPlaceIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool
     /// Flushes and releases the device (dirty state written, locks dropped). Idempotent.
     func close() throws
     /// Whether ``writeZeroes(at:length:mayUnmap:fua:)`` on this range changes only metadata
@@ -78,6 +89,21 @@ public protocol BlockDevice: AnyObject, Sendable {
 
 extension BlockDevice {
     public func zeroingIsCheap(at offset: UInt64, length: UInt64) -> Bool { false }
+
+    /// A device that cannot tell always answers "would wait".
+    public func readIfCached(at offset: UInt64, length: Int, runs sink: ReadSink) -> Bool { false }
+
+    /// A device that cannot tell never writes without a hop.
+    public func writeInPlaceIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool { false }
+
+    /// ``read(into:at:)`` if it can be done without waiting; false otherwise (see
+    /// ``readIfCached(at:length:runs:)``).
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        readIfCached(at: offset, length: buffer.count) { off, n, _ in
+            let s = Int(off - offset)
+            return UnsafeMutableRawBufferPointer(rebasing: buffer[s..<s + n])
+        }
+    }
 
     /// Block status as one list, for devices that only implement ``blockStatus(at:length:)``.
     public func forEachExtent(at offset: UInt64, length: UInt64, _ body: (BlockExtent) throws -> Bool) throws {

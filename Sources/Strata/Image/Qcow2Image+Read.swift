@@ -128,6 +128,56 @@ extension Qcow2Image {
         }
     }
 
+    /// The read of ``read(at:length:runs:)`` when it needs no waiting: the lock is free,
+    /// every L2 table it needs is cached, and the data is in the page cache. Backing files
+    /// are asked the same way; compressed clusters and resolved chains are left to the
+    /// blocking read (decompressing is work for the I/O threads, not the caller's loop).
+    public func readIfCached(at offset: UInt64, length: Int, runs sink: ReadSink) -> Bool {
+        var pos = 0
+        while pos < length {
+            guard lock.tryLock() else { return false }
+            let guest = offset + UInt64(pos)
+            var r: (Source, UInt64)?
+            if quiescer == nil, (try? checkRange(offset, UInt64(length), write: false)) != nil {
+                md.map.cachedOnly = true
+                r = try? run(guest, limit: UInt64(length - pos))
+                md.map.cachedOnly = false
+            }
+            let token = r != nil ? beginIO() : 0
+            lock.unlock()
+            guard let r else { return false }
+            let (source, n) = r
+            defer { endIO(token) }
+            guard deliverIfCached(source, guest: guest, length: Int(n), to: sink) else { return false }
+            pos += Int(n)
+        }
+        return true
+    }
+
+    private func deliverIfCached(_ source: Source, guest: UInt64, length: Int, to sink: ReadSink) -> Bool {
+        do {
+            switch source {
+            case .zero:
+                try sink(guest, length, true)?.zero()
+                return true
+            case .data(let host):
+                guard let out = try sink(guest, length, false) else { return true }
+                return storage.readIfCached(into: out, at: host)
+            case .backing:
+                guard chainResolution == nil else { return false }
+                let bsize = backing?.size ?? 0
+                let avail = guest < bsize ? Int(min(UInt64(length), bsize - guest)) : 0
+                if avail > 0, let backing, !backing.readIfCached(at: guest, length: avail, runs: sink) { return false }
+                if avail < length { try sink(guest + UInt64(avail), length - avail, true)?.zero() }
+                return true
+            case .compressed:
+                return false
+            }
+        } catch {
+            return false
+        }
+    }
+
     /// Hands one run to the sink and reads its bytes. Lock not held.
     func deliver(_ source: Source, guest: UInt64, length: Int, to sink: ReadSink) throws {
         switch source {

@@ -13,6 +13,36 @@ extension Qcow2Image {
         if fua || cache == .writethrough { try flushNow() }
     }
 
+    /// The write of ``write(_:at:fua:)`` when it changes no metadata and waits for no one:
+    /// every byte overwrites data this image alone owns, whose L2 table is cached, in whole
+    /// pages of the host file (so the kernel reads nothing first), and the metadata lock is
+    /// free. Plain images in writeback (or unsafe) mode only: compression and dedup plan
+    /// every write. Like any buffered write it can still be slowed by the page cache's
+    /// writeback; it never waits for metadata I/O or for another request. Returns false,
+    /// having written nothing, when any of that does not hold; true once written.
+    public func writeInPlaceIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool {
+        let page: UInt64 = 4096
+        guard compressors == nil, dedup == nil, cache == .writeback || cache == .unsafe, !buffer.isEmpty,
+              offset % page == 0, UInt64(buffer.count) % page == 0, prepared.load(ordering: .acquiring),
+              lock.tryLock() else { return false }
+        var run: (UInt64, UInt64)?
+        if quiescer == nil, !markedCorrupt, !md.map.cache.needsWriteback, !md.refcounts.cache.needsWriteback,
+           (try? checkRange(offset, UInt64(buffer.count), write: true)) != nil {
+            md.map.cachedOnly = true
+            run = try? inPlaceRun(offset, limit: UInt64(buffer.count))
+            md.map.cachedOnly = false
+        }
+        guard let (host, n) = run, n == UInt64(buffer.count), host % page == 0 else {
+            lock.unlock()
+            return false
+        }
+        let token = beginIO()
+        lock.unlock()
+        defer { endIO(token) }
+        // A failure is reported by the blocking write, which the caller makes next.
+        return (try? storage.write(buffer, at: host)) != nil
+    }
+
     public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool) throws {
         try perform(.zeroes(mayUnmap: mayUnmap), at: offset, length: length)
         if fua || cache == .writethrough { try flushNow() }

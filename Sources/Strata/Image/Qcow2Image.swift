@@ -30,7 +30,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     private let imageLock: ImageLock?
     private let closed = Atomic<Bool>(false)
     /// Set once the first change was prepared (see ``prepareFirstWrite()``).
-    private let prepared = Atomic<Bool>(false)
+    let prepared = Atomic<Bool>(false)
 
     // Guarded by `lock`:
     /// Guest clusters whose write is planned but not yet committed.

@@ -1,3 +1,6 @@
+/// A lookup that would have read from storage, refused because the caller may not wait.
+struct WouldBlock: Error {}
+
 /// The guest→host cluster map: the L1 table and the L2 tables it points to.
 ///
 /// Lookups (``entry(_:)``, ``table(_:)``) load L2 tables into a bounded cache on a miss,
@@ -18,6 +21,9 @@ final class ClusterMap {
     /// hashing (checked against the L1 entry and the cache's residency).
     private var slots: [Table?] = []
     let geometry: Geometry
+    /// Set (lock held) while a lookup must not read from storage: a table not in the cache
+    /// then throws ``WouldBlock`` instead of being loaded.
+    var cachedOnly = false
 
     init(file: ImageFile, allocator: Allocator, refcounts: Refcounts, overlap: OverlapGuard, l1: [UInt64], cacheBytes: Int) {
         self.file = file
@@ -33,6 +39,7 @@ final class ClusterMap {
     /// file and on no other kind of metadata.
     func load(_ offset: UInt64, what: @autoclosure () -> String) throws -> Table {
         if let t = cache.get(offset) { return t }
+        if cachedOnly { throw WouldBlock() }
         try file.checkHost(offset, what())
         try overlap.checkTable(offset, as: .l2Table)
         let t = Table(offset: offset, size: Int(file.clusterSize))

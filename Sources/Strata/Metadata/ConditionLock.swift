@@ -20,6 +20,8 @@ final class ConditionLock: @unchecked Sendable {
     }
     @inline(__always) func lock() { pthread_mutex_lock(mutex) }
     @inline(__always) func unlock() { pthread_mutex_unlock(mutex) }
+    /// Takes the lock if no one holds it; never waits.
+    @inline(__always) func tryLock() -> Bool { pthread_mutex_trylock(mutex) == 0 }
     /// Waits for a broadcast; the lock must be held and is held again on return.
     func wait() { pthread_cond_wait(cond, mutex) }
     func broadcast() { pthread_cond_broadcast(cond) }
