@@ -44,6 +44,7 @@
 #   PROFILES=all    the profiles to report (names above, space-separated); both transports
 #   TCP_PROFILES="seq-read-1M-qd4 rand-read-4K-qd1 rand-read-4K-qd16"   (any unix profile but
 #                   the seq-write ones)
+#   STRATA_ENV=""   environment for every strata server, e.g. "MALLOC_ARENA_MAX=1"
 #   STRATA=path     the strata binary; default: build it (release) in $STRATA_SCRATCH
 #   STRATA_SCRATCH=<repo>/.build-strata
 #   WORKDIR=dir     where images and sockets go (default: a new folder under ${TMPDIR:-/tmp})
@@ -60,6 +61,8 @@ SERVERS=${SERVERS:-strata qemu-nbd nbdkit}
 FEATURES=${FEATURES:-}
 PROFILES=${PROFILES:-all}
 TCP_PROFILES=${TCP_PROFILES:-seq-read-1M-qd4 rand-read-4K-qd1 rand-read-4K-qd16}
+STRATA_ENV=${STRATA_ENV:-}
+read -r -a STRATA_ENV_WORDS <<<"$STRATA_ENV"
 SNAPSHOTS=50
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -214,7 +217,8 @@ start_server() {
     echo "=== $(date -u +%FT%TZ) $name $transport" >>"$logf"
     case $name in
     strata | strata+*)
-        "$STRATA" serve "${listen_strata[@]}" --cache writeback -f qcow2 "$DISK" >>"$logf" 2>&1 &
+        # env execs strata: $! stays the server's pid.
+        env "${STRATA_ENV_WORDS[@]}" "$STRATA" serve "${listen_strata[@]}" --cache writeback -f qcow2 "$DISK" >>"$logf" 2>&1 &
         ;;
     qemu-nbd)
         qemu-nbd --persistent -e 8 -f qcow2 --cache=writeback --aio=threads "${listen_qemu[@]}" \
@@ -271,9 +275,9 @@ run_fio() {
     ((NEED_STRATA)) && echo "strata:  $STRATA ($("$STRATA" --version 2>/dev/null | head -1))"
     echo "host:    $(uname -srvm); nproc $(nproc); $(awk '/MemTotal/ { printf "%.1f GiB RAM", $2 / 1048576 }' /proc/meminfo); load $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "tools:   $(fio --version), $(qemu-nbd --version | head -1), $(nbdkit --version | head -1)"
-    echo "settings: ROUNDS=$ROUNDS RUNTIME=$RUNTIME SIZE=$SIZE SERVERS=\"$SERVERS\" FEATURES=\"$FEATURES\" PROFILES=\"$PROFILES\" TCP_PROFILES=\"$TCP_PROFILES\""
+    echo "settings: ROUNDS=$ROUNDS RUNTIME=$RUNTIME SIZE=$SIZE SERVERS=\"$SERVERS\" FEATURES=\"$FEATURES\" STRATA_ENV=\"$STRATA_ENV\" PROFILES=\"$PROFILES\" TCP_PROFILES=\"$TCP_PROFILES\""
     echo "servers (LISTEN: --socket S | --bind 127.0.0.1 --port P, and the same for the others):"
-    echo "  strata    strata serve LISTEN --cache writeback -f qcow2 IMG   (IMG: qemu-img create -f qcow2 -o cluster_size=65536)"
+    echo "  strata    ${STRATA_ENV:+$STRATA_ENV }strata serve LISTEN --cache writeback -f qcow2 IMG   (IMG: qemu-img create -f qcow2 -o cluster_size=65536)"
     echo "  qemu-nbd  qemu-nbd --persistent -e 8 -f qcow2 --cache=writeback --aio=threads LISTEN IMG   (same IMG)"
     echo "  nbdkit    nbdkit --foreground LISTEN file RAW   (RAW: truncate -s SIZE)"
     echo "  strata+snapshots  as strata; IMG holds SIZE/4 written by qemu-io in 4M writes, then $SNAPSHOTS x strata snapshot -c"
