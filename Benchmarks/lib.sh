@@ -39,3 +39,24 @@ stop_server() {
         SERVER_PID=""
     fi
 }
+
+# Prints a TCP port on 127.0.0.1 that is free right now (the kernel picks it).
+free_tcp_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# True once something listens on TCP port $1 of 127.0.0.1 (read from /proc/net/tcp: no
+# connection is made, so the server sees no client).
+tcp_listening() {
+    local hex
+    hex=$(printf '%04X' "$1")
+    grep -qE "^ *[0-9]+: 0100007F:$hex 00000000:0000 0A " /proc/net/tcp 2>/dev/null ||
+        grep -qE "^ *[0-9]+: 00000000:$hex 00000000:0000 0A " /proc/net/tcp 2>/dev/null
+}
+
+# Prints the peak resident set (VmHWM, kB) of process $1, or 0 when it is gone.
+peak_rss_kb() {
+    local kb=""
+    [[ -r /proc/$1/status ]] && kb=$(awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null)
+    echo "${kb:-0}"
+}

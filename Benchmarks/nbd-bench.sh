@@ -1,46 +1,76 @@
 #!/usr/bin/env bash
-# Serve the same workloads from `strata serve`, `qemu-nbd` and `nbdkit file` over Unix
-# sockets and compare them with fio's nbd engine, in one run.
+# Serve the same workloads from `strata serve`, `qemu-nbd` and `nbdkit file` and compare them
+# with fio's nbd engine, over Unix sockets and over TCP on 127.0.0.1, in one run.
 #
-#   strata serve   a fresh 2 GiB qcow2 image (64 KiB clusters), --cache writeback
-#   qemu-nbd       the same kind of image, -f qcow2 --cache=writeback -e 8
-#   nbdkit file    a 2 GiB raw file: the protocol's ceiling on this machine
+#   strata         strata serve, a fresh qcow2 image (64 KiB clusters), --cache writeback
+#   qemu-nbd       qemu-nbd -f qcow2 --cache=writeback --aio=threads -e 8, the same kind of image
+#   nbdkit         nbdkit file on a raw file: the protocol's ceiling on this machine
+#   strata+F       (FEATURES) strata serve on an image with feature F, compared with plain strata:
+#                    snapshots  the image holds SIZE/4 of data (written with qemu-io) and 50
+#                               internal snapshots sharing it, made with `strata snapshot -c`
+#                               before serving: the first quarter of every write pass copies
+#                               on write
+#                    dedup      the image is made by `strata create -o dedup=on` (inline dedup;
+#                               fio's buffers are scrambled, so little content repeats: this
+#                               measures the cost of looking, not the savings)
 #
-# Every round recreates each disk and restarts each server (so the sequential write always
-# allocates), and runs the servers one after another in the same order. Per server and
-# round, fio runs, in this order, on the same disk:
+# Every round starts each server afresh, one server after another; round r starts with the
+# r-th server of the list, so drift over the run spreads over all of them. Per server and
+# round there are up to three sessions (server started, fio runs, peak RSS read, server
+# stopped, `sync`):
 #
-#   seq-write-1M   sequential 1 MiB writes over the whole fresh disk (allocating), depth $SEQ_DEPTH
-#   seq-read-1M    sequential 1 MiB reads over the whole disk, depth $SEQ_DEPTH
-#   rand-read-4K   random 4 KiB reads, depth 16, for $RUNTIME seconds
-#   rand-write-4K  random 4 KiB writes, depth 16, for $RUNTIME seconds (mostly overwrites)
+#   A  unix, fresh disk:  seq-write-1M-qd8 (allocating)
+#   B  unix, fresh disk:  seq-write-1M-qd4 (allocating; always runs, it fills the disk for the
+#                         rest), seq-read-1M-qd4, seq-read-1M-qd8, rand-read-4K-qd1,
+#                         rand-read-4K-qd16, rand-write-4K-qd1, rand-write-4K-qd16,
+#                         mc2-rand-read-4K-qd16, mc2-rand-write-4K-qd16
+#   C  tcp, B's disk:     seq-read-1M-qd4, rand-read-4K-qd1, rand-read-4K-qd16 (TCP_PROFILES)
 #
-# and the table shows the median over the rounds, with the ratios strata/qemu-nbd and
-# strata/nbdkit (above 1 means strata is faster).
+# seq-* go over the whole disk once; rand-* run for RUNTIME seconds each (mostly overwrites);
+# mc2-* are 2 fio jobs (one NBD connection each) at depth 16, reported as one (--group_reporting).
+# The report (nbd-bench-report.py, on stdout) has a table per transport: median IOPS and MiB/s
+# per server, the ratios strata/qemu-nbd, strata/nbdkit and strata+F/strata (above 1: the
+# first is faster), p50/p99 completion latency (µs) for the depth-1 profiles, each server's
+# min-max over the rounds, and the median over rounds of each server's peak RSS (VmHWM, the
+# highest of its sessions in that round). Its header names the settings, versions and commands,
+# so the output can be saved in Benchmarks/results/ as is. Progress goes to stderr.
 #
 # Settings (environment):
-#   ROUNDS=3       rounds
-#   RUNTIME=8      seconds per random profile
-#   SEQ_DEPTH=4    queue depth of the sequential profiles
-#   SIZE=2G        disk size (fio and the images)
-#   STRATA=path    the strata binary; default: build it (release) in $STRATA_SCRATCH
+#   ROUNDS=3        rounds
+#   RUNTIME=8       seconds per random profile
+#   SIZE=2G         disk size (fio and the images)
+#   SERVERS="strata qemu-nbd nbdkit"
+#   FEATURES=""     strata variants to add as servers: "snapshots dedup"
+#   PROFILES=all    the profiles to report (names above, space-separated); both transports
+#   TCP_PROFILES="seq-read-1M-qd4 rand-read-4K-qd1 rand-read-4K-qd16"   (any unix profile but
+#                   the seq-write ones)
+#   STRATA_ENV=""   environment for every strata server, e.g. "MALLOC_ARENA_MAX=1"
+#   STRATA=path     the strata binary; default: build it (release) in $STRATA_SCRATCH
 #   STRATA_SCRATCH=<repo>/.build-strata
-#   WORKDIR=dir    where images and sockets go (default: a new folder under ${TMPDIR:-/tmp})
-#   KEEP=1         keep WORKDIR (images, fio JSON) afterwards
+#   WORKDIR=dir     where images and sockets go (default: a new folder under ${TMPDIR:-/tmp})
+#   KEEP=1          keep WORKDIR (images, fio JSON, server logs) afterwards
 #
-# Installs nothing: it says which Debian package is missing and stops.
+# A failed fio run is reported (its cell shows FAIL, the script exits 1 at the end) and the
+# run goes on. Installs nothing: it says which Debian package is missing and stops.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-8}
-SEQ_DEPTH=${SEQ_DEPTH:-4}
 SIZE=${SIZE:-2G}
+SERVERS=${SERVERS:-strata qemu-nbd nbdkit}
+FEATURES=${FEATURES:-}
+PROFILES=${PROFILES:-all}
+TCP_PROFILES=${TCP_PROFILES:-seq-read-1M-qd4 rand-read-4K-qd1 rand-read-4K-qd16}
+STRATA_ENV=${STRATA_ENV:-}
+read -r -a STRATA_ENV_WORDS <<<"$STRATA_ENV"
+SNAPSHOTS=50
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 STRATA_SCRATCH=${STRATA_SCRATCH:-$REPO/.build-strata}
 
 source "$HERE/lib.sh"
-require_tools nbd-bench fio:fio qemu-nbd:qemu-utils qemu-img:qemu-utils nbdkit:nbdkit python3:python3
+require_tools nbd-bench fio:fio qemu-nbd:qemu-utils qemu-img:qemu-utils qemu-io:qemu-utils \
+    nbdkit:nbdkit python3:python3 awk:gawk sync:coreutils
 if ! fio --enghelp 2>/dev/null | grep -qw nbd; then
     echo "nbd-bench: this fio has no nbd engine (Debian's fio 3.33 has it)" >&2
     exit 2
@@ -50,12 +80,85 @@ if ! nbdkit file --version >/dev/null 2>&1; then
     exit 2
 fi
 
-find_strata nbd-bench
+# --- profiles -------------------------------------------------------------------------------
+ALL_A=(seq-write-1M-qd8)
+ALL_B=(seq-write-1M-qd4 seq-read-1M-qd4 seq-read-1M-qd8 rand-read-4K-qd1 rand-read-4K-qd16
+    rand-write-4K-qd1 rand-write-4K-qd16 mc2-rand-read-4K-qd16 mc2-rand-write-4K-qd16)
+
+# fio options of a profile (after the common ones).
+profile_args() {
+    case $1 in
+    seq-write-1M-qd4) echo "--rw=write --bs=1M --iodepth=4" ;;
+    seq-write-1M-qd8) echo "--rw=write --bs=1M --iodepth=8" ;;
+    seq-read-1M-qd4) echo "--rw=read --bs=1M --iodepth=4" ;;
+    seq-read-1M-qd8) echo "--rw=read --bs=1M --iodepth=8" ;;
+    rand-read-4K-qd1) echo "--rw=randread --bs=4k --iodepth=1 --time_based --runtime=$RUNTIME --randrepeat=0" ;;
+    rand-read-4K-qd16) echo "--rw=randread --bs=4k --iodepth=16 --time_based --runtime=$RUNTIME --randrepeat=0" ;;
+    rand-write-4K-qd1) echo "--rw=randwrite --bs=4k --iodepth=1 --time_based --runtime=$RUNTIME --randrepeat=0" ;;
+    rand-write-4K-qd16) echo "--rw=randwrite --bs=4k --iodepth=16 --time_based --runtime=$RUNTIME --randrepeat=0" ;;
+    mc2-rand-read-4K-qd16) echo "--rw=randread --bs=4k --iodepth=16 --numjobs=2 --group_reporting --time_based --runtime=$RUNTIME --randrepeat=0" ;;
+    mc2-rand-write-4K-qd16) echo "--rw=randwrite --bs=4k --iodepth=16 --numjobs=2 --group_reporting --time_based --runtime=$RUNTIME --randrepeat=0" ;;
+    *) return 1 ;;
+    esac
+}
+
+in_list() { # in_list WORD LIST...
+    local w=$1 x
+    shift
+    for x in "$@"; do [[ "$x" == "$w" ]] && return 0; done
+    return 1
+}
+
+if [[ "$PROFILES" == all ]]; then
+    WANT=("${ALL_A[@]}" "${ALL_B[@]}")
+else
+    read -r -a WANT <<<"$PROFILES"
+fi
+read -r -a TCP_WANT <<<"$TCP_PROFILES"
+for p in "${WANT[@]}" "${TCP_WANT[@]}"; do
+    profile_args "$p" >/dev/null || { echo "nbd-bench: unknown profile '$p'" >&2; exit 2; }
+done
+for p in "${TCP_WANT[@]}"; do
+    [[ "$p" != seq-write-* ]] || { echo "nbd-bench: $p cannot run over TCP (the disk is full by then)" >&2; exit 2; }
+done
+RUN_A=() RUN_B=() RUN_C=()
+for p in "${ALL_A[@]}"; do in_list "$p" "${WANT[@]}" && RUN_A+=("$p"); done
+for p in "${ALL_B[@]}"; do in_list "$p" "${WANT[@]}" && RUN_B+=("$p"); done
+for p in "${TCP_WANT[@]}"; do in_list "$p" "${WANT[@]}" && RUN_C+=("$p"); done
+# Session B fills the disk that B's reads and session C need.
+if ((${#RUN_B[@]} || ${#RUN_C[@]})) && ! in_list seq-write-1M-qd4 "${RUN_B[@]}"; then
+    RUN_B=(seq-write-1M-qd4 "${RUN_B[@]}")
+fi
+((${#RUN_A[@]} + ${#RUN_B[@]} + ${#RUN_C[@]})) || { echo "nbd-bench: no profile selected" >&2; exit 2; }
+
+# --- servers --------------------------------------------------------------------------------
+read -r -a BASE_SERVERS <<<"$SERVERS"
+ALL_SERVERS=("${BASE_SERVERS[@]}")
+for f in $FEATURES; do
+    case $f in
+    snapshots | dedup) ALL_SERVERS+=("strata+$f") ;;
+    *) echo "nbd-bench: unknown feature '$f' (snapshots, dedup)" >&2; exit 2 ;;
+    esac
+done
+NEED_STRATA=0
+for s in "${ALL_SERVERS[@]}"; do
+    case $s in
+    strata | strata+*) NEED_STRATA=1 ;;
+    qemu-nbd | nbdkit) ;;
+    *) echo "nbd-bench: unknown server '$s' (strata, qemu-nbd, nbdkit)" >&2; exit 2 ;;
+    esac
+done
+if ((NEED_STRATA)); then find_strata nbd-bench; fi
 
 WORKDIR=${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/strata-nbd-bench.XXXXXX")}
-mkdir -p "$WORKDIR/results"
+RESULTS=$WORKDIR/results
+mkdir -p "$RESULTS"
+: >"$RESULTS/rss.tsv"
+: >"$RESULTS/failures.txt"
+SOCK="" PORT="" URI="" DISK=""
 cleanup() {
     stop_server
+    [[ -n "$SOCK" ]] && rm -f "$SOCK"
     if [[ "${KEEP:-0}" == 1 ]]; then
         echo "nbd-bench: kept $WORKDIR" >&2
     else
@@ -65,91 +168,166 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Starts one server on a fresh disk; sets SERVER_PID and SOCK.
-start_server() {
-    local name=$1
-    SOCK="$WORKDIR/$name.sock"
-    rm -f "$SOCK" "$WORKDIR/$name".qcow2 "$WORKDIR/$name".raw
+log() { echo "nbd-bench: $*" >&2; }
+
+# Makes a fresh disk for server $1 at $DISK.
+make_disk() {
+    local name=$1 off chunk i cmds=()
+    rm -f "$DISK"
     case $name in
-    strata)
-        qemu-img create -q -f qcow2 -o cluster_size=65536 "$WORKDIR/strata.qcow2" "$SIZE"
-        "$STRATA" serve --socket "$SOCK" --cache writeback -f qcow2 "$WORKDIR/strata.qcow2" \
-            >"$WORKDIR/strata.log" 2>&1 &
+    nbdkit) truncate -s "$SIZE" "$DISK" ;;
+    strata+dedup) "$STRATA" create -q -f qcow2 -o cluster_size=65536,dedup=on "$DISK" "$SIZE" ;;
+    strata+snapshots)
+        qemu-img create -q -f qcow2 -o cluster_size=65536 "$DISK" "$SIZE"
+        # SIZE/4 of data in 4 MiB writes, each its own pattern, then the snapshots.
+        local bytes
+        bytes=$(qemu-img info --output=json "$DISK" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')
+        chunk=$((4 << 20))
+        i=0
+        for ((off = 0; off + chunk <= bytes / 4; off += chunk)); do
+            cmds+=(-c "write -P $((i % 250 + 1)) $off 4M")
+            i=$((i + 1))
+        done
+        ((${#cmds[@]})) && qemu-io -f qcow2 "$DISK" "${cmds[@]}" >/dev/null
+        for i in $(seq 1 "$SNAPSHOTS"); do "$STRATA" snapshot -q -c "snap$i" "$DISK"; done
+        ;;
+    *) qemu-img create -q -f qcow2 -o cluster_size=65536 "$DISK" "$SIZE" ;;
+    esac
+}
+
+# Starts server $1 on $DISK over transport $2 (unix|tcp); sets SERVER_PID and URI.
+start_server() {
+    local name=$1 transport=$2 logf="$WORKDIR/$1.log"
+    local listen_strata=() listen_qemu=() listen_nbdkit=()
+    if [[ $transport == unix ]]; then
+        SOCK="$WORKDIR/$name.sock"
+        rm -f "$SOCK"
+        listen_strata=(--socket "$SOCK")
+        listen_qemu=(--socket="$SOCK")
+        listen_nbdkit=(--unix "$SOCK")
+        URI="nbd+unix:///?socket=$SOCK"
+    else
+        SOCK=""
+        PORT=$(free_tcp_port)
+        listen_strata=(--bind 127.0.0.1 --port "$PORT")
+        listen_qemu=(--bind=127.0.0.1 --port="$PORT")
+        listen_nbdkit=(--ipaddr 127.0.0.1 --port "$PORT")
+        URI="nbd://127.0.0.1:$PORT/"
+    fi
+    echo "=== $(date -u +%FT%TZ) $name $transport" >>"$logf"
+    case $name in
+    strata | strata+*)
+        # env execs strata: $! stays the server's pid.
+        env "${STRATA_ENV_WORDS[@]}" "$STRATA" serve "${listen_strata[@]}" --cache writeback -f qcow2 "$DISK" >>"$logf" 2>&1 &
         ;;
     qemu-nbd)
-        qemu-img create -q -f qcow2 -o cluster_size=65536 "$WORKDIR/qemu-nbd.qcow2" "$SIZE"
-        qemu-nbd --persistent -e 8 -f qcow2 --cache=writeback --socket="$SOCK" \
-            "$WORKDIR/qemu-nbd.qcow2" >"$WORKDIR/qemu-nbd.log" 2>&1 &
+        qemu-nbd --persistent -e 8 -f qcow2 --cache=writeback --aio=threads "${listen_qemu[@]}" \
+            "$DISK" >>"$logf" 2>&1 &
         ;;
     nbdkit)
-        truncate -s "$SIZE" "$WORKDIR/nbdkit.raw"
-        nbdkit --foreground --unix "$SOCK" file "$WORKDIR/nbdkit.raw" \
-            >"$WORKDIR/nbdkit.log" 2>&1 &
+        nbdkit --foreground "${listen_nbdkit[@]}" file "$DISK" >>"$logf" 2>&1 &
         ;;
     esac
     SERVER_PID=$!
-    for _ in $(seq 1 200); do
-        [[ -S "$SOCK" ]] && return 0
+    for _ in $(seq 1 400); do
+        if [[ $transport == unix ]]; then [[ -S "$SOCK" ]] && return 0; else tcp_listening "$PORT" && return 0; fi
         kill -0 "$SERVER_PID" 2>/dev/null || break
         sleep 0.05
     done
-    echo "nbd-bench: $name did not start; its log:" >&2
-    cat "$WORKDIR/$name.log" >&2
+    log "$name ($transport) did not start; its log:"
+    cat "$logf" >&2
     exit 1
 }
 
-run_fio() {
-    local server=$1 round=$2 profile=$3; shift 3
-    fio --name="$profile" --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" --size="$SIZE" \
-        --output-format=json --output="$WORKDIR/results/$server.$profile.$round.json" "$@" >/dev/null
+# Records the server's peak RSS, stops it, removes its socket, and lets the page cache drain.
+end_session() {
+    local server=$1 round=$2 session=$3
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        log "$server died during session $session of round $round; its log:"
+        tail -20 "$WORKDIR/$server.log" >&2
+        echo "$server $round session-$session: server died" >>"$RESULTS/failures.txt"
+    fi
+    printf '%s\t%s\t%s\t%s\n' "$server" "$round" "$session" "$(peak_rss_kb "$SERVER_PID")" >>"$RESULTS/rss.tsv"
+    stop_server
+    [[ -n "$SOCK" ]] && rm -f "$SOCK"
+    SOCK=""
+    sync
 }
 
-SERVERS=(strata qemu-nbd nbdkit)
-PROFILES=(seq-write-1M seq-read-1M rand-read-4K rand-write-4K)
-echo "nbd-bench: $ROUNDS rounds x ${#SERVERS[@]} servers; disk $SIZE; random profiles ${RUNTIME}s; work in $WORKDIR" >&2
+run_fio() {
+    local server=$1 transport=$2 round=$3 profile=$4 out args
+    out="$RESULTS/$server.$transport.$profile.$round.json"
+    read -r -a args <<<"$(profile_args "$profile")"
+    log "  $transport $profile"
+    if ! fio --name="$profile" --ioengine=nbd --uri="$URI" --size="$SIZE" \
+        --output-format=json --output="$out" "${args[@]}" >"$out.err" 2>&1; then
+        log "fio failed: $server $transport $profile round $round:"
+        tail -5 "$out.err" >&2
+        rm -f "$out"
+        echo "$server $transport $profile round $round: fio failed" >>"$RESULTS/failures.txt"
+    fi
+}
+
+# The header of the report: what ran where, with which settings and commands.
+{
+    echo "# nbd-bench $(date -u +%FT%TZ)"
+    echo "git:     $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet HEAD 2>/dev/null || echo ' (dirty)') ($(git -C "$REPO" rev-parse --abbrev-ref HEAD 2>/dev/null || echo '?'))"
+    ((NEED_STRATA)) && echo "strata:  $STRATA ($("$STRATA" --version 2>/dev/null | head -1))"
+    echo "host:    $(uname -srvm); nproc $(nproc); $(awk '/MemTotal/ { printf "%.1f GiB RAM", $2 / 1048576 }' /proc/meminfo); load $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "tools:   $(fio --version), $(qemu-nbd --version | head -1), $(nbdkit --version | head -1)"
+    echo "settings: ROUNDS=$ROUNDS RUNTIME=$RUNTIME SIZE=$SIZE SERVERS=\"$SERVERS\" FEATURES=\"$FEATURES\" STRATA_ENV=\"$STRATA_ENV\" PROFILES=\"$PROFILES\" TCP_PROFILES=\"$TCP_PROFILES\""
+    echo "servers (LISTEN: --socket S | --bind 127.0.0.1 --port P, and the same for the others):"
+    echo "  strata    ${STRATA_ENV:+$STRATA_ENV }strata serve LISTEN --cache writeback -f qcow2 IMG   (IMG: qemu-img create -f qcow2 -o cluster_size=65536)"
+    echo "  qemu-nbd  qemu-nbd --persistent -e 8 -f qcow2 --cache=writeback --aio=threads LISTEN IMG   (same IMG)"
+    echo "  nbdkit    nbdkit --foreground LISTEN file RAW   (RAW: truncate -s SIZE)"
+    echo "  strata+snapshots  as strata; IMG holds SIZE/4 written by qemu-io in 4M writes, then $SNAPSHOTS x strata snapshot -c"
+    echo "  strata+dedup      as strata; IMG: strata create -f qcow2 -o cluster_size=65536,dedup=on"
+    echo "fio: fio --ioengine=nbd --uri=URI --size=$SIZE --output-format=json, then per profile:"
+    for p in "${RUN_A[@]}" "${RUN_B[@]}"; do echo "  $(printf '%-24s' "$p") $(profile_args "$p")"; done
+    echo "sessions per server and round (server started, profiles in this order, peak RSS read, server stopped, sync):"
+    ((${#RUN_A[@]})) && echo "  A unix fresh disk: ${RUN_A[*]}"
+    ((${#RUN_B[@]})) && echo "  B unix fresh disk: ${RUN_B[*]}"
+    ((${#RUN_C[@]})) && echo "  C tcp  B's disk:   ${RUN_C[*]}"
+    echo "round r runs the servers in the order of the list rotated by r-1: ${ALL_SERVERS[*]}"
+} >"$RESULTS/header.txt"
+
+log "$ROUNDS rounds x ${#ALL_SERVERS[@]} servers (${ALL_SERVERS[*]}); disk $SIZE; random profiles ${RUNTIME}s; work in $WORKDIR"
+n=${#ALL_SERVERS[@]}
 for round in $(seq 1 "$ROUNDS"); do
-    for server in "${SERVERS[@]}"; do
-        echo "nbd-bench: round $round/$ROUNDS: $server" >&2
-        start_server "$server"
-        run_fio "$server" "$round" seq-write-1M --rw=write --bs=1M --iodepth="$SEQ_DEPTH"
-        run_fio "$server" "$round" seq-read-1M --rw=read --bs=1M --iodepth="$SEQ_DEPTH"
-        run_fio "$server" "$round" rand-read-4K --rw=randread --bs=4k --iodepth=16 \
-            --time_based --runtime="$RUNTIME" --randrepeat=0
-        run_fio "$server" "$round" rand-write-4K --rw=randwrite --bs=4k --iodepth=16 \
-            --time_based --runtime="$RUNTIME" --randrepeat=0
-        stop_server
+    for k in $(seq 0 $((n - 1))); do
+        server=${ALL_SERVERS[$(((round - 1 + k) % n))]}
+        ext=qcow2
+        [[ $server == nbdkit ]] && ext=raw
+        DISK="$WORKDIR/$server.$ext"
+        log "round $round/$ROUNDS: $server"
+        if ((${#RUN_A[@]})); then
+            make_disk "$server"
+            start_server "$server" unix
+            for p in "${RUN_A[@]}"; do run_fio "$server" unix "$round" "$p"; done
+            end_session "$server" "$round" A
+        fi
+        if ((${#RUN_B[@]})); then
+            make_disk "$server"
+            start_server "$server" unix
+            for p in "${RUN_B[@]}"; do run_fio "$server" unix "$round" "$p"; done
+            end_session "$server" "$round" B
+        fi
+        if ((${#RUN_C[@]})); then
+            start_server "$server" tcp
+            for p in "${RUN_C[@]}"; do run_fio "$server" tcp "$round" "$p"; done
+            end_session "$server" "$round" C
+        fi
+        rm -f "$DISK"
     done
 done
 
-python3 - "$WORKDIR/results" "$ROUNDS" "${SERVERS[*]}" "${PROFILES[*]}" <<'PY'
-import json, os, statistics, sys
-results, rounds, servers, profiles = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split()
-
-def sample(server, profile, rnd):
-    with open(os.path.join(results, f"{server}.{profile}.{rnd}.json")) as f:
-        job = json.load(f)["jobs"][0]
-    side = job["write"] if "write" in profile else job["read"]
-    return side["iops"], side["bw_bytes"] / (1 << 20)
-
-rows = []
-for p in profiles:
-    med = {}
-    for s in servers:
-        xs = [sample(s, p, r) for r in range(1, rounds + 1)]
-        med[s] = (statistics.median(x[0] for x in xs), statistics.median(x[1] for x in xs),
-                  min(x[0] for x in xs), max(x[0] for x in xs))
-    rows.append((p, med))
-
-print(f"median of {rounds} rounds; IOPS and MiB/s; ratios of IOPS (above 1: strata is faster)")
-head = f"{'profile':<14}" + "".join(f"{s + ' IOPS':>16}{'MiB/s':>8}" for s in servers) + f"{'strata/qemu-nbd':>17}{'strata/nbdkit':>15}"
-print(head)
-print("-" * len(head))
-for p, med in rows:
-    cells = "".join(f"{med[s][0]:>16.0f}{med[s][1]:>8.0f}" for s in servers)
-    ratio = lambda a, b: med[a][0] / med[b][0] if med[b][0] else float("nan")
-    print(f"{p:<14}{cells}{ratio('strata', 'qemu-nbd'):>17.2f}{ratio('strata', 'nbdkit'):>15.2f}")
-print()
-print("IOPS per round (min-max):")
-for p, med in rows:
-    print(f"  {p:<14}" + "  ".join(f"{s} {med[s][2]:.0f}-{med[s][3]:.0f}" for s in servers))
-PY
+status=0
+python3 "$HERE/nbd-bench-report.py" --results "$RESULTS" --rounds "$ROUNDS" \
+    --servers "${ALL_SERVERS[*]}" --unix "${RUN_A[*]} ${RUN_B[*]}" --tcp "${RUN_C[*]}" \
+    --want "${WANT[*]}" || status=$?
+if [[ -s "$RESULTS/failures.txt" ]]; then
+    log "failures:"
+    cat "$RESULTS/failures.txt" >&2
+    status=1
+fi
+exit "$status"
