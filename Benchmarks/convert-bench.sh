@@ -18,8 +18,9 @@
 #   SRC_DIR=/usr/share   the folder copied into the ext4 image
 #   STRATA=<path>        the strata binary (else a release build in $STRATA_SCRATCH)
 #   STRATA_SCRATCH=<repo>/.build-strata
-#   WORK=<dir>           where the images go; must be a real disk, not tmpfs (default: a
-#                        temporary folder under /var/tmp)
+#   WORK=<dir>           where the images go; must be a real disk, not tmpfs. A given WORK
+#                        keeps the source images for the next run, which reuses them
+#                        (default: a temporary folder under /var/tmp, removed afterwards)
 # Needs root (to drop the page cache), mkfs.ext4, qemu-img, cmp.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -31,17 +32,24 @@ source "$HERE/lib.sh"
 require_tools convert-bench mkfs.ext4:e2fsprogs qemu-img:qemu-utils cmp:diffutils
 find_strata convert-bench
 [[ $(id -u) == 0 ]] || { echo "convert-bench: run as root (the page cache is dropped before each timing)" >&2; exit 2; }
-WORK=${WORK:-$(mktemp -d /var/tmp/convert-bench.XXXXXX)}
-mkdir -p "$WORK"
-trap 'rm -f "$WORK"/src.raw "$WORK"/src.qcow2 "$WORK"/out-*' EXIT
+if [[ -n "${WORK:-}" ]]; then
+    mkdir -p "$WORK"
+    trap 'rm -f "$WORK"/out-*' EXIT
+else
+    WORK=$(mktemp -d /var/tmp/convert-bench.XXXXXX)
+    trap 'rm -rf "$WORK"' EXIT
+fi
 
-# The image: about 1.5 times the folder plus 256 MiB, so ext4 has room and leaves holes.
-used_kib=$(du -sk "$SRC_DIR" | cut -f1)
-size_mib=$(( used_kib * 3 / 2 / 1024 + 256 ))
-truncate -s "${size_mib}M" "$WORK/src.raw"
-mkfs.ext4 -q -F -d "$SRC_DIR" "$WORK/src.raw"
-qemu-img convert -f raw -O qcow2 "$WORK/src.raw" "$WORK/src.qcow2"
-echo "source: ext4 of $SRC_DIR, $(du -h --apparent-size "$WORK/src.raw" | cut -f1) raw, $(du -h "$WORK/src.raw" | cut -f1) allocated; qcow2 copy $(du -h "$WORK/src.qcow2" | cut -f1)"
+if [[ ! -f "$WORK/src.raw" || ! -f "$WORK/src.qcow2" ]]; then
+    # The image: about 1.5 times the folder plus 256 MiB, so ext4 has room and leaves holes.
+    used_kib=$(du -sk "$SRC_DIR" | cut -f1)
+    size_mib=$(( used_kib * 3 / 2 / 1024 + 256 ))
+    rm -f "$WORK/src.raw" "$WORK/src.qcow2"
+    truncate -s "${size_mib}M" "$WORK/src.raw"
+    mkfs.ext4 -q -F -d "$SRC_DIR" "$WORK/src.raw"
+    qemu-img convert -f raw -O qcow2 "$WORK/src.raw" "$WORK/src.qcow2"
+fi
+echo "source: ext4 image (of $SRC_DIR unless reused), $(du -h --apparent-size "$WORK/src.raw" | cut -f1) raw, $(du -h "$WORK/src.raw" | cut -f1) allocated; qcow2 copy $(du -h "$WORK/src.qcow2" | cut -f1)"
 echo "strata: $STRATA"
 echo "qemu-img: $(qemu-img --version | head -1)"
 echo "machine: $(nproc) cores, $(uname -r); load before start: $(cut -d' ' -f1-3 /proc/loadavg)"

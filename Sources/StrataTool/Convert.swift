@@ -178,7 +178,10 @@ struct Convert: ParsableCommand {
             // Deterministic whatever the workers, so -W is not needed for them to run at once.
             try CompressedCopier(src: src, dst: q, target: target, bar: bar).run(workers: workers)
         } else {
-            let copier = Copier(src: src, dst: dst, target: target, sparse: try sparseBytes(), bar: bar)
+            // With the default cache mode the copy ends with a flush: the kernel may as well
+            // write the data back while the copy goes on.
+            let writeback = caches.destination == .writeback ? WritebackStarter(path: destination) : nil
+            let copier = Copier(src: src, dst: dst, target: target, sparse: try sparseBytes(), bar: bar, writeback: writeback)
             try copier.run(workers: workers, inOrder: !outOfOrder)
         }
         try dst.flush()
@@ -220,13 +223,17 @@ final class Copier: Sendable {
     /// Zero runs at least this long are not written as data; 0 writes everything.
     let sparse: Int
     let bar: ProgressBar
+    /// Told of every chunk written, to start writing the target back early; nil leaves it to
+    /// the final flush.
+    let writeback: WritebackStarter?
 
-    init(src: any BlockDevice, dst: any BlockDevice, target: Target, sparse: Int, bar: ProgressBar) {
+    init(src: any BlockDevice, dst: any BlockDevice, target: Target, sparse: Int, bar: ProgressBar, writeback: WritebackStarter? = nil) {
         self.src = src
         self.dst = dst
         self.target = target
         self.sparse = sparse
         self.bar = bar
+        self.writeback = writeback
     }
 
     /// What to do with one chunk of the source.
@@ -300,7 +307,10 @@ final class Copier: Sendable {
         let n = min(workers, chunks.count)
         if n <= 1 {
             let buffer = ChunkBuffer(count: Self.chunkSize)
-            for c in chunks { try write(c, buffer, try prepare(c, buffer)) }
+            for c in chunks {
+                try write(c, buffer, try prepare(c, buffer))
+                writeback?.wrote(c.length)
+            }
             return
         }
         // Chunk i is written once turns[i % n] is signalled, by the writer of chunk i - 1. A
@@ -330,6 +340,7 @@ final class Copier: Sendable {
                     }
                 }
                 if inOrder { turns[(i + 1) % n].signal() }
+                if ok { writeback?.wrote(chunks[i].length) }
             }
         }
         if let error = failure.withLock({ $0 }) { throw error }
@@ -362,6 +373,39 @@ final class Copier: Sendable {
             if !r.isEmpty { try dst.write(UnsafeRawBufferPointer(rebasing: view[r]), at: c.offset + UInt64(r.lowerBound), fua: false) }
             pos = r.upperBound
         }
+    }
+}
+
+/// Starts the kernel writing a file's dirty pages back every ``step`` bytes written, without
+/// waiting for it: a copy that ends with a flush then overlaps the disk writes with the
+/// copying, instead of leaving them all to the flush. Uses its own descriptor of the file
+/// (writeback is per file, whichever descriptor asks), so it works whatever the image format.
+final class WritebackStarter: Sendable {
+    /// Bytes written between two requests.
+    static let step = 32 << 20
+
+    private let fd: Int32
+    private let sinceLast = Mutex<Int>(0)
+
+    /// nil when `path` cannot be opened (the copy then does without).
+    init?(path: String) {
+        fd = open(path, O_RDONLY | O_CLOEXEC)
+        if fd < 0 { return nil }
+    }
+
+    deinit { close(fd) }
+
+    /// Counts `bytes` more written; every ``step`` bytes, asks for the whole file's dirty
+    /// pages to be written back. POSIX_FADV_DONTNEED starts that writeback (it does not wait
+    /// for it) and drops the pages already clean, which the copy does not read again.
+    func wrote(_ bytes: Int) {
+        let due = sinceLast.withLock { n -> Bool in
+            n += bytes
+            guard n >= Self.step else { return false }
+            n = 0
+            return true
+        }
+        if due { _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) }
     }
 }
 
