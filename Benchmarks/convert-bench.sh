@@ -10,7 +10,8 @@
 # output to disk. The order of the two tools alternates from round to round. Prints each time,
 # then per direction the median and min-max of each tool and the ratio of the medians
 # strata/qemu-img (below 1: strata is faster). The outputs are checked against each other and
-# the source (cmp for raw, `qemu-img compare` for qcow2).
+# the source (cmp for raw, `qemu-img compare` for qcow2). A `dd` of as many bytes as the source
+# holds, with fdatasync, gives the disk's floor for comparison.
 #
 # Usage: Benchmarks/convert-bench.sh
 # Environment:
@@ -53,6 +54,12 @@ echo "source: ext4 image (of $SRC_DIR unless reused), $(du -h --apparent-size "$
 echo "strata: $STRATA"
 echo "qemu-img: $(qemu-img --version | head -1)"
 echo "machine: $(nproc) cores, $(uname -r); load before start: $(cut -d' ' -f1-3 /proc/loadavg)"
+# The disk's floor: writing as many bytes as the source holds, with a final fdatasync (no
+# conversion can end sooner, since both tools write all of it).
+alloc_mib=$(( $(du -k "$WORK/src.raw" | cut -f1) / 1024 ))
+sync
+echo "disk floor: dd of ${alloc_mib} MiB with fdatasync: $(dd if=/dev/zero of="$WORK/out-floor" bs=1M count="$alloc_mib" conv=fdatasync 2>&1 | tail -1 | sed 's/.*copied, //')"
+rm -f "$WORK/out-floor"
 echo
 
 # Times one conversion: $1 = its source, $2 = its output, rest = the command. Prints seconds.
