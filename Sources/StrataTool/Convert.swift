@@ -53,8 +53,8 @@ struct Convert: ParsableCommand {
     @Option(name: .customShort("S"), parsing: .unconditional, help: ArgumentHelp("Zero runs at least this long (a multiple of 512, at most 16M) are left unwritten; 0 writes everything.", valueName: "sparse_size"))
     var sparseSize: String = "4k"
 
-    @Option(name: .customShort("m"), parsing: .unconditional, help: ArgumentHelp("Parallel workers, 1 to 16 (they run in parallel only with -W).", valueName: "num"))
-    var workers: Int = 8
+    @Option(name: .customShort("m"), parsing: .unconditional, help: ArgumentHelp("Parallel workers, 1 to 16 (without -W they read at once but write in turn).", valueName: "num"))
+    var workers: Int = Self.defaultWorkers
 
     @Flag(name: .customShort("W"), help: "Allow out-of-order writes (lets the -m workers run at once).")
     var outOfOrder = false
@@ -81,6 +81,8 @@ struct Convert: ParsableCommand {
     static let maxSparseSize: UInt64 = 16 << 20
     /// qemu-img's range for `-m`.
     static let workerRange = 1...16
+    /// qemu-img's default for `-m`.
+    static let defaultWorkers = 8
 
     mutating func validate() throws {
         _ = try settings(size: 0)
@@ -176,8 +178,11 @@ struct Convert: ParsableCommand {
             // Deterministic whatever the workers, so -W is not needed for them to run at once.
             try CompressedCopier(src: src, dst: q, target: target, bar: bar).run(workers: workers)
         } else {
-            let copier = Copier(src: src, dst: dst, target: target, sparse: try sparseBytes(), bar: bar)
-            try copier.run(workers: outOfOrder ? workers : 1)
+            // With the default cache mode the copy ends with a flush: the kernel may as well
+            // write the data back while the copy goes on.
+            let writeback = caches.destination == .writeback ? WritebackStarter(path: destination) : nil
+            let copier = Copier(src: src, dst: dst, target: target, sparse: try sparseBytes(), bar: bar, writeback: writeback)
+            try copier.run(workers: workers, inOrder: !outOfOrder)
         }
         try dst.flush()
         closed = true
@@ -218,13 +223,17 @@ final class Copier: Sendable {
     /// Zero runs at least this long are not written as data; 0 writes everything.
     let sparse: Int
     let bar: ProgressBar
+    /// Told of every chunk written, to start writing the target back early; nil leaves it to
+    /// the final flush.
+    let writeback: WritebackStarter?
 
-    init(src: any BlockDevice, dst: any BlockDevice, target: Target, sparse: Int, bar: ProgressBar) {
+    init(src: any BlockDevice, dst: any BlockDevice, target: Target, sparse: Int, bar: ProgressBar, writeback: WritebackStarter? = nil) {
         self.src = src
         self.dst = dst
         self.target = target
         self.sparse = sparse
         self.bar = bar
+        self.writeback = writeback
     }
 
     /// What to do with one chunk of the source.
@@ -235,12 +244,26 @@ final class Copier: Sendable {
         case zero
     }
 
-    /// Walks the source's extents, then copies their chunks with `workers` threads (one
-    /// thread copies in order).
-    func run(workers: Int) throws {
-        var pending: [(offset: UInt64, length: Int, action: Action)] = []
+    /// One chunk of the copy.
+    struct Chunk {
+        var offset: UInt64
+        var length: Int
+        var action: Action
+    }
+
+    /// Chunks handed to the workers at once: the source's extents are walked this far ahead
+    /// of the copy (256 chunks of 2 MiB: 512 MiB of guest data, 6 KiB of list).
+    static let batchSize = 256
+
+    /// Walks the source's extents and copies their chunks with `workers` threads, each with
+    /// its own buffer (so at most `workers` chunks are in memory). With `inOrder`, the workers
+    /// read (and scan for zeroes) at once, but write one after another in guest order, as
+    /// qemu-img does without -W; otherwise each writes as soon as it has read.
+    func run(workers: Int, inOrder: Bool) throws {
+        var pending: [Chunk] = []
+        pending.reserveCapacity(Self.batchSize)
         func drain() throws {
-            try perform(pending, workers: workers)
+            try perform(pending, workers: workers, inOrder: inOrder)
             pending.removeAll(keepingCapacity: true)
         }
         try src.forEachRun(from: 0, to: src.size) { offset, length, extent in
@@ -264,56 +287,165 @@ final class Copier: Sendable {
                 // Chunks end on chunk-size boundaries so chunks of neighbouring extents line up.
                 let boundary = (o / UInt64(Self.chunkSize) + 1) * UInt64(Self.chunkSize)
                 let n = Int(min(end, boundary) - o)
-                pending.append((o, n, action))
+                pending.append(Chunk(offset: o, length: n, action: action))
                 o += UInt64(n)
+                if pending.count >= Self.batchSize { try drain() }
             }
-            if pending.count >= 256 { try drain() }
             return true
         }
         try drain()
     }
 
-    private func perform(_ chunks: [(offset: UInt64, length: Int, action: Action)], workers: Int) throws {
-        if workers <= 1 || chunks.count <= 1 {
+    /// A chunk read and scanned, waiting for its turn to be written.
+    private struct Prepared {
+        /// The data runs of the buffer (the rest is zero blocks of `sparse` bytes).
+        var runs: [Range<Int>] = []
+    }
+
+    private func perform(_ chunks: [Chunk], workers: Int, inOrder: Bool) throws {
+        guard !chunks.isEmpty else { return }
+        let n = min(workers, chunks.count)
+        if n <= 1 {
             let buffer = ChunkBuffer(count: Self.chunkSize)
-            for c in chunks { try perform(c.offset, c.length, c.action, buffer) }
+            for c in chunks {
+                try write(c, buffer, try prepare(c, buffer))
+                writeback?.wrote(c.length)
+            }
             return
         }
+        // Chunk i is written once turns[i % n] is signalled, by the writer of chunk i - 1. A
+        // worker takes chunk i + n only after writing its own, so no two waiting chunks share
+        // a semaphore.
+        let turns = inOrder ? (0..<n).map { _ in DispatchSemaphore(value: 0) } : []
+        turns.first?.signal()
         let next = Atomic<Int>(0)
         let failure = Mutex<(any Error)?>(nil)
-        DispatchQueue.concurrentPerform(iterations: min(workers, chunks.count)) { _ in
+        WorkerThreads.run(count: n) { _ in
             let buffer = ChunkBuffer(count: Self.chunkSize)
-            while failure.withLock({ $0 == nil }) {
+            while true {
                 let i = next.add(1, ordering: .relaxed).oldValue
                 guard i < chunks.count else { return }
-                do {
-                    try perform(chunks[i].offset, chunks[i].length, chunks[i].action, buffer)
-                } catch {
-                    failure.withLock { if $0 == nil { $0 = error } }
+                var ok = failure.withLock { $0 == nil }
+                var prepared = Prepared()
+                if ok {
+                    do { prepared = try prepare(chunks[i], buffer) } catch {
+                        failure.withLock { if $0 == nil { $0 = error } }
+                        ok = false
+                    }
                 }
+                if inOrder { turns[i % n].wait() }
+                if ok && failure.withLock({ $0 == nil }) {
+                    do { try write(chunks[i], buffer, prepared) } catch {
+                        failure.withLock { if $0 == nil { $0 = error } }
+                    }
+                }
+                if inOrder { turns[(i + 1) % n].signal() }
+                if ok { writeback?.wrote(chunks[i].length) }
             }
         }
         if let error = failure.withLock({ $0 }) { throw error }
     }
 
-    private func perform(_ offset: UInt64, _ length: Int, _ action: Action, _ buffer: ChunkBuffer) throws {
-        defer { bar.advance(by: UInt64(length)) }
-        if action == .zero {
-            try dst.writeZeroes(at: offset, length: UInt64(length), mayUnmap: true, fua: false)
+    /// Reads a chunk to copy into `buffer` and finds its data runs; nothing for a zero chunk.
+    private func prepare(_ c: Chunk, _ buffer: ChunkBuffer) throws -> Prepared {
+        guard c.action == .copy else { return Prepared() }
+        let bytes = buffer.prefix(c.length)
+        try src.read(into: bytes, at: c.offset)
+        let view = UnsafeRawBufferPointer(bytes)
+        return Prepared(runs: sparse > 0 ? ZeroBuffer.dataRuns(view, granularity: sparse) : [0..<c.length])
+    }
+
+    /// Writes a prepared chunk: its data runs, and on a target that is not blank, zeroes
+    /// between them.
+    private func write(_ c: Chunk, _ buffer: ChunkBuffer, _ prepared: Prepared) throws {
+        defer { bar.advance(by: UInt64(c.length)) }
+        if c.action == .zero {
+            try dst.writeZeroes(at: c.offset, length: UInt64(c.length), mayUnmap: true, fua: false)
             return
         }
-        let bytes = buffer.prefix(length)
-        try src.read(into: bytes, at: offset)
-        let view = UnsafeRawBufferPointer(bytes)
-        let runs = sparse > 0 ? ZeroBuffer.dataRuns(view, granularity: sparse) : [0..<length]
+        let view = UnsafeRawBufferPointer(buffer.prefix(c.length))
         var pos = 0
-        for r in runs + [length..<length] {
+        for r in prepared.runs + [c.length..<c.length] {
             // All-zero blocks between data runs: nothing to write on a blank target.
             if r.lowerBound > pos, target != .blank {
-                try dst.writeZeroes(at: offset + UInt64(pos), length: UInt64(r.lowerBound - pos), mayUnmap: true, fua: false)
+                try dst.writeZeroes(at: c.offset + UInt64(pos), length: UInt64(r.lowerBound - pos), mayUnmap: true, fua: false)
             }
-            if !r.isEmpty { try dst.write(UnsafeRawBufferPointer(rebasing: view[r]), at: offset + UInt64(r.lowerBound), fua: false) }
+            if !r.isEmpty { try dst.write(UnsafeRawBufferPointer(rebasing: view[r]), at: c.offset + UInt64(r.lowerBound), fua: false) }
             pos = r.upperBound
+        }
+    }
+}
+
+/// Starts the kernel writing a file's dirty pages back every ``step`` bytes written, without
+/// waiting for it: a copy that ends with a flush then overlaps the disk writes with the
+/// copying, instead of leaving them all to the flush. Uses its own descriptor of the file
+/// (writeback is per file, whichever descriptor asks), so it works whatever the image format.
+final class WritebackStarter: Sendable {
+    /// Bytes written between two requests.
+    static let step = 32 << 20
+
+    private let fd: Int32
+    private let sinceLast = Mutex<Int>(0)
+
+    /// nil when `path` cannot be opened (the copy then does without).
+    init?(path: String) {
+        fd = open(path, O_RDONLY | O_CLOEXEC)
+        if fd < 0 { return nil }
+    }
+
+    deinit { close(fd) }
+
+    /// Counts `bytes` more written; every ``step`` bytes, asks for the whole file's dirty
+    /// pages to be written back. POSIX_FADV_DONTNEED starts that writeback (it does not wait
+    /// for it) and drops the pages already clean, which the copy does not read again.
+    func wrote(_ bytes: Int) {
+        let due = sinceLast.withLock { n -> Bool in
+            n += bytes
+            guard n >= Self.step else { return false }
+            n = 0
+            return true
+        }
+        if due { _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) }
+    }
+}
+
+/// Threads of our own for blocking I/O: Dispatch runs only as many at once as there are
+/// cores, which would cap the reads in flight on a small machine.
+enum WorkerThreads {
+    /// Runs `body(k)` for k in 0..<count, each on a new thread, and returns when all are
+    /// done. A thread that cannot be started runs its share on the caller's thread.
+    static func run(count: Int, _ body: @Sendable (Int) -> Void) {
+        // `body` does not outlive this call: every thread is joined before it returns.
+        withoutActuallyEscaping(body) { body in
+            var threads: [pthread_t] = []
+            var leftover: [Int] = []
+            for k in 0..<count {
+                var tid = pthread_t()
+                let context = Unmanaged.passRetained(Task(body: body, index: k)).toOpaque()
+                let rc = pthread_create(&tid, nil, { ctx in
+                    let task = Unmanaged<Task>.fromOpaque(ctx!).takeRetainedValue()
+                    task.body(task.index)
+                    return nil
+                }, context)
+                if rc == 0 {
+                    threads.append(tid)
+                } else {
+                    Unmanaged<Task>.fromOpaque(context).release()
+                    leftover.append(k)
+                }
+            }
+            for k in leftover { body(k) }
+            for t in threads { pthread_join(t, nil) }
+        }
+    }
+
+    /// What one thread runs.
+    private final class Task: Sendable {
+        let body: @Sendable (Int) -> Void
+        let index: Int
+        init(body: @escaping @Sendable (Int) -> Void, index: Int) {
+            self.body = body
+            self.index = index
         }
     }
 }

@@ -69,10 +69,10 @@ enum FullCopy {
                 try CompressedCopier(src: src, dst: dst, bar: bar).run(workers: Convert.workerRange.upperBound)
             } else {
                 // Granularity = one cluster: a cluster is written only when some byte of it is not
-                // zero. One worker: with dedup, clusters are indexed in the order they are
-                // written, so a later copy always finds the first.
+                // zero. Writes in guest order (the workers only read ahead): with dedup, clusters
+                // are indexed in the order they are written, so a later copy always finds the first.
                 let copier = Copier(src: src, dst: dst, target: .blank, sparse: min(o.clusterSize, Int(Convert.maxSparseSize)), bar: bar)
-                try copier.run(workers: 1)
+                try copier.run(workers: Convert.defaultWorkers, inOrder: true)
             }
             try dst.flush()
             try finish(dst)

@@ -97,4 +97,70 @@ final class ConvertCompareTests: ToolTestCase {
         assertUserError(try strata("convert", "-O", "qcow2", "same.raw", "same.raw"), mentions: ["same.raw"])
         XCTAssertEqual(try contents("same.raw"), before)
     }
+
+    // MARK: The copy pipeline (several workers read ahead; without -W one writes at a time, in order)
+
+    /// 40 MiB qcow2 (64 KiB clusters) and its raw reference: 24 runs of distinct noise at
+    /// unaligned offsets (some across 2 MiB chunk boundaries), a written run of zeroes, two
+    /// zero-flag ranges over data, and holes between. Any chunk written at the wrong offset or
+    /// from another chunk's buffer changes the bytes.
+    func makeScattered() throws {
+        try truncate("scattered.raw", to: 40 << 20)
+        for k in 0..<24 {
+            try write("scattered.raw", noise(200_000 + k * 9_000, seed: UInt64(100 + k)), at: UInt64(k) * 1_700_000 + 777)
+        }
+        try write("scattered.raw", [UInt8](repeating: 0, count: 1 << 20), at: 30 << 20)
+        ok(try qemuImg("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=64k", "scattered.raw", "scattered.qcow2"), "qemu-img convert to qcow2")
+        ok(try qemuIO("-c", "write -z 4M 192k", "-c", "write -z 20M 1M", "scattered.qcow2"), "zero clusters")
+        ok(try qemuImg("convert", "-f", "qcow2", "-O", "raw", "scattered.qcow2", "reference.raw"), "qemu-img convert reference")
+    }
+
+    func testPipelinedConvertKeepsEveryChunkInPlaceBothWays() throws {
+        try makeScattered()
+        let reference = try contents("reference.raw")
+        let flagSets: [[String]] = [[], ["-m", "1"], ["-m", "3"], ["-m", "16"], ["-W"], ["-W", "-m", "3"]]
+        for flags in flagSets {
+            let what = flags.isEmpty ? "defaults" : flags.joined(separator: " ")
+            ok(try strata(["convert"] + flags + ["-f", "qcow2", "-O", "raw", "scattered.qcow2", "out.raw"]), "qcow2→raw \(what)")
+            XCTAssertEqual(try contents("out.raw"), reference, "qcow2→raw with \(what) must be byte-identical to qemu-img's")
+            XCTAssertLessThan(dataBytes("out.raw"), 12 << 20, "qcow2→raw with \(what) must leave holes")
+            ok(try strata(["convert"] + flags + ["-f", "raw", "-O", "qcow2", "out.raw", "back.qcow2"]), "raw→qcow2 \(what)")
+            ok(try qemuImg("compare", "-f", "raw", "-F", "qcow2", "reference.raw", "back.qcow2"), "compare raw→qcow2 \(what)")
+            XCTAssertEqual(try qemuImg("check", "back.qcow2").status, 0, "check raw→qcow2 \(what)")
+            try FileManager.default.removeItem(atPath: path("out.raw"))
+            try FileManager.default.removeItem(atPath: path("back.qcow2"))
+        }
+    }
+
+    func testConvertOntoExistingTargetReplacesItsGarbage() throws {
+        try makeScattered()
+        let reference = try contents("reference.raw")
+        for flags: [String] in [[], ["-W"]] {
+            let what = flags.isEmpty ? "in order" : "with -W"
+            // A raw target full of noise: holes and zero ranges of the source must be zeroed.
+            try write("garbage.raw", noise(40 << 20, seed: 7))
+            ok(try strata(["convert", "-n"] + flags + ["-f", "qcow2", "-O", "raw", "scattered.qcow2", "garbage.raw"]), "-n raw \(what)")
+            XCTAssertEqual(try contents("garbage.raw"), reference, "-n onto a raw target \(what)")
+            // A qcow2 target with every cluster allocated.
+            ok(try qemuImg("create", "-q", "-f", "qcow2", "garbage.qcow2", "40M"), "create qcow2 target")
+            ok(try qemuIO("-c", "write -P 0xa5 0 40M", "garbage.qcow2"), "fill qcow2 target")
+            ok(try strata(["convert", "-n"] + flags + ["-f", "qcow2", "-O", "qcow2", "scattered.qcow2", "garbage.qcow2"]), "-n qcow2 \(what)")
+            ok(try qemuImg("compare", "-f", "raw", "-F", "qcow2", "reference.raw", "garbage.qcow2"), "compare -n qcow2 \(what)")
+            XCTAssertEqual(try qemuImg("check", "garbage.qcow2").status, 0)
+        }
+    }
+
+    /// More chunks than the copy takes in one batch (600 MiB of 2 MiB chunks, each one to
+    /// zero or copy on an existing target): the batches follow each other in order.
+    func testConvertOntoExistingTargetAcrossBatches() throws {
+        ok(try qemuImg("create", "-q", "-f", "qcow2", "big.qcow2", "600M"), "create source")
+        ok(try qemuIO("-c", "write -P 1 1M 64k", "-c", "write -P 2 511M 2M", "-c", "write -P 3 599M 1M", "big.qcow2"), "fill source")
+        try truncate("target.raw", to: 600 << 20)
+        let garbage: [UInt64] = [100 << 20, (512 << 20) + 4096, (600 << 20) - 100]
+        for (k, at) in garbage.enumerated() {
+            try write("target.raw", noise(100, seed: UInt64(k + 1)), at: at)
+        }
+        ok(try strata("convert", "-n", "-f", "qcow2", "-O", "raw", "big.qcow2", "target.raw"), "convert -n")
+        ok(try qemuImg("compare", "-f", "qcow2", "-F", "raw", "big.qcow2", "target.raw"), "compare")
+    }
 }
