@@ -56,7 +56,7 @@ struct Convert: ParsableCommand {
     @Option(name: .customShort("m"), parsing: .unconditional, help: ArgumentHelp("Parallel workers, 1 to 16 (without -W they read at once but write in turn).", valueName: "num"))
     var workers: Int = Self.defaultWorkers
 
-    @Flag(name: .customShort("W"), help: "Allow out-of-order writes (lets the -m workers run at once).")
+    @Flag(name: .customShort("W"), help: "Allow out-of-order writes (each -m worker writes as soon as it has read).")
     var outOfOrder = false
 
     @Flag(name: .customShort("c"), help: "Compress the clusters of DST (qcow2 only).")
