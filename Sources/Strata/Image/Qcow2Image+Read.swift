@@ -137,12 +137,7 @@ extension Qcow2Image {
         while pos < length {
             guard lock.tryLock() else { return false }
             let guest = offset + UInt64(pos)
-            var r: (Source, UInt64)?
-            if quiescer == nil, (try? checkRange(offset, UInt64(length), write: false)) != nil {
-                md.map.cachedOnly = true
-                r = try? run(guest, limit: UInt64(length - pos))
-                md.map.cachedOnly = false
-            }
+            let r = lookupWithoutWaiting(offset, UInt64(length), write: false) { try run(guest, limit: UInt64(length - pos)) }
             let token = r != nil ? beginIO() : 0
             lock.unlock()
             guard let r else { return false }
@@ -152,6 +147,16 @@ extension Qcow2Image {
             pos += Int(n)
         }
         return true
+    }
+
+    /// Lock held: `lookup` run with loads of L2 tables refused (``ClusterMap/cachedOnly``),
+    /// after the checks every request makes (no quiesce in progress, the range inside the
+    /// disk). Nil when a check or the lookup fails: the caller's attempt without waiting ends.
+    func lookupWithoutWaiting<T>(_ offset: UInt64, _ length: UInt64, write: Bool, _ lookup: () throws -> T) -> T? {
+        guard quiescer == nil, (try? checkRange(offset, length, write: write)) != nil else { return nil }
+        md.map.cachedOnly = true
+        defer { md.map.cachedOnly = false }
+        return try? lookup()
     }
 
     private func deliverIfCached(_ source: Source, guest: UInt64, length: Int, to sink: ReadSink) -> Bool {

@@ -25,13 +25,8 @@ extension Qcow2Image {
         guard compressors == nil, dedup == nil, cache == .writeback || cache == .unsafe, !buffer.isEmpty,
               offset % page == 0, UInt64(buffer.count) % page == 0, prepared.load(ordering: .acquiring),
               lock.tryLock() else { return false }
-        var run: (UInt64, UInt64)?
-        if quiescer == nil, !markedCorrupt, !md.map.cache.needsWriteback, !md.refcounts.cache.needsWriteback,
-           (try? checkRange(offset, UInt64(buffer.count), write: true)) != nil {
-            md.map.cachedOnly = true
-            run = try? inPlaceRun(offset, limit: UInt64(buffer.count))
-            md.map.cachedOnly = false
-        }
+        let run = markedCorrupt || md.map.cache.needsWriteback || md.refcounts.cache.needsWriteback ? nil
+            : lookupWithoutWaiting(offset, UInt64(buffer.count), write: true) { try inPlaceRun(offset, limit: UInt64(buffer.count)) } ?? nil
         guard let (host, n) = run, n == UInt64(buffer.count), host % page == 0 else {
             lock.unlock()
             return false
