@@ -191,8 +191,9 @@ struct Convert: ParsableCommand {
         bar.end()
     }
 
-    /// True when both names lead to the same existing file.
+    /// True when both names lead to the same existing file (or the same RBD image).
     static func sameFile(_ a: String, _ b: String) -> Bool {
+        if !Storage.isFile(a) || !Storage.isFile(b) { return BackingChain.realPath(a) == BackingChain.realPath(b) }
         var sa = stat(), sb = stat()
         guard stat(a, &sa) == 0, stat(b, &sb) == 0 else { return false }
         return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino

@@ -12,7 +12,7 @@ enum FullCopy {
     /// template or clone there may have images standing on it.
     static func refuseExisting(_ path: String, what: String) throws {
         var st = stat()
-        guard lstat(path, &st) == 0 else { return }
+        guard Storage.isFile(path) ? lstat(path, &st) == 0 : Storage.exists(path) else { return }
         try refuseReplacingTemplate(path)
         throw CLIError.refused(file: path, reason: "already exists; \(what) never replaces a file (remove it first, or choose another name)")
     }
@@ -56,7 +56,7 @@ enum FullCopy {
             o.extendedL2 = h.extendedL2
             o.compressionType = h.version >= 3 ? h.compressionType : .zlib
         }
-        let partial = "\(path).partial-\(getpid())"
+        let partial = Storage.sibling(of: path, tag: "partial-\(getpid())")
         try Qcow2Image.create(path: partial, options: o)
         do {
             var options = OpenOptions(writable: true, format: .qcow2)
@@ -78,32 +78,24 @@ enum FullCopy {
             try finish(dst)
             closed = true
             try dst.close()
-            if let mode, chmod(partial, mode) != 0 {
+            if let mode, Storage.isFile(partial), chmod(partial, mode) != 0 {
                 printError("strata: warning: \(path): could not set its file mode (\(String(cString: strerror(errno))))")
             }
             try publish(partial, as: path)
         } catch {
-            unlink(partial)
+            Storage.remove(partial)
             throw error
         }
     }
 
-    /// Gives the finished image its name without replacing anything there: a hard link
-    /// (fails when `path` exists), else, on file systems without hard links, a rename after
-    /// one more check.
+    /// Gives the finished image its name without replacing anything there.
     private static func publish(_ partial: String, as path: String) throws {
-        if link(partial, path) == 0 {
-            unlink(partial)
-            return
-        }
-        let e = errno
-        if e == EEXIST { throw CLIError.refused(file: path, reason: "appeared while the copy was made; it was left alone") }
-        var st = stat()
-        guard e == EPERM || e == ENOTSUP || e == EOPNOTSUPP || e == EXDEV, lstat(path, &st) != 0 else {
+        do {
+            try Storage.rename(partial, to: path)
+        } catch StrataError.openFailed(_, let e) where e == EEXIST {
+            throw CLIError.refused(file: path, reason: "appeared while the copy was made; it was left alone")
+        } catch StrataError.openFailed(_, let e) {
             throw CLIError.refused(file: path, reason: "cannot name the finished copy: \(String(cString: strerror(e)))")
-        }
-        guard rename(partial, path) == 0 else {
-            throw CLIError.refused(file: path, reason: "cannot name the finished copy: \(String(cString: strerror(errno)))")
         }
     }
 }

@@ -55,7 +55,7 @@ final class OpenChain {
                 guard let fmt = current.backingFormat else {
                     throw StrataError.backingFormatUnknown(path: currentPath, backing: name)
                 }
-                guard access(path, F_OK) == 0 else { throw CLIError.backingMissing(file: currentPath, name: name, path: path) }
+                guard Storage.exists(path) else { throw CLIError.backingMissing(file: currentPath, name: name, path: path) }
                 guard seen.insert(BackingChain.realPath(path)).inserted, above.count < Limits.maxBackingChainDepth else {
                     throw StrataError.backingChainLoop(path: file)
                 }

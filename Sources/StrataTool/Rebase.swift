@@ -88,7 +88,7 @@ struct Rebase: ParsableCommand {
         var prefixDepth: UInt32? = nil
         if let name = newName {
             let path = BackingChain.resolve(name, relativeTo: file)
-            guard access(path, F_OK) == 0 else { throw CLIError.newBackingMissing(file: file, name: name, path: path) }
+            guard Storage.exists(path) else { throw CLIError.newBackingMissing(file: file, name: name, path: path) }
             let real = BackingChain.realPath(path)
             try refuseLoop(name: name, path: path)
             newBase = try openImage(path: path, options: OpenOptions(format: backingFormat, cache: sourceMode, forceShare: share.forceShare))
@@ -135,7 +135,7 @@ struct Rebase: ParsableCommand {
         try top.close()
         if let name = newName, !quiet.quiet {
             let path = BackingChain.resolve(name, relativeTo: file)
-            if access(path, F_OK) != 0 {
+            if !Storage.exists(path) {
                 printError("strata: warning: \(file): the new backing file '\(name)' does not exist yet (looked for \(path)); the image cannot be read until it does")
             }
         }

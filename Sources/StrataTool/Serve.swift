@@ -265,7 +265,7 @@ struct Serve: ParsableCommand {
     /// file (`-s` alone is qemu-nbd's temporary overlay).
     var snapshotToLoad: String? {
         if let loadSnapshot { return loadSnapshot }
-        guard snapshot, files.count == 2, access(files[0], F_OK) != 0, access(files[1], F_OK) == 0 else { return nil }
+        guard snapshot, files.count == 2, !Storage.exists(files[0]), Storage.exists(files[1]) else { return nil }
         return files[0]
     }
 

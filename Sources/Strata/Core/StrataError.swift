@@ -41,6 +41,10 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
     case cannotShrink(path: String, size: UInt64, reason: String)
     /// A write to a raw image whose format was probed would make it probe as another format.
     case formatChangeRefused(path: String, format: String)
+    /// The store that holds the image cannot be reached (librbd missing, no Ceph monitor).
+    case storageUnavailable(path: String, reason: String)
+    /// Another client (host) holds the RBD image's exclusive lock; `owners` as librbd names them.
+    case rbdLocked(path: String, owners: [String], errno: Int32)
 
     public var description: String {
         switch self {
@@ -71,6 +75,10 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
         case .cannotShrink(let p, let s, let r): return "\(p): cannot shrink to \(s): \(r)"
         case .formatChangeRefused(let p, let f):
             return "\(p): refusing a write to the first sector that would make this probed raw image look like \(f); open it with format raw to allow it"
+        case .storageUnavailable(let p, let r): return "\(p): \(r)"
+        case .rbdLocked(let p, let owners, let e):
+            let who = owners.isEmpty ? "another client" : owners.joined(separator: ", ")
+            return "\(p): failed to get the RBD exclusive lock (\(String(cString: strerror(e)))): held by \(who); another host or process writes this image (stop it first, or open the image read-only)"
         }
     }
 

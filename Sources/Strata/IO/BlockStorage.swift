@@ -35,11 +35,15 @@ public protocol BlockStorage: AnyObject, Sendable {
     func zeroRange(at offset: UInt64, length: UInt64) throws -> Bool
     /// A name for messages (the path for files).
     var name: String { get }
+    /// Releases the store's handles (and with them its locks). Idempotent.
+    func close()
 }
 
 extension BlockStorage {
     /// Storage that cannot tell never reads without waiting.
     public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool { false }
+    /// Storage without handles of its own (memory) has nothing to release.
+    public func close() {}
 
     /// Reads exactly `count` bytes into a new array (metadata only; never on the data path).
     func readBytes(at offset: UInt64, count: Int) throws -> [UInt8] {

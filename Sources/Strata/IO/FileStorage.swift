@@ -61,7 +61,7 @@ public final class FileStorage: BlockStorage {
         let file = try FileStorage(creating: path)
         do {
             defer { file.close() }
-            let lock = try ImageLock(file: file, writable: true)
+            let lock = try ImageLock(storage: file, writable: true)
             _ = consume lock
             try file.setLength(0)
             try body(file)

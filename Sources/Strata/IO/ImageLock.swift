@@ -14,7 +14,17 @@ struct ImageLock: ~Copyable {
     /// Takes the locks for a reader (uses consistent read; does not share write) or a writer
     /// (uses read, write, resize; shares neither write nor resize), after checking nobody
     /// holds a conflicting lock.
-    init(file: FileStorage, writable: Bool) throws {
+    /// The lock an image's store offers: a file's OFD locks, an RBD image's exclusive lock for
+    /// a writer (librbd has no reader's lock: readers of an RBD image take none).
+    init(storage: any BlockStorage, writable: Bool) throws {
+        if let file = storage as? FileStorage {
+            try Self.lock(file, writable: writable)
+        } else if let rbd = storage as? RBDStorage {
+            if writable { try rbd.lockForWriting() }
+        }
+    }
+
+    private static func lock(_ file: FileStorage, writable: Bool) throws {
         let used: [Perm] = writable ? [.consistentRead, .write, .resize] : [.consistentRead]
         let unshared: [Perm] = writable ? [.write, .resize] : [.write]
         do {

@@ -76,7 +76,7 @@ public func openImage(path: String, options: OpenOptions = OpenOptions()) throws
 /// Looks at the first sector of a file the user named: qcow2 or raw.
 /// Only top images are probed; backing files must have a recorded or given format.
 public func probeFormat(path: String) throws -> ImageFormat {
-    let f = try FileStorage(path: path, mode: .readOnly)
+    let f = try Storage.open(path, mode: .readOnly)
     defer { f.close() }
     let sector = try f.readBytes(at: 0, count: FormatProbe.sectorSize)
     return sector.withUnsafeBytes { FormatProbe.format(of: $0) }

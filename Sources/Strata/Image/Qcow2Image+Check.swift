@@ -57,8 +57,8 @@ extension Qcow2Image {
     /// `log`, one line each, in qemu-img's words.
     public static func check(path: String, repair: CheckRepair?, forceShare: Bool = false,
                              log: @escaping (String) -> Void) throws -> CheckResult {
-        let file = try FileStorage(path: path, mode: OpenMode(writable: repair != nil))
-        let lock = forceShare && repair == nil ? nil : try ImageLock(file: file, writable: repair != nil)
+        let file = try Storage.open(path, mode: OpenMode(writable: repair != nil))
+        let lock = forceShare && repair == nil ? nil : try ImageLock(storage: file, writable: repair != nil)
         _ = consume lock
         defer { file.close() }
         return try check(storage: file, path: path, repair: repair, log: log)

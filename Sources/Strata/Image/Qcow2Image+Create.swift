@@ -111,7 +111,7 @@ extension Qcow2Image {
     /// if creating fails.
     public static func create(path: String, options: CreateOptions) throws {
         let o = try options.resolved(for: path)
-        try FileStorage.replacing(path) { try create(storage: $0, path: path, resolved: o) }
+        try Storage.replacing(path) { try create(storage: $0, path: path, resolved: o) }
     }
 
     /// Creates a new image in `storage`, which must be empty.

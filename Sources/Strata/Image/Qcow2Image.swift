@@ -106,8 +106,8 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     }
 
     convenience init(path: String, options: OpenOptions, chain: [String]) throws {
-        let file = try FileStorage(path: path, mode: OpenMode(writable: options.writable, direct: options.cache == .none))
-        let lock = options.forceShare && !options.writable ? nil : try ImageLock(file: file, writable: options.writable)
+        let file = try Storage.open(path, mode: OpenMode(writable: options.writable, direct: options.cache == .none))
+        let lock = options.forceShare && !options.writable ? nil : try ImageLock(storage: file, writable: options.writable)
         try self.init(storage: file, path: path, options: options, chain: chain, imageLock: lock)
     }
 
@@ -295,7 +295,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     public func close() throws {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         defer {
-            (storage as? FileStorage)?.close()
+            storage.close()
             dedup?.file?.close()
             try? backing?.close()
         }
@@ -434,9 +434,14 @@ extension Qcow2Image {
 /// Opening and checking backing files.
 public enum BackingChain {
     /// Resolves a backing name as QEMU does: absolute as is, relative against the folder of
-    /// the image that names it (as that image's path was spelled).
+    /// the image that names it (as that image's path was spelled). Under an RBD image, a
+    /// name is an image in the same pool, and an `rbd:` name without conf or user takes the
+    /// overlay's (``RBDName/resolve(_:)``); an `rbd:` name is never relative to a folder.
     public static func resolve(_ name: String, relativeTo overlay: String) -> String {
-        if name.hasPrefix("/") { return name }
+        if RBDName.isRBD(overlay), let parent = try? RBDName(parsing: overlay) {
+            return (try? parent.resolve(name))?.description ?? name
+        }
+        if name.hasPrefix("/") || RBDName.isRBD(name) { return name }
         if let slash = overlay.lastIndex(of: "/") { return String(overlay[...slash]) + name }
         return name
     }
@@ -460,6 +465,7 @@ public enum BackingChain {
     /// The canonical path of a file (symbolic links, `.` and `..` resolved): of the file
     /// itself when it exists, else of its folder joined with its name, else `p` itself.
     public static func realPath(_ p: String) -> String {
+        if RBDName.isRBD(p) { return (try? RBDName(parsing: p))?.canonical ?? p }
         func real(_ q: String) -> String? {
             guard let r = realpath(q, nil) else { return nil }
             defer { free(r) }

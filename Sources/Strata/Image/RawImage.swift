@@ -21,8 +21,8 @@ public final class RawImage: BlockDevice {
 
     /// Opens a raw file. Writable opens take QEMU-compatible image locks.
     public init(path: String, writable: Bool, forceShare: Bool = false, cache: CacheMode = .writeback, probed: Bool = false) throws {
-        let file = try FileStorage(path: path, mode: OpenMode(writable: writable, direct: cache == .none))
-        self.lock = forceShare && !writable ? nil : try ImageLock(file: file, writable: writable)
+        let file = try Storage.open(path, mode: OpenMode(writable: writable, direct: cache == .none))
+        self.lock = forceShare && !writable ? nil : try ImageLock(storage: file, writable: writable)
         self.storage = file
         self.size = try file.length()
         self.isReadOnly = !writable
@@ -44,7 +44,7 @@ public final class RawImage: BlockDevice {
     /// existing file is locked (refused while another process uses it), then truncated, so
     /// none of its old bytes or format survive. A file this call made is removed if it fails.
     public static func create(path: String, size: UInt64) throws {
-        try FileStorage.replacing(path) { file in
+        try Storage.replacing(path) { file in
             try file.setLength(size)
             try file.sync()
         }
@@ -109,7 +109,7 @@ public final class RawImage: BlockDevice {
     }
     public func close() throws {
         if !isReadOnly { try storage.sync() }
-        (storage as? FileStorage)?.close()
+        storage.close()
     }
 }
 

@@ -334,7 +334,7 @@ final class DedupIndexFile: @unchecked Sendable {
         complete = value
     }
 
-    func close() { (storage as? FileStorage)?.close() }
+    func close() { storage.close() }
 }
 
 /// Why an index file is not used.
