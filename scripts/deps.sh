@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Strata needs, skipping those already present.
-# Usage: scripts/deps.sh [build|test]   (build: libraries to compile; test: + QEMU and NBD clients)
+# Usage: scripts/deps.sh [build|test]   (build: libraries to compile; test: + QEMU, NBD clients, Ceph)
 set -euo pipefail
 want=(liblz4-dev libzstd-dev zlib1g-dev pkg-config)
 if [ "${1:-test}" = test ]; then
@@ -8,6 +8,9 @@ if [ "${1:-test}" = test ]; then
   # The real-guest tests (scripts/guest/build.sh, GuestTests): QEMU, the initramfs tools,
   # the guest's NBD client and mke2fs, and the host's e2fsck/debugfs; xz unpacks the kernel.
   want+=(qemu-system-x86 busybox-static nbd-client e2fsprogs xz-utils)
+  # The RBD tests: a throw-away one-node Ceph cluster (scripts/ceph-cluster.sh; the daemons'
+  # install scripts start nothing) and QEMU's rbd driver, the test oracle for qcow2 on RBD.
+  want+=(ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra)
 fi
 missing=()
 for p in "${want[@]}"; do
