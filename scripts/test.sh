@@ -42,9 +42,10 @@ else
   cat "$ceph_dir/start.err" >&2
   # One line for the tests to fail with: the reason the start script gives last.
   reason=$(sed -n 's/^ceph-cluster: start failed: //p' "$ceph_dir/start.err" | tail -n 1)
-  STRATA_CEPH_ERROR="the test Ceph cluster did not start: ${reason:-see the output of scripts/ceph-cluster.sh start} (scripts/ceph-cluster.sh start DIR to retry by hand)"
+  # The tests prefix it with "the test cluster did not start: ".
+  STRATA_CEPH_ERROR="${reason:-see the output of scripts/ceph-cluster.sh start} (scripts/ceph-cluster.sh start DIR to retry by hand)"
   export STRATA_CEPH_ERROR
-  echo "$STRATA_CEPH_ERROR" >&2
+  echo "the test Ceph cluster did not start: $STRATA_CEPH_ERROR" >&2
 fi
 
 export SWIFT_BACKTRACE=enable=no
