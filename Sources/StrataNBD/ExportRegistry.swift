@@ -350,6 +350,7 @@ extension ExportRegistry {
     }
 
     static func realPath(_ path: String) -> String {
+        if !Storage.isFile(path) { return BackingChain.realPath(path) }
         guard let resolved = realpath(path, nil) else { return path }
         defer { free(resolved) }
         return String(cString: resolved)

@@ -98,8 +98,10 @@ struct Clone: ParsableCommand {
 
     /// The backing file name a clone at `clone` records for `template`: the template's file
     /// name alone when both are in one folder (symbolic links resolved), else its absolute,
-    /// resolved path.
+    /// resolved path. A template in a Ceph pool is recorded by its whole `rbd:` name, conf
+    /// and user included, which QEMU needs (it resolves no relative name under an RBD image).
     static func backingName(for template: String, clone: String) -> String {
+        if !Storage.isFile(template) { return (try? RBDName(parsing: template))?.description ?? template }
         let real = BackingChain.realPath(template)
         let cloneReal = BackingChain.realPath(clone)
         func folder(_ p: String) -> String { p.lastIndex(of: "/").map { String(p[..<$0]) } ?? "." }

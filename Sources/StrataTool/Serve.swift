@@ -291,8 +291,10 @@ struct Serve: ParsableCommand {
         return entries
     }
 
-    /// `dir/disk.qcow2` -> `disk`; a leading dot is part of the name (`.hidden` stays).
+    /// `dir/disk.qcow2` -> `disk`; a leading dot is part of the name (`.hidden` stays);
+    /// `rbd:pool/vm1.qcow2:conf=…` -> `vm1`.
     static func exportName(forFile path: String) -> String {
+        if let rbd = try? RBDName(parsing: path) { return exportName(forFile: rbd.image) }
         let base = path.split(separator: "/", omittingEmptySubsequences: true).last.map(String.init) ?? path
         guard let dot = base.lastIndex(of: "."), dot != base.startIndex else { return base }
         return String(base[..<dot])

@@ -11,17 +11,32 @@ final class DifferentialTests: XCTestCase {
     func testRandomOps64kWithBacking() throws { try differential(clusterSize: 65536, backing: true, seed: 3) }
     func testRandomOps4kWithBacking() throws { try differential(clusterSize: 4096, backing: true, seed: 4) }
     func testRandomOpsExtendedL2WithBacking() throws { try differential(clusterSize: 32768, backing: true, seed: 5, options: ",extended_l2=on") }
+    /// The same, with every image (the backing file too) in a Ceph pool, through librbd on
+    /// both sides (Strata's RBD store, QEMU's rbd driver).
+    func testRandomOpsOnRBD() throws {
+        let conf = try Ceph.conf()
+        var made: [String] = []
+        addTeardownBlock { Ceph.remove(made, conf: conf) }
+        try differential(clusterSize: 65536, backing: true, seed: 6) { tag in
+            let n = Ceph.name(tag, conf: conf)
+            made.append(n)
+            return n
+        }
+    }
 
     /// Ops per image; several thousand in all.
     let opCount = 1500
     let size = 24 << 20
 
-    func differential(clusterSize cs: Int, backing: Bool, seed: UInt64, options: String = "") throws {
+    /// `place` names each image (by a tag: base, strata, qemu): files in a scratch folder by default.
+    func differential(clusterSize cs: Int, backing: Bool, seed: UInt64, options: String = "",
+                      place: ((String) -> String)? = nil) throws {
         let dir = try Peer.tempDir(self)
+        let name = place ?? { "\(dir)/\($0).qcow2" }
         let strata = try Peer.strata()
         var backingArgs: [String] = []
         if backing {
-            let base = "\(dir)/base.qcow2"
+            let base = name("base")
             try Peer.ok(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", base, "\(size)"])
             var rng = SeededRandom(seed: seed &* 77)
             var cmds: [String] = []
@@ -31,7 +46,7 @@ final class DifferentialTests: XCTestCase {
             try Peer.ok(["qemu-io", "-f", "qcow2", base] + cmds)
             backingArgs = ["-b", base, "-F", "qcow2"]
         }
-        let a = "\(dir)/strata.qcow2", b = "\(dir)/qemu.qcow2"
+        let a = name("strata"), b = name("qemu")
         try Peer.ok([strata, "create", "-f", "qcow2", "-o", "cluster_size=\(cs)\(options)"] + backingArgs + [a, "\(size)"])
         try Peer.ok(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=\(cs)\(options)"] + backingArgs + [b, "\(size)"])
 
