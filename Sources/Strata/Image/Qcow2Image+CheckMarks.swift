@@ -42,11 +42,14 @@ extension RefcountChecker {
     /// (either mode) rewrites the index without its stale records and makes a writable
     /// template read-only. Never changes the exit code: none of this is a qcow2 error.
     mutating func checkMarks(_ result: inout CheckResult, repair: CheckRepair?, log: (String) -> Void) throws {
-        guard header.version >= 3, let strata = extensions.strata, storage is FileStorage else { return }
+        guard header.version >= 3, let strata = extensions.strata else { return }
+        // The seal is in the header, on any store; the file mode and the index file beside the
+        // image exist only for files.
+        let isFile = storage is FileStorage
         if strata.flags.contains(.template) {
             var t = TemplateCheck(sealed: header.autoclearFeatures.contains(.templateSealed), writableMode: false)
             var st = stat()
-            if stat(path, &st) == 0, st.st_mode & 0o222 != 0 {
+            if isFile, stat(path, &st) == 0, st.st_mode & 0o222 != 0 {
                 t.writableMode = true
                 if repair != nil, chmod(path, st.st_mode & 0o7555) == 0 { t.modeFixed = true }
             }
@@ -55,7 +58,7 @@ extension RefcountChecker {
             }
             result.template = t
         }
-        if let id = strata.indexID {
+        if let id = strata.indexID, isFile {
             result.dedupIndex = try checkDedupIndex(id: id, clean: result.corruptions == 0 && result.checkErrors == 0,
                                                     repair: repair, log: log)
         }

@@ -129,7 +129,8 @@ final class LibRBD: @unchecked Sendable {
         var io: Handle? = nil
         let r = radosIoctxCreate(cluster, name.pool, &io)
         guard r == 0, let io else {
-            throw StrataError.openFailed(path: name.description, errno: -r == ENOENT ? ENOENT : -r)
+            if r == -ENOENT { throw StrataError.storageUnavailable(path: name.description, reason: "the cluster has no pool '\(name.pool)'") }
+            throw StrataError.openFailed(path: name.description, errno: -r)
         }
         if !name.namespace.isEmpty { radosIoctxSetNamespace(io, name.namespace) }
         return contexts.withLock { table in
@@ -167,7 +168,8 @@ final class LibRBD: @unchecked Sendable {
             r = radosConnect(cluster)
             if r != 0 {
                 radosShutdown(cluster)
-                throw unavailable(name, "connecting to the cluster", r)
+                let who = r == -EACCES || r == -EPERM ? " as client.\(name.id ?? "admin") (is its key in the keyring the conf names?)" : ""
+                throw unavailable(name, "connecting to the cluster\(who)", r)
             }
             table[key] = cluster
             return cluster
