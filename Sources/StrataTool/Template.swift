@@ -80,30 +80,35 @@ struct TemplateCreate: ParsableCommand {
 struct TemplateList: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "list",
-        abstract: "List the templates in a folder, the linked clones standing on them and the space they share.",
+        abstract: "List the templates in folders or Ceph pools, the linked clones standing on them and the space they share.",
         discussion: """
-            Every regular file of DIR (not its subfolders) that starts with the qcow2 magic is \
-            looked at (other files are ignored; a file that cannot be read is skipped with a \
+            Every regular file of each folder (not its subfolders), and every image of each \
+            RBD pool named rbd:POOL[/NAMESPACE][:conf=PATH][:id=USER], that starts with the \
+            qcow2 magic is looked at (other files are ignored; a file that cannot be read is skipped with a \
             note on stderr). For each template: its virtual size, its size on disk, its data \
-            bytes (guest bytes it holds as data), and the qcow2 images of DIR whose backing \
+            bytes (guest bytes it holds as data), and the qcow2 images of the places whose backing \
             chain reaches it (depth 1 is a direct clone, 2 an overlay on a clone, ...). For \
             each clone: its size on disk, its own bytes (guest bytes the clone and any image \
             between it and the template hold, data or zero clusters) and its shared bytes: \
             the guest bytes it reads from the template's data, which it would have to hold \
             itself as a full copy. The template's shared total is the sum over its clones: \
             the space saved by linking instead of copying. All sizes are in bytes in JSON \
-            (keys: directory, templates[filename, virtual-size, disk-size, data-bytes, \
+            (keys: directory (the first place), places, templates[filename, virtual-size, disk-size, data-bytes, \
             shared-bytes-total, clones[filename, depth, disk-size, own-bytes, shared-bytes]], \
             skipped[filename, reason]).
             """)
 
     @OptionGroup var output: OutputOption
 
-    @Argument(help: "The folder to scan.")
-    var directory: String
+    @Argument(help: "The folders or RBD pools to scan (a template in one and its clones in another are found).")
+    var places: [String]
+
+    func validate() throws {
+        if places.isEmpty { throw ValidationError("Missing expected argument '<places> ...': the folder or pool to scan") }
+    }
 
     func run() throws {
-        let scan = try TemplateScan(directory: directory)
+        let scan = try TemplateScan(places: places)
         for s in scan.skipped { printError("strata: note: \(s.filename): skipped: \(s.reason)") }
         switch output.output {
         case .json: print(scan.json.pretty)

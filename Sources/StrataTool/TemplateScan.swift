@@ -4,15 +4,17 @@ import Strata
 import Glibc
 #endif
 
-/// What `template list` finds in one folder: its templates, the qcow2 images whose backing
-/// chain reaches each of them, and how many guest bytes each clone holds or reads from the
-/// template. Only files that start with the qcow2 magic are opened (nothing is probed as raw).
+/// What `template list` finds in folders or RBD pools: their templates, the qcow2 images
+/// whose backing chain reaches each of them, and how many guest bytes each clone holds or
+/// reads from the template. Only images that start with the qcow2 magic are opened (nothing
+/// is probed as raw).
 struct TemplateScan {
     struct CloneEntry {
         var filename: String
         /// 1 for a direct clone, 2 for an overlay on a clone, ...
         var depth: Int
-        var diskSize: UInt64
+        /// Bytes the file occupies; nil where the store cannot say (RBD).
+        var diskSize: UInt64?
         /// Guest bytes held by the clone or an image between it and the template (data or zero clusters).
         var ownBytes: UInt64
         /// Guest bytes the clone reads from the template's data clusters.
@@ -22,7 +24,7 @@ struct TemplateScan {
     struct TemplateEntry {
         var filename: String
         var virtualSize: UInt64
-        var diskSize: UInt64
+        var diskSize: UInt64?
         /// Guest bytes the template holds as data (not zero clusters).
         var dataBytes: UInt64
         var clones: [CloneEntry] = []
@@ -35,6 +37,8 @@ struct TemplateScan {
     }
 
     let directory: String
+    /// Every folder or pool scanned (`directory` is the first).
+    let places: [String]
     private(set) var templates: [TemplateEntry] = []
     private(set) var skipped: [Skipped] = []
 
@@ -49,14 +53,32 @@ struct TemplateScan {
     /// The qcow2 magic, "QFI\xfb".
     static let magic: [UInt8] = [0x51, 0x46, 0x49, 0xfb]
 
-    init(directory: String) throws {
-        self.directory = directory
-        let names = try Self.entries(of: directory)
+    init(directory: String) throws { try self.init(places: [directory]) }
+
+    /// Scans folders (their regular files) and RBD pools (`rbd:POOL[/NAMESPACE][:conf=…]`,
+    /// their images): a template in one place and its clones in another are found.
+    init(places: [String]) throws {
+        self.directory = places.first ?? "."
+        self.places = places
+        var candidates: [String] = []
+        for place in places {
+            if RBDName.isRBD(place) {
+                do { candidates += try Storage.listPool(place) } catch {
+                    var why = "\(error)"
+                    if case StrataError.storageUnavailable(_, let r) = error { why = r }
+                    throw CLIError.refused(file: place, reason: "cannot list the pool: \(why)")
+                }
+                continue
+            }
+            for name in try Self.entries(of: place) {
+                let path = place == "." ? name : place.hasSuffix("/") ? place + name : place + "/" + name
+                var st = stat()
+                guard stat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
+                candidates.append(path)
+            }
+        }
         var images: [Image] = []
-        for name in names {
-            let path = directory == "." ? name : directory.hasSuffix("/") ? directory + name : directory + "/" + name
-            var st = stat()
-            guard stat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
+        for path in candidates {
             let head: [UInt8]
             do { head = try Self.firstBytes(path, count: 4) } catch {
                 skipped.append(Skipped(filename: path, reason: "\(error)"))
@@ -75,6 +97,7 @@ struct TemplateScan {
         // One entry per file: a symbolic link to an image of the folder is not a second image
         // (the file under its own name is kept over a link to it).
         func isLink(_ p: String) -> Bool {
+            guard Storage.isFile(p) else { return false }
             var st = stat()
             return lstat(p, &st) == 0 && (st.st_mode & S_IFMT) == S_IFLNK
         }
@@ -102,7 +125,7 @@ struct TemplateScan {
                 }
                 index[image.real] = templates.count
                 templates.append(TemplateEntry(filename: image.path, virtualSize: q.size,
-                                               diskSize: ImageChain.allocatedBytes(image.path) ?? 0, dataBytes: data))
+                                               diskSize: ImageChain.allocatedBytes(image.path), dataBytes: data))
             } catch {
                 skipped.append(Skipped(filename: image.path, reason: Self.reason(error, path: image.path)))
             }
@@ -137,7 +160,7 @@ struct TemplateScan {
             if Int(e.depth) == depth + 1, !e.status.contains(.zero) { shared += e.length }
             return true
         }
-        return CloneEntry(filename: path, depth: depth, diskSize: ImageChain.allocatedBytes(path) ?? 0,
+        return CloneEntry(filename: path, depth: depth, diskSize: ImageChain.allocatedBytes(path),
                           ownBytes: own, sharedBytes: shared)
     }
 
@@ -156,6 +179,13 @@ struct TemplateScan {
     }
 
     private static func firstBytes(_ path: String, count: Int) throws -> [UInt8] {
+        if !Storage.isFile(path) {
+            let storage = try Storage.open(path, mode: .readOnly)
+            defer { storage.close() }
+            var bytes = [UInt8](repeating: 0, count: count)
+            let n = try bytes.withUnsafeMutableBytes { try storage.read(into: $0, at: 0) }
+            return Array(bytes.prefix(n))
+        }
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw CLIError.message("cannot open: \(String(cString: strerror(errno)))") }
         defer { close(fd) }
@@ -172,40 +202,40 @@ struct TemplateScan {
     }
 
     var json: JSONValue {
-        .object([
+        func clone(_ c: CloneEntry) -> JSONValue {
+            var fields: [(String, JSONValue)] = [("filename", .string(c.filename)), ("depth", .uint(UInt64(c.depth)))]
+            if let d = c.diskSize { fields.append(("disk-size", .uint(d))) }
+            fields += [("own-bytes", .uint(c.ownBytes)), ("shared-bytes", .uint(c.sharedBytes))]
+            return .object(fields)
+        }
+        func template(_ t: TemplateEntry) -> JSONValue {
+            var fields: [(String, JSONValue)] = [("filename", .string(t.filename)), ("virtual-size", .uint(t.virtualSize))]
+            if let d = t.diskSize { fields.append(("disk-size", .uint(d))) }
+            fields += [("data-bytes", .uint(t.dataBytes)), ("shared-bytes-total", .uint(t.sharedBytesTotal)),
+                       ("clones", .array(t.clones.map(clone)))]
+            return .object(fields)
+        }
+        let skippedJSON: [JSONValue] = skipped.map { .object([("filename", .string($0.filename)), ("reason", .string($0.reason))]) }
+        return .object([
             ("directory", .string(directory)),
-            ("templates", .array(templates.map { t in
-                .object([
-                    ("filename", .string(t.filename)),
-                    ("virtual-size", .uint(t.virtualSize)),
-                    ("disk-size", .uint(t.diskSize)),
-                    ("data-bytes", .uint(t.dataBytes)),
-                    ("shared-bytes-total", .uint(t.sharedBytesTotal)),
-                    ("clones", .array(t.clones.map { c in
-                        .object([
-                            ("filename", .string(c.filename)),
-                            ("depth", .uint(UInt64(c.depth))),
-                            ("disk-size", .uint(c.diskSize)),
-                            ("own-bytes", .uint(c.ownBytes)),
-                            ("shared-bytes", .uint(c.sharedBytes)),
-                        ])
-                    })),
-                ])
-            })),
-            ("skipped", .array(skipped.map { .object([("filename", .string($0.filename)), ("reason", .string($0.reason))]) })),
+            ("places", .array(places.map { .string($0) })),
+            ("templates", .array(templates.map(template))),
+            ("skipped", .array(skippedJSON)),
         ])
     }
 
+    private static func size(_ bytes: UInt64?) -> String { bytes.map(HumanFormat.size) ?? "unavailable" }
+
     var human: String {
-        if templates.isEmpty { return "no templates in \(directory)\n" }
+        if templates.isEmpty { return "no templates in \(places.joined(separator: ", "))\n" }
         var s = ""
         for t in templates {
             s += "template: \(t.filename)\n"
-            s += "    virtual size: \(HumanFormat.size(t.virtualSize)), disk size: \(HumanFormat.size(t.diskSize)), data: \(HumanFormat.size(t.dataBytes))\n"
+            s += "    virtual size: \(HumanFormat.size(t.virtualSize)), disk size: \(Self.size(t.diskSize)), data: \(HumanFormat.size(t.dataBytes))\n"
             s += "    clones: \(t.clones.count), shared in total: \(HumanFormat.size(t.sharedBytesTotal))\n"
             for c in t.clones {
                 let depth = c.depth == 1 ? "" : " (depth \(c.depth))"
-                s += "    clone: \(c.filename)\(depth): disk size \(HumanFormat.size(c.diskSize)), own \(HumanFormat.size(c.ownBytes)), shared \(HumanFormat.size(c.sharedBytes))\n"
+                s += "    clone: \(c.filename)\(depth): disk size \(Self.size(c.diskSize)), own \(HumanFormat.size(c.ownBytes)), shared \(HumanFormat.size(c.sharedBytes))\n"
             }
         }
         return s

@@ -112,6 +112,13 @@ final class RBDTests: ToolTestCase {
         // And it is still a template: no writer may open it.
         let w = try strata("io", "-c", "write 0 4k", template)
         XCTAssertEqual(w.status, 1, w.stderr)
+        // template list finds it and its clones in the pool (and the scratch folder, empty).
+        let list = ok(try strata("template", "list", "--output", "json", "rbd:\(Ceph.pool):conf=\(conf)", "."), "template list")
+        let doc = json(list.stdout) as? [String: Any]
+        let entry = (doc?["templates"] as? [[String: Any]])?.first { $0["filename"] as? String == template }
+        let clones = (entry?["clones"] as? [[String: Any]])?.compactMap { $0["filename"] as? String } ?? []
+        XCTAssertEqual(Set(clones), [c1, c2], list.stdout)
+        XCTAssertNil(entry?["disk-size"], "RBD gives no disk size: \(list.stdout)")
     }
 
     /// A server killed with kill -9 while a client writes: another server (another host)

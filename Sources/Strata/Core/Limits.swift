@@ -13,6 +13,9 @@ public enum Limits {
     /// 80 MiB; 24 bytes each in its file; 8 GiB of distinct data at 4 KiB clusters). Past
     /// it, new clusters are not indexed: dedup ratio drops, nothing else changes.
     public static let maxDedupIndexEntries = 1 << 21
+    /// Bytes of image names read when listing an RBD pool (`template list rbd:POOL`): about
+    /// a million names; a larger listing is refused rather than allocated.
+    public static let maxPoolListing = 64 << 20
     /// Deepest backing chain we follow.
     public static let maxBackingChainDepth = 64
     /// Largest virtual size we accept or create (QEMU's limit, 2^63 - 512 rounded to 2^62 here).

@@ -79,6 +79,13 @@ public enum Storage {
         guard Glibc.rename(from, to) == 0 else { throw StrataError.openFailed(path: to, errno: errno) }
     }
 
+    /// The names of the images in an RBD pool (`rbd:POOL[/NAMESPACE][:…]`), each as a whole
+    /// `rbd:` name with the pool's settings, sorted.
+    public static func listPool(_ pool: String) throws -> [String] {
+        let p = try RBDName(parsingPool: pool)
+        return try RBDStorage.list(p).sorted().map { p.sibling($0).description }
+    }
+
     /// Whether `name` names a file (not another store).
     public static func isFile(_ name: String) -> Bool { !RBDName.isRBD(name) }
 }

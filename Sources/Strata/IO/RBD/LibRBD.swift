@@ -18,11 +18,13 @@ final class LibRBD: @unchecked Sendable {
     typealias RadosConnect = @convention(c) (Handle) -> Int32
     typealias RadosShutdown = @convention(c) (Handle) -> Void
     typealias RadosIoctxCreate = @convention(c) (Handle, UnsafePointer<CChar>, UnsafeMutablePointer<Handle?>) -> Int32
+    typealias RadosIoctxDestroy = @convention(c) (Handle) -> Void
     typealias RadosIoctxSetNamespace = @convention(c) (Handle, UnsafePointer<CChar>?) -> Void
     typealias RBDOpen = @convention(c) (Handle, UnsafePointer<CChar>, UnsafeMutablePointer<Handle?>, UnsafePointer<CChar>?) -> Int32
     typealias RBDClose = @convention(c) (Handle) -> Int32
     typealias RBDCreate = @convention(c) (Handle, UnsafePointer<CChar>, UInt64, UnsafeMutablePointer<Int32>) -> Int32
     typealias RBDRemove = @convention(c) (Handle, UnsafePointer<CChar>) -> Int32
+    typealias RBDList = @convention(c) (Handle, UnsafeMutablePointer<CChar>, UnsafeMutablePointer<Int>) -> Int32
     typealias RBDRename = @convention(c) (Handle, UnsafePointer<CChar>, UnsafePointer<CChar>) -> Int32
     typealias RBDGetU64 = @convention(c) (Handle, UnsafeMutablePointer<UInt64>) -> Int32
     typealias RBDResize = @convention(c) (Handle, UInt64) -> Int32
@@ -42,12 +44,14 @@ final class LibRBD: @unchecked Sendable {
     let radosShutdown: RadosShutdown
     let radosIoctxCreate: RadosIoctxCreate
     let radosIoctxSetNamespace: RadosIoctxSetNamespace
+    let radosIoctxDestroy: RadosIoctxDestroy
     let open: RBDOpen
     let openReadOnly: RBDOpen
     let close: RBDClose
     let create: RBDCreate
     let remove: RBDRemove
     let rename: RBDRename
+    let list: RBDList
     let getSize: RBDGetU64
     let getFeatures: RBDGetU64
     let resize: RBDResize
@@ -79,12 +83,14 @@ final class LibRBD: @unchecked Sendable {
         radosShutdown = try symbol(rados, "rados_shutdown", RadosShutdown.self)
         radosIoctxCreate = try symbol(rados, "rados_ioctx_create", RadosIoctxCreate.self)
         radosIoctxSetNamespace = try symbol(rados, "rados_ioctx_set_namespace", RadosIoctxSetNamespace.self)
+        radosIoctxDestroy = try symbol(rados, "rados_ioctx_destroy", RadosIoctxDestroy.self)
         open = try symbol(rbd, "rbd_open", RBDOpen.self)
         openReadOnly = try symbol(rbd, "rbd_open_read_only", RBDOpen.self)
         close = try symbol(rbd, "rbd_close", RBDClose.self)
         create = try symbol(rbd, "rbd_create", RBDCreate.self)
         remove = try symbol(rbd, "rbd_remove", RBDRemove.self)
         rename = try symbol(rbd, "rbd_rename", RBDRename.self)
+        list = try symbol(rbd, "rbd_list", RBDList.self)
         getSize = try symbol(rbd, "rbd_get_size", RBDGetU64.self)
         getFeatures = try symbol(rbd, "rbd_get_features", RBDGetU64.self)
         resize = try symbol(rbd, "rbd_resize", RBDResize.self)
@@ -172,8 +178,22 @@ final class LibRBD: @unchecked Sendable {
                 throw unavailable(name, "connecting to the cluster\(who)", r)
             }
             table[key] = cluster
+            if table.count == 1 { atexit { try? LibRBD.shared().shutdown() } }
             return cluster
         }
+    }
+
+    /// RBD images open now (``RBDStorage`` counts them).
+    let openImages = Atomic<Int>(0)
+
+    /// Closes every connection, at process exit: librados' threads must stop before the
+    /// process's exit handlers tear down what they use (OpenSSL's, registered before ours and
+    /// so run after it), or a thread still decrypting a monitor's message aborts the process.
+    /// Skipped while an image is still open (librados would wait for it).
+    private func shutdown() {
+        guard openImages.load(ordering: .acquiring) == 0 else { return }
+        for io in contexts.withLock({ t in defer { t = [:] }; return Array(t.values) }) { radosIoctxDestroy(io) }
+        for c in connections.withLock({ t in defer { t = [:] }; return Array(t.values) }) { radosShutdown(c) }
     }
 
     private func unavailable(_ name: RBDName, _ what: String, _ r: Int32) -> StrataError {

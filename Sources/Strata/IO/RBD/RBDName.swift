@@ -62,6 +62,27 @@ public struct RBDName: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
+    /// Parses a pool (`rbd:POOL[/NAMESPACE][:key=value…]`), for listing it: the result names
+    /// no image (`image` is empty).
+    public init(parsingPool name: String) throws {
+        // The same grammar with a placeholder image, so options and escapes parse alike.
+        let parts = Self.split(String(name.dropFirst(Self.prefix.count)), on: ":")
+        guard Self.isRBD(name), let spec = parts.first, !spec.isEmpty, !spec.contains("@") else {
+            throw Self.bad(name, "does not name a pool (rbd:POOL or rbd:POOL/NAMESPACE)")
+        }
+        let rest = parts.dropFirst().map { ":" + $0 }.joined()
+        self = try RBDName(parsing: Self.prefix + spec + "/-" + rest)
+        image = ""
+    }
+
+    /// The image `image` in this name's pool and namespace, with its settings.
+    public func sibling(_ image: String) -> RBDName {
+        var n = self
+        n.image = image
+        n.snapshot = nil
+        return n
+    }
+
     /// The name spelled back, options included (what a backing file name records).
     public var description: String {
         var s = Self.prefix + Self.escape(pool) + "/"

@@ -51,13 +51,17 @@ public final class RBDStorage: BlockStorage, @unchecked Sendable {
         self.name = rbdName.description
         self.writable = writable
         self.size = Atomic(bytes)
+        lib.openImages.add(1, ordering: .relaxed)
     }
 
     deinit { close() }
 
     /// Closes the image (which releases its exclusive lock). Idempotent.
     public func close() {
-        if !closed.exchange(true, ordering: .acquiringAndReleasing) { _ = lib.close(image) }
+        if !closed.exchange(true, ordering: .acquiringAndReleasing) {
+            _ = lib.close(image)
+            lib.openImages.subtract(1, ordering: .releasing)
+        }
     }
 
     /// Creates an empty RBD image (size 0; writes grow it) with the cluster's default
@@ -79,6 +83,21 @@ public final class RBDStorage: BlockStorage, @unchecked Sendable {
     static func remove(_ rbdName: RBDName) {
         guard let lib = try? LibRBD.shared(), let io = try? lib.ioContext(for: rbdName) else { return }
         _ = lib.remove(io, rbdName.image)
+    }
+
+    /// The image names in a pool (and namespace).
+    static func list(_ pool: RBDName) throws -> [String] {
+        let lib = try LibRBD.shared()
+        let io = try lib.ioContext(for: pool)
+        var size = 4096
+        while true {
+            var buffer = [CChar](repeating: 0, count: size)
+            let r = lib.list(io, &buffer, &size)
+            if r == -ERANGE, size > buffer.count, size <= Limits.maxPoolListing { continue }
+            guard r >= 0 else { throw StrataError.openFailed(path: pool.description, errno: -r) }
+            let bytes = buffer.prefix(min(size, buffer.count)).map { UInt8(bitPattern: $0) }
+            return bytes.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+        }
     }
 
     /// Renames an image within its pool; EEXIST when `newName` is taken.
