@@ -49,15 +49,33 @@
 #   STRATA_SCRATCH=<repo>/.build-strata
 #   WORKDIR=dir     where images and sockets go (default: a new folder under ${TMPDIR:-/tmp})
 #   KEEP=1          keep WORKDIR (images, fio JSON, server logs) afterwards
+#   NOTE=""         a line for the header (e.g. "the machine was shared")
+#
+# RBD (images in a Ceph pool through librbd, the names as QEMU spells them):
+#   CEPH_CONF=path  the cluster's ceph.conf (e.g. from scripts/ceph-cluster.sh start DIR). Every
+#                   disk is then a fresh RBD image rbd:RBD_POOL/nbdb-PID-SERVER-N:conf=CEPH_CONF,
+#                   made the same way (qemu-img create -f qcow2 ..., strata create for dedup), used
+#                   by strata serve and qemu-nbd (QEMU's rbd driver) under that name, and removed
+#                   with `rbd rm` when its session is over (on exit too, unless KEEP=1).
+#                   SERVERS defaults to "strata qemu-nbd" (nbdkit has no rbd plugin); SIZE to 1G.
+#   RBD_POOL=strata the pool
 #
 # A failed fio run is reported (its cell shows FAIL, the script exits 1 at the end) and the
 # run goes on. Installs nothing: it says which Debian package is missing and stops.
 set -euo pipefail
 
+CEPH_CONF=${CEPH_CONF:-}
+RBD_POOL=${RBD_POOL:-strata}
+NOTE=${NOTE:-}
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-8}
-SIZE=${SIZE:-2G}
-SERVERS=${SERVERS:-strata qemu-nbd nbdkit}
+if [[ -n "$CEPH_CONF" ]]; then
+    SIZE=${SIZE:-1G}
+    SERVERS=${SERVERS:-strata qemu-nbd}
+else
+    SIZE=${SIZE:-2G}
+    SERVERS=${SERVERS:-strata qemu-nbd nbdkit}
+fi
 FEATURES=${FEATURES:-}
 PROFILES=${PROFILES:-all}
 TCP_PROFILES=${TCP_PROFILES:-seq-read-1M-qd4 rand-read-4K-qd1 rand-read-4K-qd16}
@@ -70,14 +88,29 @@ STRATA_SCRATCH=${STRATA_SCRATCH:-$REPO/.build-strata}
 
 source "$HERE/lib.sh"
 require_tools nbd-bench fio:fio qemu-nbd:qemu-utils qemu-img:qemu-utils qemu-io:qemu-utils \
-    nbdkit:nbdkit python3:python3 awk:gawk sync:coreutils
+    python3:python3 awk:gawk sync:coreutils
 if ! fio --enghelp 2>/dev/null | grep -qw nbd; then
     echo "nbd-bench: this fio has no nbd engine (Debian's fio 3.33 has it)" >&2
     exit 2
 fi
-if ! nbdkit file --version >/dev/null 2>&1; then
-    echo "nbd-bench: nbdkit has no file plugin (Debian package: nbdkit)" >&2
-    exit 2
+if [[ -n "$CEPH_CONF" ]]; then
+    require_tools nbd-bench rbd:ceph-common
+    [[ -r "$CEPH_CONF" ]] || { echo "nbd-bench: no ceph.conf at $CEPH_CONF" >&2; exit 2; }
+    CEPH_CONF=$(cd "$(dirname "$CEPH_CONF")" && pwd)/$(basename "$CEPH_CONF")
+    if ! qemu-img --help 2>/dev/null | grep -qw rbd; then
+        echo "nbd-bench: this QEMU has no rbd driver (Debian package: qemu-block-extra)" >&2
+        exit 2
+    fi
+    if [[ " $SERVERS " == *" nbdkit "* ]]; then
+        echo "nbd-bench: nbdkit cannot serve an RBD image here; leave it out of SERVERS" >&2
+        exit 2
+    fi
+elif [[ " $SERVERS " == *" nbdkit "* ]]; then
+    require_tools nbd-bench nbdkit:nbdkit
+    if ! nbdkit file --version >/dev/null 2>&1; then
+        echo "nbd-bench: nbdkit has no file plugin (Debian package: nbdkit)" >&2
+        exit 2
+    fi
 fi
 
 # --- profiles -------------------------------------------------------------------------------
@@ -155,10 +188,11 @@ RESULTS=$WORKDIR/results
 mkdir -p "$RESULTS"
 : >"$RESULTS/rss.tsv"
 : >"$RESULTS/failures.txt"
-SOCK="" PORT="" URI="" DISK=""
+SOCK="" PORT="" URI="" DISK="" DISKS=0
 cleanup() {
     stop_server
     [[ -n "$SOCK" ]] && rm -f "$SOCK"
+    [[ -n "$CEPH_CONF" && "${KEEP:-0}" != 1 ]] && remove_disk
     if [[ "${KEEP:-0}" == 1 ]]; then
         echo "nbd-bench: kept $WORKDIR" >&2
     else
@@ -170,10 +204,34 @@ trap 'exit 130' INT TERM
 
 log() { echo "nbd-bench: $*" >&2; }
 
-# Makes a fresh disk for server $1 at $DISK.
+# Removes $DISK (a file, or with CEPH_CONF an RBD image; a second try after the watch
+# timeout if a killed server's watch still holds it).
+remove_disk() {
+    [[ -n "$DISK" ]] || return 0
+    if [[ -z "$CEPH_CONF" ]]; then
+        rm -f "$DISK"
+    else
+        local spec=${DISK#rbd:}
+        spec=${spec%%:*}
+        if rbd -c "$CEPH_CONF" info "$spec" >/dev/null 2>&1; then
+            rbd -c "$CEPH_CONF" rm --no-progress "$spec" >/dev/null 2>&1 ||
+                { sleep 8; rbd -c "$CEPH_CONF" rm --no-progress "$spec" >/dev/null 2>&1; } ||
+                log "could not remove $spec (rbd -c $CEPH_CONF rm $spec)"
+        fi
+    fi
+    DISK=""
+}
+
+# Makes a fresh disk for server $1 at $DISK: in the file $2, or with CEPH_CONF in a new RBD image.
 make_disk() {
     local name=$1 off chunk i cmds=()
-    rm -f "$DISK"
+    remove_disk
+    if [[ -n "$CEPH_CONF" ]]; then
+        DISKS=$((DISKS + 1))
+        DISK="rbd:$RBD_POOL/nbdb-$$-${name//+/-}-$DISKS:conf=$CEPH_CONF"
+    else
+        DISK=$2
+    fi
     case $name in
     nbdkit) truncate -s "$SIZE" "$DISK" ;;
     strata+dedup) "$STRATA" create -q -f qcow2 -o cluster_size=65536,dedup=on "$DISK" "$SIZE" ;;
@@ -274,8 +332,10 @@ run_fio() {
     echo "git:     $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet HEAD 2>/dev/null || echo ' (dirty)') ($(git -C "$REPO" rev-parse --abbrev-ref HEAD 2>/dev/null || echo '?'))"
     ((NEED_STRATA)) && echo "strata:  $STRATA ($("$STRATA" --version 2>/dev/null | head -1))"
     echo "host:    $(uname -srvm); nproc $(nproc); $(awk '/MemTotal/ { printf "%.1f GiB RAM", $2 / 1048576 }' /proc/meminfo); load $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "tools:   $(fio --version), $(qemu-nbd --version | head -1), $(nbdkit --version | head -1)"
-    echo "settings: ROUNDS=$ROUNDS RUNTIME=$RUNTIME SIZE=$SIZE SERVERS=\"$SERVERS\" FEATURES=\"$FEATURES\" STRATA_ENV=\"$STRATA_ENV\" PROFILES=\"$PROFILES\" TCP_PROFILES=\"$TCP_PROFILES\""
+    echo "tools:   $(fio --version), $(qemu-nbd --version | head -1), $(nbdkit --version 2>/dev/null | head -1 || echo 'no nbdkit')"
+    [[ -n "$CEPH_CONF" ]] && echo "storage: RBD: every IMG is a fresh image rbd:$RBD_POOL/NAME:conf=$CEPH_CONF (removed by rbd rm after its session); $(ceph --version 2>/dev/null | head -1)"
+    [[ -n "$NOTE" ]] && echo "note:    $NOTE"
+    echo "settings: ${CEPH_CONF:+CEPH_CONF=$CEPH_CONF RBD_POOL=$RBD_POOL }ROUNDS=$ROUNDS RUNTIME=$RUNTIME SIZE=$SIZE SERVERS=\"$SERVERS\" FEATURES=\"$FEATURES\" STRATA_ENV=\"$STRATA_ENV\" PROFILES=\"$PROFILES\" TCP_PROFILES=\"$TCP_PROFILES\""
     echo "servers (LISTEN: --socket S | --bind 127.0.0.1 --port P, and the same for the others):"
     echo "  strata    ${STRATA_ENV:+$STRATA_ENV }strata serve LISTEN --cache writeback -f qcow2 IMG   (IMG: qemu-img create -f qcow2 -o cluster_size=65536)"
     echo "  qemu-nbd  qemu-nbd --persistent -e 8 -f qcow2 --cache=writeback --aio=threads LISTEN IMG   (same IMG)"
@@ -298,16 +358,15 @@ for round in $(seq 1 "$ROUNDS"); do
         server=${ALL_SERVERS[$(((round - 1 + k) % n))]}
         ext=qcow2
         [[ $server == nbdkit ]] && ext=raw
-        DISK="$WORKDIR/$server.$ext"
         log "round $round/$ROUNDS: $server"
         if ((${#RUN_A[@]})); then
-            make_disk "$server"
+            make_disk "$server" "$WORKDIR/$server.$ext"
             start_server "$server" unix
             for p in "${RUN_A[@]}"; do run_fio "$server" unix "$round" "$p"; done
             end_session "$server" "$round" A
         fi
         if ((${#RUN_B[@]})); then
-            make_disk "$server"
+            make_disk "$server" "$WORKDIR/$server.$ext"
             start_server "$server" unix
             for p in "${RUN_B[@]}"; do run_fio "$server" unix "$round" "$p"; done
             end_session "$server" "$round" B
@@ -317,7 +376,7 @@ for round in $(seq 1 "$ROUNDS"); do
             for p in "${RUN_C[@]}"; do run_fio "$server" tcp "$round" "$p"; done
             end_session "$server" "$round" C
         fi
-        rm -f "$DISK"
+        remove_disk
     done
 done
 
