@@ -195,6 +195,31 @@ extension Export {
         }
     }
 
+    /// Starts a read on a device whose store reads asynchronously (RBD;
+    /// ``BlockDevice/readsAsynchronously``): the reply is built as ``readReply`` builds it,
+    /// with the data reads started into it (``BlockDevice/startRead(at:length:runs:reads:)``)
+    /// instead of waited for. `completion` runs once, on a librbd thread (or this one), with
+    /// the finished reply, or nil when the read could not be done this way (a table to load,
+    /// a compressed cluster, a failed read): the caller then runs the read on an I/O thread.
+    func startReadReply(offset: UInt64, length: UInt32, dontFragment: Bool, cookie: UInt64, session: NBDSession,
+                        allocator: ByteBufferAllocator, completion: @escaping @Sendable (ByteBuffer?) -> Void) {
+        let box = ReplyBox()
+        let reads = AsyncReads { ok in completion(ok ? box.reply : nil) }
+        let reply = try? readReply(offset: offset, length: length, dontFragment: dontFragment, cookie: cookie,
+                                   session: session, allocator: allocator,
+                                   whole: { o, out in
+                                       device.startRead(at: o, length: out.count, runs: { off, n, _ in
+                                           let s = Int(off - o)
+                                           return UnsafeMutableRawBufferPointer(rebasing: out[s..<s + n])
+                                       }, reads: reads)
+                                   },
+                                   runs: { o, n, sink in device.startRead(at: o, length: n, runs: sink, reads: reads) })
+        // The reply's storage stays where the reads write until `completion` has run: the box
+        // holds it, and nothing writes to it meanwhile.
+        box.reply = reply
+        reads.finishStarting(ok: reply != nil)
+    }
+
     /// A read's complete reply, its data read straight into it by `whole` or `runs` (nil
     /// when they gave up).
     ///
@@ -244,4 +269,10 @@ struct NBDReply: Sendable {
     var bytes: ByteBuffer
     /// The error it reports, if any.
     var error: NBDErrno? = nil
+}
+
+/// A started read's reply, kept alive (and handed over) until its reads end. Written once by
+/// the starter before ``AsyncReads/finishStarting(ok:)``, read once by the completion after.
+private final class ReplyBox: @unchecked Sendable {
+    var reply: ByteBuffer?
 }

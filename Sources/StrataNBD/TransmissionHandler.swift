@@ -222,27 +222,57 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let bytes = command.payloadBytes
         inFlight += 1
         inFlightBytes += bytes
+        // A read from a store that reads asynchronously (RBD) is started from here: librbd
+        // calls back when the data is in, and the reply goes out from this event loop, with
+        // no I/O thread waiting for it. What cannot be done that way goes to the pool.
+        if case .read(let offset, let length, let dontFragment) = command, session.export.device.readsAsynchronously {
+            let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            let eventLoop = context.eventLoop
+            session.export.startReadReply(offset: offset, length: length, dontFragment: dontFragment, cookie: cookie,
+                                          session: session, allocator: context.channel.allocator) { reply in
+                eventLoop.execute {
+                    let (handler, context) = bound.value
+                    if let reply {
+                        handler.finish(command, .success(NBDReply(bytes: reply)), bytes: bytes, cookie: cookie, context: context)
+                    } else {
+                        handler.runOnPool(command, bytes: bytes, cookie: cookie, context: context)
+                    }
+                }
+            }
+            return
+        }
+        runOnPool(command, bytes: bytes, cookie: cookie, context: context)
+    }
+
+    /// The one hop: the command runs on the I/O pool, and its reply is written back here.
+    private func runOnPool(_ command: NBDCommand, bytes: Int, cookie: UInt64, context: ChannelHandlerContext) {
         let session = self.session
         let logger = self.logger
         pool.runIfActive(eventLoop: context.eventLoop) {
             session.export.perform(command, cookie: cookie, session: session, logger: logger)
         }.assumeIsolated().whenComplete { result in
-            self.inFlight -= 1
-            self.inFlightBytes -= bytes
-            switch result {
-            case .success(let reply):
-                self.record(command, reply: reply)
-                if case .closed = self.state {} else {
-                    context.writeAndFlush(self.wrapOutboundOut(reply.bytes), promise: nil)
-                }
-            case .failure:
-                // The pool stopped before running the request: only happens while shutting down.
-                self.reject(command.name, cookie: cookie,
-                            NBDRejection(error: .shutdown, message: "server is shutting down"), context: context)
-            }
-            self.completed(context: context)
-            self.releaseLeaseIfIdle()
+            self.finish(command, result, bytes: bytes, cookie: cookie, context: context)
         }
+    }
+
+    /// A request counted in flight is answered (or refused because the pool has stopped).
+    private func finish(_ command: NBDCommand, _ result: Result<NBDReply, Error>, bytes: Int, cookie: UInt64,
+                        context: ChannelHandlerContext) {
+        inFlight -= 1
+        inFlightBytes -= bytes
+        switch result {
+        case .success(let reply):
+            record(command, reply: reply)
+            if case .closed = state {} else {
+                context.writeAndFlush(wrapOutboundOut(reply.bytes), promise: nil)
+            }
+        case .failure:
+            // The pool stopped before running the request: only happens while shutting down.
+            reject(command.name, cookie: cookie,
+                   NBDRejection(error: .shutdown, message: "server is shutting down"), context: context)
+        }
+        completed(context: context)
+        releaseLeaseIfIdle()
     }
 
     /// Lets go of the export once the channel has closed and nothing is in flight: the last

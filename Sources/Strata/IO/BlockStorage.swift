@@ -17,6 +17,18 @@ public protocol BlockStorage: AnyObject, Sendable {
     /// false when it would wait, fails or comes up short; the caller then uses
     /// ``read(into:at:)`` from a thread that may block.
     func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool
+    /// True for a store whose reads go out over a network and complete later
+    /// (``readAsync(into:at:reads:)``).
+    var readsAsynchronously: Bool { get }
+    /// Starts reading exactly `buffer.count` bytes at `offset` (bytes past the end read as
+    /// zero), ending in `reads` (see ``AsyncReads``). Returns false, having started nothing,
+    /// when the store cannot. A store that reads synchronously reads without waiting
+    /// (``readIfCached(into:at:)``), at once.
+    func readAsync(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, reads: AsyncReads) -> Bool
+    /// Writes all of `buffer` at `offset` if that needs no waiting (into memory), for callers
+    /// that must not block; false when it would wait or fails (the caller then uses
+    /// ``write(_:at:)`` from a thread that may block, which reports the failure).
+    func writeIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool
     /// Writes all of `buffer` at `offset`, growing the storage if needed.
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws
     /// Makes every completed write durable.
@@ -42,6 +54,13 @@ public protocol BlockStorage: AnyObject, Sendable {
 extension BlockStorage {
     /// Storage that cannot tell never reads without waiting.
     public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool { false }
+    public var readsAsynchronously: Bool { false }
+    /// A store that reads synchronously reads without waiting, at once, or not at all.
+    public func readAsync(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, reads: AsyncReads) -> Bool {
+        readIfCached(into: buffer, at: offset)
+    }
+    /// Storage that cannot tell never writes without waiting (a network store waits for it).
+    public func writeIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool { false }
     /// Storage without handles of its own (memory) has nothing to release.
     public func close() {}
 

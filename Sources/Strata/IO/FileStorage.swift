@@ -102,6 +102,12 @@ public final class FileStorage: BlockStorage {
     public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
         directFD < 0 && Syscalls.preadIfCached(fd, buffer, offset)
     }
+    /// A write into the page cache (the O_DIRECT descriptor unused): a plain pwrite, since ext4
+    /// refuses RWF_NOWAIT for buffered writes (EOPNOTSUPP, Linux 6.18); it waits only when
+    /// the kernel throttles dirty pages.
+    public func writeIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool {
+        directFD < 0 && (try? Syscalls.pwriteFully(fd, buffer, offset)) != nil
+    }
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try onFile(name) { try Syscalls.pwriteFully(descriptor(buffer.baseAddress, buffer.count, offset), buffer, offset) }
     }

@@ -28,6 +28,10 @@ public final class MemoryStorage: BlockStorage {
         guard let n = try? read(into: buffer, at: offset) else { return false }
         return n == buffer.count
     }
+    /// Memory never waits for a disk.
+    public func writeIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool {
+        (try? write(buffer, at: offset)) != nil
+    }
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try bytes.withLock { b in
             guard offset <= UInt64(Int.max) - UInt64(buffer.count), offset + UInt64(buffer.count) <= Limits.maxMemoryStorage else {

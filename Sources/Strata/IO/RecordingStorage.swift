@@ -25,6 +25,11 @@ public final class RecordingStorage: BlockStorage {
     public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
         inner.readIfCached(into: buffer, at: offset)
     }
+    public func writeIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool {
+        guard inner.writeIfCached(buffer, at: offset) else { return false }
+        log.withLock { $0.append(.write(offset: offset, bytes: Array(buffer))) }
+        return true
+    }
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try inner.write(buffer, at: offset)
         log.withLock { $0.append(.write(offset: offset, bytes: Array(buffer))) }

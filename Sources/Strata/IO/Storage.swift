@@ -9,7 +9,7 @@ import Glibc
 public enum Storage {
     /// Opens the storage of an existing image.
     public static func open(_ name: String, mode: OpenMode) throws -> any BlockStorage {
-        if RBDName.isRBD(name) { return try RBDStorage(name: RBDName(parsing: name), writable: mode.writable) }
+        if RBDName.isRBD(name) { return try RBDStorage(name: RBDName(parsing: name), writable: mode.writable, uncached: mode.direct) }
         return try FileStorage(path: name, mode: mode)
     }
 

@@ -75,6 +75,16 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// fails); the sink may have been given some of the runs by then, and the caller redoes
     /// the whole read with ``read(at:length:runs:)`` on a thread that may block.
     func readIfCached(at offset: UInt64, length: Int, runs sink: ReadSink) -> Bool
+    /// True when the device's store reads asynchronously (RBD): then
+    /// ``startRead(at:length:runs:reads:)`` is how a caller that must not block reads.
+    var readsAsynchronously: Bool { get }
+    /// ``readIfCached(at:length:runs:)`` for a store that reads asynchronously: the metadata
+    /// lookups are made without waiting (as there), and the data reads are started and end in
+    /// `reads` instead of being waited for. Returns false when it would wait for metadata or
+    /// cannot read this way; reads already started still end in `reads`, so the caller
+    /// always calls ``AsyncReads/finishStarting(ok:)`` (with the return value) and acts in
+    /// the completion: reply on true, redo the read on a thread that may block on false.
+    func startRead(at offset: UInt64, length: Int, runs sink: ReadSink, reads: AsyncReads) -> Bool
     /// ``write(_:at:fua:)`` without FUA if it needs no metadata change and no waiting for
     /// another request (an overwrite of data the device already holds; see
     /// ``Qcow2Image/writeInPlaceIfCached(_:at:)``). For an event loop. Returns false, having
@@ -92,6 +102,9 @@ extension BlockDevice {
 
     /// A device that cannot tell always answers "would wait".
     public func readIfCached(at offset: UInt64, length: Int, runs sink: ReadSink) -> Bool { false }
+
+    public var readsAsynchronously: Bool { false }
+    public func startRead(at offset: UInt64, length: Int, runs sink: ReadSink, reads: AsyncReads) -> Bool { false }
 
     /// A device that cannot tell never writes without a hop.
     public func writeInPlaceIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool { false }

@@ -35,7 +35,7 @@ extension Qcow2Image {
         lock.unlock()
         defer { endIO(token) }
         // A failure is reported by the blocking write, which the caller makes next.
-        return (try? storage.write(buffer, at: host)) != nil
+        return storage.writeIfCached(buffer, at: host)
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool) throws {

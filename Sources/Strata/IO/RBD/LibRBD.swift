@@ -24,6 +24,11 @@ final class LibRBD: @unchecked Sendable {
     typealias RBDClose = @convention(c) (Handle) -> Int32
     typealias RBDCreate = @convention(c) (Handle, UnsafePointer<CChar>, UInt64, UnsafeMutablePointer<Int32>) -> Int32
     typealias RBDRemove = @convention(c) (Handle, UnsafePointer<CChar>) -> Int32
+    typealias RBDCallback = @convention(c) (UnsafeMutableRawPointer?, UnsafeMutableRawPointer?) -> Void
+    typealias RBDAioCreateCompletion = @convention(c) (UnsafeMutableRawPointer?, RBDCallback, UnsafeMutablePointer<UnsafeMutableRawPointer?>) -> Int32
+    typealias RBDAioRead = @convention(c) (Handle, UInt64, Int, UnsafeMutablePointer<CChar>, UnsafeMutableRawPointer) -> Int32
+    typealias RBDAioGetReturnValue = @convention(c) (UnsafeMutableRawPointer) -> Int
+    typealias RBDAioRelease = @convention(c) (UnsafeMutableRawPointer) -> Void
     typealias RBDList = @convention(c) (Handle, UnsafeMutablePointer<CChar>, UnsafeMutablePointer<Int>) -> Int32
     typealias RBDRename = @convention(c) (Handle, UnsafePointer<CChar>, UnsafePointer<CChar>) -> Int32
     typealias RBDGetU64 = @convention(c) (Handle, UnsafeMutablePointer<UInt64>) -> Int32
@@ -52,6 +57,10 @@ final class LibRBD: @unchecked Sendable {
     let remove: RBDRemove
     let rename: RBDRename
     let list: RBDList
+    let aioCreateCompletion: RBDAioCreateCompletion
+    let aioRead: RBDAioRead
+    let aioGetReturnValue: RBDAioGetReturnValue
+    let aioRelease: RBDAioRelease
     let getSize: RBDGetU64
     let getFeatures: RBDGetU64
     let resize: RBDResize
@@ -91,6 +100,10 @@ final class LibRBD: @unchecked Sendable {
         remove = try symbol(rbd, "rbd_remove", RBDRemove.self)
         rename = try symbol(rbd, "rbd_rename", RBDRename.self)
         list = try symbol(rbd, "rbd_list", RBDList.self)
+        aioCreateCompletion = try symbol(rbd, "rbd_aio_create_completion", RBDAioCreateCompletion.self)
+        aioRead = try symbol(rbd, "rbd_aio_read", RBDAioRead.self)
+        aioGetReturnValue = try symbol(rbd, "rbd_aio_get_return_value", RBDAioGetReturnValue.self)
+        aioRelease = try symbol(rbd, "rbd_aio_release", RBDAioRelease.self)
         getSize = try symbol(rbd, "rbd_get_size", RBDGetU64.self)
         getFeatures = try symbol(rbd, "rbd_get_features", RBDGetU64.self)
         resize = try symbol(rbd, "rbd_resize", RBDResize.self)
@@ -127,11 +140,13 @@ final class LibRBD: @unchecked Sendable {
     private let connections = Mutex<[String: Handle]>([:])
     private let contexts = Mutex<[String: Handle]>([:])
 
-    /// The I/O context for `name`'s pool and namespace, connecting when needed.
-    func ioContext(for name: RBDName) throws -> Handle {
-        let key = name.clusterKey + "\u{2}" + name.pool + "\u{2}" + name.namespace
+    /// The I/O context for `name`'s pool and namespace, connecting when needed. `uncached`:
+    /// a connection whose images bypass librbd's cache (`cache=none`, as QEMU sets
+    /// `rbd_cache=false` for it).
+    func ioContext(for name: RBDName, uncached: Bool = false) throws -> Handle {
+        let key = name.clusterKey + (uncached ? "\u{3}" : "") + "\u{2}" + name.pool + "\u{2}" + name.namespace
         if let io = contexts.withLock({ $0[key] }) { return io }
-        let cluster = try connection(for: name)
+        let cluster = try connection(for: name, uncached: uncached)
         var io: Handle? = nil
         let r = radosIoctxCreate(cluster, name.pool, &io)
         guard r == 0, let io else {
@@ -146,8 +161,8 @@ final class LibRBD: @unchecked Sendable {
         }
     }
 
-    private func connection(for name: RBDName) throws -> Handle {
-        let key = name.clusterKey
+    private func connection(for name: RBDName, uncached: Bool) throws -> Handle {
+        let key = name.clusterKey + (uncached ? "\u{3}" : "")
         // Connecting can take seconds; hold the table's lock so two threads connect once.
         return try connections.withLock { table in
             if let c = table[key] { return c }
@@ -164,6 +179,7 @@ final class LibRBD: @unchecked Sendable {
                 throw unavailable(name, "reading \(name.conf ?? "the default ceph.conf")", r)
             }
             _ = radosConfParseEnv(cluster, nil)
+            if uncached { _ = radosConfSet(cluster, "rbd_cache", "false") }
             for (k, v) in name.options {
                 r = radosConfSet(cluster, k, v)
                 if r != 0 {

@@ -20,6 +20,7 @@ public final class RBDStorage: BlockStorage, @unchecked Sendable {
     private let lib: LibRBD
     private let image: LibRBD.Handle
     private let writable: Bool
+    private let uncached: Bool
     /// The image's size as last set or read.
     private let size: Atomic<UInt64>
     /// Serialises resizes.
@@ -29,13 +30,14 @@ public final class RBDStorage: BlockStorage, @unchecked Sendable {
     static let growMinimum: UInt64 = 4 << 20
     static let growMaximum: UInt64 = 256 << 20
 
-    /// Opens an existing RBD image (a snapshot, `@SNAP`, only read-only).
-    public init(name rbdName: RBDName, writable: Bool) throws {
+    /// Opens an existing RBD image (a snapshot, `@SNAP`, only read-only). `uncached` bypasses
+    /// librbd's cache (`cache=none`).
+    public init(name rbdName: RBDName, writable: Bool, uncached: Bool = false) throws {
         let lib = try LibRBD.shared()
         if writable, rbdName.snapshot != nil {
             throw StrataError.invalidOption(path: rbdName.description, reason: "an RBD snapshot (@\(rbdName.snapshot!)) can only be opened read-only")
         }
-        let io = try lib.ioContext(for: rbdName)
+        let io = try lib.ioContext(for: rbdName, uncached: uncached)
         var image: LibRBD.Handle? = nil
         let r = (writable ? lib.open : lib.openReadOnly)(io, rbdName.image, &image, rbdName.snapshot)
         guard r == 0, let image else { throw StrataError.openFailed(path: rbdName.description, errno: -r) }
@@ -50,6 +52,7 @@ public final class RBDStorage: BlockStorage, @unchecked Sendable {
         self.rbdName = rbdName
         self.name = rbdName.description
         self.writable = writable
+        self.uncached = uncached
         self.size = Atomic(bytes)
         lib.openImages.add(1, ordering: .relaxed)
     }
@@ -126,6 +129,11 @@ public final class RBDStorage: BlockStorage, @unchecked Sendable {
         }
         r = lib.lockAcquire(image, LibRBD.lockModeExclusive)
         guard r == 0 else { throw StrataError.rbdLocked(path: name, owners: lockOwners(), errno: -r) }
+        // librbd keeps its cache in writethrough mode until it sees a first flush
+        // (`rbd_cache_writethrough_until_flush`, for guests that never flush); the engine
+        // flushes whenever its cache mode says so, as for a file's page cache, so it starts
+        // in writeback (librbd's `rbd_cache_policy`) at once.
+        if !uncached { try sync() }
     }
 
     /// The clients that hold the image's lock (`client.4151` …), as librbd reports them.
@@ -149,6 +157,35 @@ public final class RBDStorage: BlockStorage, @unchecked Sendable {
             (buffer.baseAddress! + n).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - n)
         }
         return n
+    }
+
+    public var readsAsynchronously: Bool { true }
+
+    /// `rbd_aio_read`: librbd calls back on one of its threads, which ends the read in
+    /// `reads`. Bytes past the image's end are zeroed here, before the read is submitted.
+    public func readAsync(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, reads: AsyncReads) -> Bool {
+        let end = size.load(ordering: .acquiring)
+        let n = offset >= end ? 0 : Int(min(UInt64(buffer.count), end - offset))
+        if n < buffer.count {
+            (buffer.baseAddress! + n).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - n)
+        }
+        guard n > 0 else { return true }
+        let request = Unmanaged.passRetained(AsyncRead(lib: lib, reads: reads, length: n))
+        var completion: UnsafeMutableRawPointer? = nil
+        guard lib.aioCreateCompletion(request.toOpaque(), { c, arg in AsyncRead.finished(c, arg) }, &completion) == 0,
+              let completion else {
+            request.release()
+            return false
+        }
+        reads.begin()
+        let r = lib.aioRead(image, offset, n, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), completion)
+        if r < 0 {
+            // Not submitted: no callback will come.
+            lib.aioRelease(completion)
+            request.release()
+            reads.end(ok: false)
+        }
+        return true
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
@@ -207,5 +244,27 @@ public final class RBDStorage: BlockStorage, @unchecked Sendable {
 
     private func failure(_ op: String, _ errno: Int32, _ offset: UInt64) -> StrataError {
         StrataError(SystemCallError(op: op, errno: errno, offset: offset), path: name)
+    }
+}
+
+/// One `rbd_aio_read` in flight: what its callback needs.
+private final class AsyncRead {
+    let lib: LibRBD
+    let reads: AsyncReads
+    let length: Int
+    init(lib: LibRBD, reads: AsyncReads, length: Int) {
+        self.lib = lib
+        self.reads = reads
+        self.length = length
+    }
+
+    /// librbd's callback (on a librbd thread): a short or failed read ends as a failure,
+    /// which the blocking read redoes and reports.
+    static func finished(_ completion: UnsafeMutableRawPointer?, _ arg: UnsafeMutableRawPointer?) {
+        guard let completion, let arg else { return }
+        let request = Unmanaged<AsyncRead>.fromOpaque(arg).takeRetainedValue()
+        let r = request.lib.aioGetReturnValue(completion)
+        request.lib.aioRelease(completion)
+        request.reads.end(ok: r == request.length)
     }
 }
