@@ -196,7 +196,7 @@ extension Export {
     }
 
     /// Starts a read on a device whose store reads asynchronously (RBD;
-    /// ``BlockDevice/readsAsynchronously``): the reply is built as ``readReply`` builds it,
+    /// ``BlockDevice/asynchronousIO``): the reply is built as ``readReply`` builds it,
     /// with the data reads started into it (``BlockDevice/startRead(at:length:runs:reads:)``)
     /// instead of waited for. `completion` runs once, on a librbd thread (or this one), with
     /// the finished reply, or nil when the read could not be done this way (a table to load,
@@ -204,20 +204,37 @@ extension Export {
     func startReadReply(offset: UInt64, length: UInt32, dontFragment: Bool, cookie: UInt64, session: NBDSession,
                         allocator: ByteBufferAllocator, completion: @escaping @Sendable (ByteBuffer?) -> Void) {
         let box = ReplyBox()
-        let reads = AsyncReads { ok in completion(ok ? box.reply : nil) }
+        let io = AsyncIO { ok in completion(ok ? box.reply : nil) }
         let reply = try? readReply(offset: offset, length: length, dontFragment: dontFragment, cookie: cookie,
                                    session: session, allocator: allocator,
                                    whole: { o, out in
                                        device.startRead(at: o, length: out.count, runs: { off, n, _ in
                                            let s = Int(off - o)
                                            return UnsafeMutableRawBufferPointer(rebasing: out[s..<s + n])
-                                       }, reads: reads)
+                                       }, io: io)
                                    },
-                                   runs: { o, n, sink in device.startRead(at: o, length: n, runs: sink, reads: reads) })
+                                   runs: { o, n, sink in device.startRead(at: o, length: n, runs: sink, io: io) })
         // The reply's storage stays where the reads write until `completion` has run: the box
         // holds it, and nothing writes to it meanwhile.
         box.reply = reply
-        reads.finishStarting(ok: reply != nil)
+        io.finishStarting(ok: reply != nil)
+    }
+
+    /// Starts a write without `FUA` that overwrites data in place
+    /// (``BlockDevice/startWrite(_:at:io:)``) on a device whose store works asynchronously.
+    /// `completion` runs once, with the reply, or nil when the write must be done (again) on an
+    /// I/O thread. `data` is kept alive by the caller until then.
+    func startWriteReply(offset: UInt64, data: ByteBuffer, cookie: UInt64, allocator: ByteBufferAllocator,
+                         completion: @escaping @Sendable (ByteBuffer?) -> Void) {
+        var reply = allocator.buffer(capacity: ReplyEncoder.simpleReplySize)
+        ReplyEncoder.writeSimpleReply(cookie: cookie, error: nil, into: &reply)
+        let box = ReplyBox()
+        box.reply = reply
+        let io = AsyncIO { ok in completion(ok ? box.reply : nil) }
+        // The payload's storage stays where librbd reads it: the caller holds `data` until
+        // `completion` has run, and nothing writes to it.
+        let ok = data.withUnsafeReadableBytes { device.startWrite($0, at: offset, io: io) }
+        io.finishStarting(ok: ok)
     }
 
     /// A read's complete reply, its data read straight into it by `whole` or `runs` (nil
@@ -272,7 +289,7 @@ struct NBDReply: Sendable {
 }
 
 /// A started read's reply, kept alive (and handed over) until its reads end. Written once by
-/// the starter before ``AsyncReads/finishStarting(ok:)``, read once by the completion after.
+/// the starter before ``AsyncIO/finishStarting(ok:)``, read once by the completion after.
 private final class ReplyBox: @unchecked Sendable {
     var reply: ByteBuffer?
 }

@@ -87,14 +87,14 @@ public final class SwitchableDevice: BlockDevice, @unchecked Sendable {
     private func exclusive<T>(_ body: () throws -> T) rethrows -> T {
         pthread_rwlock_wrlock(rwlock)
         defer { pthread_rwlock_unlock(rwlock) }
-        // Reads started asynchronously hold no lock once started: wait for them to end (a
+        // Requests started asynchronously hold no lock once started: wait for them to end (a
         // network round trip) before the image is flushed, closed or replaced.
-        while asyncReads.load(ordering: .acquiring) > 0 { usleep(100) }
+        while asyncIO.load(ordering: .acquiring) > 0 { usleep(100) }
         return try body()
     }
 
-    /// Reads started by ``startRead(at:length:runs:reads:)`` and not yet ended.
-    private let asyncReads = Atomic<Int>(0)
+    /// Requests started by ``startRead(at:length:runs:io:)`` or ``startWrite(_:at:io:)`` and not yet ended.
+    private let asyncIO = Atomic<Int>(0)
 
     /// The file served now and its format.
     public var file: (path: String, format: ImageFormat) { shared { _ in (path, format) } }
@@ -207,20 +207,30 @@ public final class SwitchableDevice: BlockDevice, @unchecked Sendable {
     }
 
     /// Never waits (the event loop asks): false during a switch.
-    public var readsAsynchronously: Bool {
+    public var asynchronousIO: Bool {
         guard pthread_rwlock_tryrdlock(rwlock) == 0 else { return false }
         defer { pthread_rwlock_unlock(rwlock) }
-        return !closed && current.readsAsynchronously
+        return !closed && current.asynchronousIO
     }
 
     /// Never waits; the image stays the current one until the reads end (a switch waits).
-    public func startRead(at offset: UInt64, length: Int, runs sink: ReadSink, reads: AsyncReads) -> Bool {
+    public func startRead(at offset: UInt64, length: Int, runs sink: ReadSink, io: AsyncIO) -> Bool {
         guard pthread_rwlock_tryrdlock(rwlock) == 0 else { return false }
         defer { pthread_rwlock_unlock(rwlock) }
         guard !closed else { return false }
-        asyncReads.add(1, ordering: .relaxed)
-        reads.hold { self.asyncReads.subtract(1, ordering: .releasing) }
-        return current.startRead(at: offset, length: length, runs: sink, reads: reads)
+        asyncIO.add(1, ordering: .relaxed)
+        io.hold { self.asyncIO.subtract(1, ordering: .releasing) }
+        return current.startRead(at: offset, length: length, runs: sink, io: io)
+    }
+
+    /// Never waits; as ``startRead(at:length:runs:io:)``.
+    public func startWrite(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, io: AsyncIO) -> Bool {
+        guard pthread_rwlock_tryrdlock(rwlock) == 0 else { return false }
+        defer { pthread_rwlock_unlock(rwlock) }
+        guard !closed else { return false }
+        asyncIO.add(1, ordering: .relaxed)
+        io.hold { self.asyncIO.subtract(1, ordering: .releasing) }
+        return current.startWrite(buffer, at: offset, io: io)
     }
 
     public func writeInPlaceIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool {

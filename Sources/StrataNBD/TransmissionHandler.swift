@@ -225,23 +225,41 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         // A read from a store that reads asynchronously (RBD) is started from here: librbd
         // calls back when the data is in, and the reply goes out from this event loop, with
         // no I/O thread waiting for it. What cannot be done that way goes to the pool.
-        if case .read(let offset, let length, let dontFragment) = command, session.export.device.readsAsynchronously {
-            let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-            let eventLoop = context.eventLoop
-            session.export.startReadReply(offset: offset, length: length, dontFragment: dontFragment, cookie: cookie,
-                                          session: session, allocator: context.channel.allocator) { reply in
-                eventLoop.execute {
-                    let (handler, context) = bound.value
-                    if let reply {
-                        handler.finish(command, .success(NBDReply(bytes: reply)), bytes: bytes, cookie: cookie, context: context)
-                    } else {
-                        handler.runOnPool(command, bytes: bytes, cookie: cookie, context: context)
-                    }
-                }
-            }
+        if session.export.device.asynchronousIO, startAsynchronously(command, bytes: bytes, cookie: cookie, context: context) {
             return
         }
         runOnPool(command, bytes: bytes, cookie: cookie, context: context)
+    }
+
+    /// A read, or an overwrite without FUA, on a store that works asynchronously (RBD) is
+    /// started from here: librbd calls back when it is done, and the reply goes out from this
+    /// event loop, with no I/O thread waiting. What could not be done that way goes to the
+    /// pool then. False for other commands (the caller sends them to the pool).
+    private func startAsynchronously(_ command: NBDCommand, bytes: Int, cookie: UInt64, context: ChannelHandlerContext) -> Bool {
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let eventLoop = context.eventLoop
+        // `command` (and with it a write's payload) is held by this closure until it has run.
+        let completion: @Sendable (ByteBuffer?) -> Void = { reply in
+            eventLoop.execute {
+                let (handler, context) = bound.value
+                if let reply {
+                    handler.finish(command, .success(NBDReply(bytes: reply)), bytes: bytes, cookie: cookie, context: context)
+                } else {
+                    handler.runOnPool(command, bytes: bytes, cookie: cookie, context: context)
+                }
+            }
+        }
+        switch command {
+        case .read(let offset, let length, let dontFragment):
+            session.export.startReadReply(offset: offset, length: length, dontFragment: dontFragment, cookie: cookie,
+                                          session: session, allocator: context.channel.allocator, completion: completion)
+        case .write(let offset, let data, let fua) where !fua:
+            session.export.startWriteReply(offset: offset, data: data, cookie: cookie,
+                                           allocator: context.channel.allocator, completion: completion)
+        default:
+            return false
+        }
+        return true
     }
 
     /// The one hop: the command runs on the I/O pool, and its reply is written back here.

@@ -24,7 +24,7 @@ final class RBDStorageTests: XCTestCase {
         try Qcow2Image.create(path: top, options: o)
         let img = try Qcow2Image(path: top, options: OpenOptions(writable: true))
         defer { try? img.close() }
-        XCTAssertTrue(img.readsAsynchronously)
+        XCTAssertTrue(img.asynchronousIO)
         try [UInt8](repeating: 0x22, count: 192 << 10).withUnsafeBytes { try img.write($0, at: 64 << 10, fua: false) }
         try img.writeZeroes(at: 512 << 10, length: 64 << 10, mayUnmap: false, fua: false)
         try img.flush()
@@ -34,12 +34,12 @@ final class RBDStorageTests: XCTestCase {
             let done = DispatchSemaphore(value: 0)
             let result = Box()
             out.withUnsafeMutableBytes { buf in
-                let reads = AsyncReads { ok in result.ok = ok; done.signal() }
+                let io = AsyncIO { ok in result.ok = ok; done.signal() }
                 let ok = img.startRead(at: offset, length: count, runs: { off, n, _ in
                     let s = Int(off - offset)
                     return UnsafeMutableRawBufferPointer(rebasing: buf[s..<s + n])
-                }, reads: reads)
-                reads.finishStarting(ok: ok)
+                }, io: io)
+                io.finishStarting(ok: ok)
                 done.wait()
             }
             return result.ok ? out : nil
@@ -60,6 +60,25 @@ final class RBDStorageTests: XCTestCase {
         }
         // Past the end: refused, for the blocking read to report.
         XCTAssertNil(started(4 * mib, 1))
+
+        // Overwrites in place: started, and read back; anything needing metadata refused.
+        func startedWrite(_ offset: UInt64, _ bytes: [UInt8]) -> Bool {
+            let done = DispatchSemaphore(value: 0)
+            let result = Box()
+            bytes.withUnsafeBytes { buf in
+                let io = AsyncIO { ok in result.ok = ok; done.signal() }
+                io.finishStarting(ok: img.startWrite(buf, at: offset, io: io))
+                done.wait()
+            }
+            return result.ok
+        }
+        XCTAssertTrue(startedWrite(64 << 10, [UInt8](repeating: 0x33, count: 8192)))
+        XCTAssertEqual(try blocking(64 << 10, 8192), [UInt8](repeating: 0x33, count: 8192))
+        XCTAssertEqual(started(64 << 10, 12288), [UInt8](repeating: 0x33, count: 8192) + [UInt8](repeating: 0x22, count: 4096))
+        XCTAssertFalse(startedWrite(3 * mib, [UInt8](repeating: 1, count: 4096)), "an allocating write")
+        XCTAssertFalse(startedWrite(0, [UInt8](repeating: 1, count: 4096)), "a cluster of the backing file")
+        XCTAssertFalse(startedWrite(64 << 10, [UInt8](repeating: 1, count: 100)), "a partial page")
+        XCTAssertEqual(try blocking(0, 4096), [UInt8](repeating: 0x11, count: 4096))
         // A table not in memory is not loaded by a started read.
         let fresh = try Qcow2Image(path: top, options: OpenOptions(format: .qcow2, forceShare: true))
         defer { try? fresh.close() }
@@ -67,10 +86,10 @@ final class RBDStorageTests: XCTestCase {
         let result = Box()
         var out = [UInt8](repeating: 0, count: 4096)
         out.withUnsafeMutableBytes { buf in
-            let reads = AsyncReads { ok in result.ok = ok; done.signal() }
-            let ok = fresh.startRead(at: 64 << 10, length: 4096, runs: { _, _, _ in buf }, reads: reads)
+            let io = AsyncIO { ok in result.ok = ok; done.signal() }
+            let ok = fresh.startRead(at: 64 << 10, length: 4096, runs: { _, _, _ in buf }, io: io)
             XCTAssertFalse(ok)
-            reads.finishStarting(ok: ok)
+            io.finishStarting(ok: ok)
             done.wait()
         }
         XCTAssertFalse(result.ok)

@@ -101,12 +101,17 @@ final class RBDTests: ToolTestCase {
             ok(try qemuIO("-f", "raw", "-c", "read -P \(pattern) 0 1M", "-c", "read -P 0x40 1M 1M",
                           "nbd+unix:///disk?socket=\(path(socket))"), "read through \(socket)")
         }
+        // Overwrites of what a clone owns, without FUA (qemu-io's default writethrough mode
+        // sends FUA): started from the event loop, read back at once.
+        ok(try qemuIO("-t", "writeback", "-f", "raw", "-c", "write -P 0x63 4k 8k", "-c", "read -P 0x63 4k 8k", "-c", "read -P 0x61 0 4k",
+                      "-c", "read -P 0x61 12k 4k", "nbd+unix:///disk?socket=\(path("a.sock"))"), "overwrite through a.sock")
         for s in [a, b] { s.terminate(); s.waitUntilExit() }
         for (clone, pattern) in [(c1, 0x61), (c2, 0x62)] {
             let check = try qemuImg("check", "-f", "qcow2", clone)
             XCTAssertEqual(check.status, 0, "qemu-img check: \(check.stdout)\(check.stderr)")
             ok(try qemuIO("-f", "qcow2", "-c", "read -P \(pattern) 30M 1M", "-c", "read -P 0x40 31M 1M", clone), "qemu reads the clone")
         }
+        ok(try qemuIO("-f", "qcow2", "-c", "read -P 0x63 4k 8k", c1), "qemu reads the overwrite")
         ok(try qemuImg("convert", "-f", "qcow2", "-O", "raw", template, "t-after.raw"), "template after")
         XCTAssertEqual(try contents("t-before.raw"), try contents("t-after.raw"), "the template changed under its clones")
         // And it is still a template: no writer may open it.

@@ -78,7 +78,7 @@ public enum StrataError: Error, CustomStringConvertible, Sendable {
         case .storageUnavailable(let p, let r): return "\(p): \(r)"
         case .rbdLocked(let p, let owners, let e):
             let who = owners.isEmpty ? "another client" : owners.joined(separator: ", ")
-            return "\(p): failed to get the RBD exclusive lock (\(String(cString: strerror(e)))): held by \(who); another host or process writes this image (stop it first, or open the image read-only)"
+            return "\(p): failed to get the RBD exclusive lock (\(String(cString: strerror(e)))): held by \(who); another host or process writes this image (stop it first, or open the image read-only; if that host died, Ceph lets the next writer break its lock once the dead client's watch times out, 30 s by default)"
         }
     }
 

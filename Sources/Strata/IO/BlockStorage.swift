@@ -17,14 +17,18 @@ public protocol BlockStorage: AnyObject, Sendable {
     /// false when it would wait, fails or comes up short; the caller then uses
     /// ``read(into:at:)`` from a thread that may block.
     func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool
-    /// True for a store whose reads go out over a network and complete later
-    /// (``readAsync(into:at:reads:)``).
-    var readsAsynchronously: Bool { get }
+    /// True for a store whose reads and writes go out over a network and complete later
+    /// (``readAsync(into:at:io:)``, ``writeAsync(_:at:io:)``).
+    var asynchronousIO: Bool { get }
     /// Starts reading exactly `buffer.count` bytes at `offset` (bytes past the end read as
-    /// zero), ending in `reads` (see ``AsyncReads``). Returns false, having started nothing,
+    /// zero), ending in `reads` (see ``AsyncIO``). Returns false, having started nothing,
     /// when the store cannot. A store that reads synchronously reads without waiting
     /// (``readIfCached(into:at:)``), at once.
-    func readAsync(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, reads: AsyncReads) -> Bool
+    func readAsync(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, io: AsyncIO) -> Bool
+    /// Starts writing all of `buffer` at `offset` inside the store's current length, ending in
+    /// `io`. Returns false, having started nothing, when the store cannot. A store that writes
+    /// synchronously writes without waiting (``writeIfCached(_:at:)``), at once.
+    func writeAsync(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, io: AsyncIO) -> Bool
     /// Writes all of `buffer` at `offset` if that needs no waiting (into memory), for callers
     /// that must not block; false when it would wait or fails (the caller then uses
     /// ``write(_:at:)`` from a thread that may block, which reports the failure).
@@ -54,10 +58,13 @@ public protocol BlockStorage: AnyObject, Sendable {
 extension BlockStorage {
     /// Storage that cannot tell never reads without waiting.
     public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool { false }
-    public var readsAsynchronously: Bool { false }
+    public var asynchronousIO: Bool { false }
     /// A store that reads synchronously reads without waiting, at once, or not at all.
-    public func readAsync(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, reads: AsyncReads) -> Bool {
+    public func readAsync(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, io: AsyncIO) -> Bool {
         readIfCached(into: buffer, at: offset)
+    }
+    public func writeAsync(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, io: AsyncIO) -> Bool {
+        writeIfCached(buffer, at: offset)
     }
     /// Storage that cannot tell never writes without waiting (a network store waits for it).
     public func writeIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool { false }

@@ -77,14 +77,17 @@ public protocol BlockDevice: AnyObject, Sendable {
     func readIfCached(at offset: UInt64, length: Int, runs sink: ReadSink) -> Bool
     /// True when the device's store reads asynchronously (RBD): then
     /// ``startRead(at:length:runs:reads:)`` is how a caller that must not block reads.
-    var readsAsynchronously: Bool { get }
+    var asynchronousIO: Bool { get }
     /// ``readIfCached(at:length:runs:)`` for a store that reads asynchronously: the metadata
     /// lookups are made without waiting (as there), and the data reads are started and end in
     /// `reads` instead of being waited for. Returns false when it would wait for metadata or
     /// cannot read this way; reads already started still end in `reads`, so the caller
-    /// always calls ``AsyncReads/finishStarting(ok:)`` (with the return value) and acts in
+    /// always calls ``AsyncIO/finishStarting(ok:)`` (with the return value) and acts in
     /// the completion: reply on true, redo the read on a thread that may block on false.
-    func startRead(at offset: UInt64, length: Int, runs sink: ReadSink, reads: AsyncReads) -> Bool
+    func startRead(at offset: UInt64, length: Int, runs sink: ReadSink, io: AsyncIO) -> Bool
+    /// ``writeInPlaceIfCached(_:at:)`` for a store that works asynchronously: the write is
+    /// started and ends in `io`. The caller acts as for ``startRead(at:length:runs:io:)``.
+    func startWrite(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, io: AsyncIO) -> Bool
     /// ``write(_:at:fua:)`` without FUA if it needs no metadata change and no waiting for
     /// another request (an overwrite of data the device already holds; see
     /// ``Qcow2Image/writeInPlaceIfCached(_:at:)``). For an event loop. Returns false, having
@@ -103,8 +106,10 @@ extension BlockDevice {
     /// A device that cannot tell always answers "would wait".
     public func readIfCached(at offset: UInt64, length: Int, runs sink: ReadSink) -> Bool { false }
 
-    public var readsAsynchronously: Bool { false }
-    public func startRead(at offset: UInt64, length: Int, runs sink: ReadSink, reads: AsyncReads) -> Bool { false }
+    public var asynchronousIO: Bool { false }
+    public func startRead(at offset: UInt64, length: Int, runs sink: ReadSink, io: AsyncIO) -> Bool { false }
+
+    public func startWrite(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, io: AsyncIO) -> Bool { false }
 
     /// A device that cannot tell never writes without a hop.
     public func writeInPlaceIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool { false }

@@ -133,18 +133,18 @@ extension Qcow2Image {
     /// are asked the same way; compressed clusters and resolved chains are left to the
     /// blocking read (decompressing is work for the I/O threads, not the caller's loop).
     public func readIfCached(at offset: UInt64, length: Int, runs sink: ReadSink) -> Bool {
-        readWithoutWaiting(at: offset, length: length, runs: sink, reads: nil)
+        readWithoutWaiting(at: offset, length: length, runs: sink, io: nil)
     }
 
-    public var readsAsynchronously: Bool { storage.readsAsynchronously }
+    public var asynchronousIO: Bool { storage.asynchronousIO }
 
     /// The same walk as ``readIfCached(at:length:runs:)``, with the data reads started on the
     /// store and each run's I/O token held until they end (a quiesce waits for them).
-    public func startRead(at offset: UInt64, length: Int, runs sink: ReadSink, reads: AsyncReads) -> Bool {
-        readWithoutWaiting(at: offset, length: length, runs: sink, reads: reads)
+    public func startRead(at offset: UInt64, length: Int, runs sink: ReadSink, io: AsyncIO) -> Bool {
+        readWithoutWaiting(at: offset, length: length, runs: sink, io: io)
     }
 
-    private func readWithoutWaiting(at offset: UInt64, length: Int, runs sink: ReadSink, reads: AsyncReads?) -> Bool {
+    private func readWithoutWaiting(at offset: UInt64, length: Int, runs sink: ReadSink, io: AsyncIO?) -> Bool {
         var pos = 0
         while pos < length {
             guard lock.tryLock() else { return false }
@@ -154,9 +154,9 @@ extension Qcow2Image {
             lock.unlock()
             guard let r else { return false }
             let (source, n) = r
-            if let reads { reads.hold { self.endIO(token) } }
-            defer { if reads == nil { endIO(token) } }
-            guard deliverIfCached(source, guest: guest, length: Int(n), to: sink, reads: reads) else { return false }
+            if let io { io.hold { self.endIO(token) } }
+            defer { if io == nil { endIO(token) } }
+            guard deliverIfCached(source, guest: guest, length: Int(n), to: sink, io: io) else { return false }
             pos += Int(n)
         }
         return true
@@ -172,7 +172,7 @@ extension Qcow2Image {
         return try? lookup()
     }
 
-    private func deliverIfCached(_ source: Source, guest: UInt64, length: Int, to sink: ReadSink, reads: AsyncReads?) -> Bool {
+    private func deliverIfCached(_ source: Source, guest: UInt64, length: Int, to sink: ReadSink, io: AsyncIO?) -> Bool {
         do {
             switch source {
             case .zero:
@@ -180,14 +180,14 @@ extension Qcow2Image {
                 return true
             case .data(let host):
                 guard let out = try sink(guest, length, false) else { return true }
-                if let reads { return storage.readAsync(into: out, at: host, reads: reads) }
+                if let io { return storage.readAsync(into: out, at: host, io: io) }
                 return storage.readIfCached(into: out, at: host)
             case .backing:
                 guard chainResolution == nil else { return false }
                 let bsize = backing?.size ?? 0
                 let avail = guest < bsize ? Int(min(UInt64(length), bsize - guest)) : 0
                 if avail > 0, let backing {
-                    let started = reads.map { backing.startRead(at: guest, length: avail, runs: sink, reads: $0) }
+                    let started = io.map { backing.startRead(at: guest, length: avail, runs: sink, io: $0) }
                         ?? backing.readIfCached(at: guest, length: avail, runs: sink)
                     if !started { return false }
                 }

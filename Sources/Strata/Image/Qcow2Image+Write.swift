@@ -21,21 +21,37 @@ extension Qcow2Image {
     /// writeback; it never waits for metadata I/O or for another request. Returns false,
     /// having written nothing, when any of that does not hold; true once written.
     public func writeInPlaceIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool {
-        let page: UInt64 = 4096
-        guard compressors == nil, dedup == nil, cache == .writeback || cache == .unsafe, !buffer.isEmpty,
-              offset % page == 0, UInt64(buffer.count) % page == 0, prepared.load(ordering: .acquiring),
-              lock.tryLock() else { return false }
-        let run = markedCorrupt || md.map.cache.needsWriteback || md.refcounts.cache.needsWriteback ? nil
-            : lookupWithoutWaiting(offset, UInt64(buffer.count), write: true) { try inPlaceRun(offset, limit: UInt64(buffer.count)) } ?? nil
-        guard let (host, n) = run, n == UInt64(buffer.count), host % page == 0 else {
-            lock.unlock()
-            return false
-        }
-        let token = beginIO()
-        lock.unlock()
+        guard let (host, token) = inPlace(buffer.count, at: offset) else { return false }
         defer { endIO(token) }
         // A failure is reported by the blocking write, which the caller makes next.
         return storage.writeIfCached(buffer, at: host)
+    }
+
+    /// The overwrite of ``writeInPlaceIfCached(_:at:)`` on a store that writes asynchronously
+    /// (RBD): the write is started, its I/O token held until it ends in `io`.
+    public func startWrite(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, io: AsyncIO) -> Bool {
+        guard let (host, token) = inPlace(buffer.count, at: offset) else { return false }
+        io.hold { self.endIO(token) }
+        return storage.writeAsync(buffer, at: host, io: io)
+    }
+
+    /// Where an overwrite of `count` bytes at `offset` lands when it changes no metadata and
+    /// waits for no one (see ``writeInPlaceIfCached(_:at:)``), with the I/O token taken; nil
+    /// otherwise.
+    private func inPlace(_ count: Int, at offset: UInt64) -> (host: UInt64, token: Int)? {
+        let page: UInt64 = 4096
+        guard compressors == nil, dedup == nil, cache == .writeback || cache == .unsafe, count > 0,
+              offset % page == 0, UInt64(count) % page == 0, prepared.load(ordering: .acquiring),
+              lock.tryLock() else { return nil }
+        let run = markedCorrupt || md.map.cache.needsWriteback || md.refcounts.cache.needsWriteback ? nil
+            : lookupWithoutWaiting(offset, UInt64(count), write: true) { try inPlaceRun(offset, limit: UInt64(count)) } ?? nil
+        guard let (host, n) = run, n == UInt64(count), host % page == 0 else {
+            lock.unlock()
+            return nil
+        }
+        let token = beginIO()
+        lock.unlock()
+        return (host, token)
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool) throws {

@@ -27,6 +27,7 @@ final class LibRBD: @unchecked Sendable {
     typealias RBDCallback = @convention(c) (UnsafeMutableRawPointer?, UnsafeMutableRawPointer?) -> Void
     typealias RBDAioCreateCompletion = @convention(c) (UnsafeMutableRawPointer?, RBDCallback, UnsafeMutablePointer<UnsafeMutableRawPointer?>) -> Int32
     typealias RBDAioRead = @convention(c) (Handle, UInt64, Int, UnsafeMutablePointer<CChar>, UnsafeMutableRawPointer) -> Int32
+    typealias RBDAioWrite = @convention(c) (Handle, UInt64, Int, UnsafePointer<CChar>, UnsafeMutableRawPointer) -> Int32
     typealias RBDAioGetReturnValue = @convention(c) (UnsafeMutableRawPointer) -> Int
     typealias RBDAioRelease = @convention(c) (UnsafeMutableRawPointer) -> Void
     typealias RBDList = @convention(c) (Handle, UnsafeMutablePointer<CChar>, UnsafeMutablePointer<Int>) -> Int32
@@ -59,6 +60,7 @@ final class LibRBD: @unchecked Sendable {
     let list: RBDList
     let aioCreateCompletion: RBDAioCreateCompletion
     let aioRead: RBDAioRead
+    let aioWrite: RBDAioWrite
     let aioGetReturnValue: RBDAioGetReturnValue
     let aioRelease: RBDAioRelease
     let getSize: RBDGetU64
@@ -102,6 +104,7 @@ final class LibRBD: @unchecked Sendable {
         list = try symbol(rbd, "rbd_list", RBDList.self)
         aioCreateCompletion = try symbol(rbd, "rbd_aio_create_completion", RBDAioCreateCompletion.self)
         aioRead = try symbol(rbd, "rbd_aio_read", RBDAioRead.self)
+        aioWrite = try symbol(rbd, "rbd_aio_write", RBDAioWrite.self)
         aioGetReturnValue = try symbol(rbd, "rbd_aio_get_return_value", RBDAioGetReturnValue.self)
         aioRelease = try symbol(rbd, "rbd_aio_release", RBDAioRelease.self)
         getSize = try symbol(rbd, "rbd_get_size", RBDGetU64.self)
@@ -131,6 +134,13 @@ final class LibRBD: @unchecked Sendable {
 
     /// The loaded libraries, or why they cannot be loaded.
     static func shared() throws -> LibRBD { try loaded.get() }
+
+    /// The loaded libraries, or why they cannot be loaded, said about `name`.
+    static func shared(for name: RBDName) throws -> LibRBD {
+        do { return try loaded.get() } catch StrataError.storageUnavailable(_, let reason) {
+            throw StrataError.storageUnavailable(path: name.description, reason: reason)
+        }
+    }
 
     // MARK: Connections
 

@@ -33,7 +33,7 @@ public final class RBDStorage: BlockStorage, @unchecked Sendable {
     /// Opens an existing RBD image (a snapshot, `@SNAP`, only read-only). `uncached` bypasses
     /// librbd's cache (`cache=none`).
     public init(name rbdName: RBDName, writable: Bool, uncached: Bool = false) throws {
-        let lib = try LibRBD.shared()
+        let lib = try LibRBD.shared(for: rbdName)
         if writable, rbdName.snapshot != nil {
             throw StrataError.invalidOption(path: rbdName.description, reason: "an RBD snapshot (@\(rbdName.snapshot!)) can only be opened read-only")
         }
@@ -71,7 +71,7 @@ public final class RBDStorage: BlockStorage, @unchecked Sendable {
     /// features, or opens the one that exists (``created`` says which, so that a failed create
     /// removes only what it made).
     static func creating(_ rbdName: RBDName) throws -> (storage: RBDStorage, created: Bool) {
-        let lib = try LibRBD.shared()
+        let lib = try LibRBD.shared(for: rbdName)
         guard rbdName.snapshot == nil else {
             throw StrataError.invalidOption(path: rbdName.description, reason: "an image cannot be created at an RBD snapshot (@\(rbdName.snapshot!))")
         }
@@ -90,7 +90,7 @@ public final class RBDStorage: BlockStorage, @unchecked Sendable {
 
     /// The image names in a pool (and namespace).
     static func list(_ pool: RBDName) throws -> [String] {
-        let lib = try LibRBD.shared()
+        let lib = try LibRBD.shared(for: pool)
         let io = try lib.ioContext(for: pool)
         var size = 4096
         while true {
@@ -105,7 +105,7 @@ public final class RBDStorage: BlockStorage, @unchecked Sendable {
 
     /// Renames an image within its pool; EEXIST when `newName` is taken.
     static func rename(_ rbdName: RBDName, to newName: String) throws {
-        let lib = try LibRBD.shared()
+        let lib = try LibRBD.shared(for: rbdName)
         let io = try lib.ioContext(for: rbdName)
         let r = lib.rename(io, rbdName.image, newName)
         guard r == 0 else { throw StrataError.openFailed(path: rbdName.description, errno: -r) }
@@ -159,31 +159,47 @@ public final class RBDStorage: BlockStorage, @unchecked Sendable {
         return n
     }
 
-    public var readsAsynchronously: Bool { true }
+    public var asynchronousIO: Bool { true }
 
-    /// `rbd_aio_read`: librbd calls back on one of its threads, which ends the read in
-    /// `reads`. Bytes past the image's end are zeroed here, before the read is submitted.
-    public func readAsync(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, reads: AsyncReads) -> Bool {
+    /// `rbd_aio_read`: librbd calls back on one of its threads, which ends the read in `io`.
+    /// Bytes past the image's end are zeroed here, before the read is submitted.
+    public func readAsync(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, io: AsyncIO) -> Bool {
         let end = size.load(ordering: .acquiring)
         let n = offset >= end ? 0 : Int(min(UInt64(buffer.count), end - offset))
         if n < buffer.count {
             (buffer.baseAddress! + n).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - n)
         }
         guard n > 0 else { return true }
-        let request = Unmanaged.passRetained(AsyncRead(lib: lib, reads: reads, length: n))
+        return submit(io, expecting: n) { c in
+            lib.aioRead(image, offset, n, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
+        }
+    }
+
+    /// `rbd_aio_write` inside the image's current size (a write that would grow it waits for
+    /// a resize: false). librbd acknowledges it once sent (its writearound cache) or done.
+    public func writeAsync(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, io: AsyncIO) -> Bool {
+        guard !buffer.isEmpty, offset + UInt64(buffer.count) <= size.load(ordering: .acquiring) else { return false }
+        return submit(io, expecting: nil) { c in
+            lib.aioWrite(image, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
+        }
+    }
+
+    /// Creates a completion, counts the request in `io` and submits it; an unsubmitted request
+    /// ends as a failure at once. False when not even a completion could be made.
+    private func submit(_ io: AsyncIO, expecting length: Int?, _ call: (UnsafeMutableRawPointer) -> Int32) -> Bool {
+        let request = Unmanaged.passRetained(AsyncRequest(lib: lib, io: io, length: length))
         var completion: UnsafeMutableRawPointer? = nil
-        guard lib.aioCreateCompletion(request.toOpaque(), { c, arg in AsyncRead.finished(c, arg) }, &completion) == 0,
+        guard lib.aioCreateCompletion(request.toOpaque(), { c, arg in AsyncRequest.finished(c, arg) }, &completion) == 0,
               let completion else {
             request.release()
             return false
         }
-        reads.begin()
-        let r = lib.aioRead(image, offset, n, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), completion)
-        if r < 0 {
+        io.begin()
+        if call(completion) < 0 {
             // Not submitted: no callback will come.
             lib.aioRelease(completion)
             request.release()
-            reads.end(ok: false)
+            io.end(ok: false)
         }
         return true
     }
@@ -247,24 +263,25 @@ public final class RBDStorage: BlockStorage, @unchecked Sendable {
     }
 }
 
-/// One `rbd_aio_read` in flight: what its callback needs.
-private final class AsyncRead {
+/// One `rbd_aio_read` or `rbd_aio_write` in flight: what its callback needs.
+private final class AsyncRequest {
     let lib: LibRBD
-    let reads: AsyncReads
-    let length: Int
-    init(lib: LibRBD, reads: AsyncReads, length: Int) {
+    let io: AsyncIO
+    /// Bytes a read must return; nil for a write (any non-negative result).
+    let length: Int?
+    init(lib: LibRBD, io: AsyncIO, length: Int?) {
         self.lib = lib
-        self.reads = reads
+        self.io = io
         self.length = length
     }
 
-    /// librbd's callback (on a librbd thread): a short or failed read ends as a failure,
-    /// which the blocking read redoes and reports.
+    /// librbd's callback (on a librbd thread): a short or failed request ends as a failure,
+    /// which the blocking call redoes and reports.
     static func finished(_ completion: UnsafeMutableRawPointer?, _ arg: UnsafeMutableRawPointer?) {
         guard let completion, let arg else { return }
-        let request = Unmanaged<AsyncRead>.fromOpaque(arg).takeRetainedValue()
+        let request = Unmanaged<AsyncRequest>.fromOpaque(arg).takeRetainedValue()
         let r = request.lib.aioGetReturnValue(completion)
         request.lib.aioRelease(completion)
-        request.reads.end(ok: r == request.length)
+        request.io.end(ok: request.length.map { r == $0 } ?? (r >= 0))
     }
 }
