@@ -212,8 +212,12 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// A read of cached data or an in-place overwrite is answered here; everything else takes the one hop: run the
     /// command on the I/O pool, come back to this event loop with the finished reply.
     private func dispatch(_ command: NBDCommand, cookie: UInt64, context: ChannelHandlerContext) {
-        if let bytes = session.export.replyIfCached(command, cookie: cookie, session: session,
-                                                    allocator: context.channel.allocator) {
+        // A store that works asynchronously (RBD) has no page cache to ask: its reads and
+        // overwrites are started from here instead (librbd calls back when done, and the
+        // reply goes out from this event loop, with no I/O thread waiting for it).
+        let asynchronous = session.export.device.asynchronousIO
+        if !asynchronous, let bytes = session.export.replyIfCached(command, cookie: cookie, session: session,
+                                                                   allocator: context.channel.allocator) {
             record(command, reply: NBDReply(bytes: bytes))
             context.write(wrapOutboundOut(bytes), promise: nil)
             unflushed = true
@@ -222,12 +226,7 @@ final class TransmissionHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let bytes = command.payloadBytes
         inFlight += 1
         inFlightBytes += bytes
-        // A read from a store that reads asynchronously (RBD) is started from here: librbd
-        // calls back when the data is in, and the reply goes out from this event loop, with
-        // no I/O thread waiting for it. What cannot be done that way goes to the pool.
-        if session.export.device.asynchronousIO, startAsynchronously(command, bytes: bytes, cookie: cookie, context: context) {
-            return
-        }
+        if asynchronous, startAsynchronously(command, bytes: bytes, cookie: cookie, context: context) { return }
         runOnPool(command, bytes: bytes, cookie: cookie, context: context)
     }
 
