@@ -159,6 +159,39 @@ final class RBDTests: ToolTestCase {
         ok(try qemuImg("check", "-f", "qcow2", image), "qemu-img check")
     }
 
+    /// The commands the tests above do not run, each once on images in the pool, with QEMU
+    /// checking the results.
+    func testEveryCommandTakesAnRBDName() throws {
+        let base = rbd("cmd-base"), top = rbd("cmd-top")
+        ok(try strata("create", "-q", "-f", "qcow2", base, "8M"), "create")
+        ok(try strata("io", "-c", "write -P 0x21 0 1M", base), "io")
+        ok(try strata("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top), "create with an rbd: backing file")
+        ok(try strata("io", "-c", "write -P 0x22 1M 1M", top), "io on the overlay")
+        let map = ok(try strata("map", "--output", "json", top), "map")
+        XCTAssertTrue(map.stdout.contains("\"depth\": 1"), map.stdout)
+        let chain = ok(try strata("info", "--backing-chain", top), "info --backing-chain")
+        XCTAssertTrue(chain.stdout.contains(Ceph.image(of: base)), chain.stdout)
+        ok(try strata("snapshot", "-c", "s1", top), "snapshot -c")
+        ok(try strata("io", "-c", "write -P 0x23 1M 64k", top), "write after the snapshot")
+        XCTAssertTrue(ok(try strata("snapshot", "-l", top), "snapshot -l").stdout.contains("s1"))
+        ok(try strata("snapshot", "-a", "s1", top), "snapshot -a")
+        ok(try qemuIO("-f", "qcow2", "-c", "read -P 0x22 1M 64k", top), "the snapshot's data is back")
+        ok(try strata("snapshot", "-d", "s1", top), "snapshot -d")
+        ok(try strata("resize", top, "16M"), "resize")
+        XCTAssertEqual(try virtualSize(top), 16 << 20)
+        ok(try strata("amend", "-o", "lazy_refcounts=on", top), "amend")
+        ok(try strata("measure", "-O", "qcow2", top), "measure")
+        ok(try strata("bench", "-c", "200", "-s", "4k", top), "bench")
+        ok(try strata("commit", top), "commit")
+        ok(try qemuIO("-f", "qcow2", "-c", "read -P 0x21 0 1M", "-c", "read -P 0x22 1M 1M", base), "committed into the base")
+        ok(try strata("rebase", "-u", "-b", "", top), "rebase onto nothing")
+        ok(try strata("check", "-r", "leaks", top), "check -r leaks")
+        for image in [base, top] {
+            let check = try qemuImg("check", "-f", "qcow2", image)
+            XCTAssertEqual(check.status, 0, "qemu-img check \(image): \(check.stdout)\(check.stderr)")
+        }
+    }
+
     func testBadNamesAndMissingImagesSayWhat() throws {
         let missing = try strata("info", "rbd:strata/no-such-image:conf=\(conf)")
         XCTAssertEqual(missing.status, 1)

@@ -186,7 +186,9 @@ final class LibRBD: @unchecked Sendable {
             // No ceph.conf at the default places is fine when the options name the monitors.
             if r != 0 && (name.conf != nil || !name.options.contains { $0.0 == "mon_host" }) {
                 radosShutdown(cluster)
-                throw unavailable(name, "reading \(name.conf ?? "the default ceph.conf")", r)
+                let hint = name.conf == nil ? " (name one with :conf=PATH)" : ""
+                throw StrataError.storageUnavailable(path: name.description,
+                    reason: "reading \(name.conf ?? "the default ceph.conf")\(hint) failed: \(String(cString: strerror(-r)))")
             }
             _ = radosConfParseEnv(cluster, nil)
             if uncached { _ = radosConfSet(cluster, "rbd_cache", "false") }

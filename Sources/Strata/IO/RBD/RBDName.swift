@@ -52,7 +52,7 @@ public struct RBDName: Sendable, Hashable, CustomStringConvertible {
         options = []
         for option in parts.dropFirst() {
             let kv = Self.split(option, on: "=")
-            guard kv.count == 2, !kv[0].isEmpty else { throw Self.bad(name, "option '\(option)' is not key=value") }
+            guard kv.count == 2, !kv[0].isEmpty else { throw Self.bad(name, "has an option '\(option)' that is not key=value") }
             let key = Self.unescape(kv[0]), value = Self.unescape(kv[1])
             switch key {
             case "conf": conf = value
