@@ -197,7 +197,7 @@ extension Export {
 
     /// Starts a read on a device whose store reads asynchronously (RBD;
     /// ``BlockDevice/asynchronousIO``): the reply is built as ``readReply`` builds it,
-    /// with the data reads started into it (``BlockDevice/startRead(at:length:runs:reads:)``)
+    /// with the data reads started into it (``BlockDevice/startRead(at:length:runs:io:)``)
     /// instead of waited for. `completion` runs once, on a librbd thread (or this one), with
     /// the finished reply, or nil when the read could not be done this way (a table to load,
     /// a compressed cluster, a failed read): the caller then runs the read on an I/O thread.

@@ -61,6 +61,7 @@ public final class SwitchableDevice: BlockDevice, @unchecked Sendable {
     /// Serves `device`, opened from `path` in `format` with `options`; the switch owns it.
     public init(device: any BlockDevice, path: String, format: ImageFormat, options: OpenOptions) {
         self.current = device
+        self.asynchronous = Atomic(device.asynchronousIO)
         self.path = ExportRegistry.realPath(path)
         self.format = format
         self.options = options
@@ -133,6 +134,7 @@ public final class SwitchableDevice: BlockDevice, @unchecked Sendable {
                 var o = options
                 o.format = .qcow2
                 current = try openImage(path: overlay, options: o)
+                asynchronous.store(current.asynchronousIO, ordering: .releasing)
                 path = ExportRegistry.realPath(overlay)
                 format = .qcow2
                 return oldPath
@@ -143,6 +145,7 @@ public final class SwitchableDevice: BlockDevice, @unchecked Sendable {
                 // If even this fails the device stays closed: requests then fail with EIO
                 // and the export should be removed.
                 current = try openImage(path: oldPath, options: o)
+                asynchronous.store(current.asynchronousIO, ordering: .releasing)
                 throw error
             }
         }
@@ -206,12 +209,10 @@ public final class SwitchableDevice: BlockDevice, @unchecked Sendable {
         return !closed && current.readIfCached(at: offset, length: length, runs: sink)
     }
 
-    /// Never waits (the event loop asks): false during a switch.
-    public var asynchronousIO: Bool {
-        guard pthread_rwlock_tryrdlock(rwlock) == 0 else { return false }
-        defer { pthread_rwlock_unlock(rwlock) }
-        return !closed && current.asynchronousIO
-    }
+    /// One atomic load (the event loop asks per request): the current image's answer, kept
+    /// up to date by a switch.
+    public var asynchronousIO: Bool { asynchronous.load(ordering: .relaxed) }
+    private let asynchronous: Atomic<Bool>
 
     /// Never waits; the image stays the current one until the reads end (a switch waits).
     public func startRead(at offset: UInt64, length: Int, runs sink: ReadSink, io: AsyncIO) -> Bool {

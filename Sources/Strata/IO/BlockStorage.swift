@@ -21,7 +21,7 @@ public protocol BlockStorage: AnyObject, Sendable {
     /// (``readAsync(into:at:io:)``, ``writeAsync(_:at:io:)``).
     var asynchronousIO: Bool { get }
     /// Starts reading exactly `buffer.count` bytes at `offset` (bytes past the end read as
-    /// zero), ending in `reads` (see ``AsyncIO``). Returns false, having started nothing,
+    /// zero), ending in `io` (see ``AsyncIO``). Returns false, having started nothing,
     /// when the store cannot. A store that reads synchronously reads without waiting
     /// (``readIfCached(into:at:)``), at once.
     func readAsync(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, io: AsyncIO) -> Bool

@@ -75,13 +75,13 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// fails); the sink may have been given some of the runs by then, and the caller redoes
     /// the whole read with ``read(at:length:runs:)`` on a thread that may block.
     func readIfCached(at offset: UInt64, length: Int, runs sink: ReadSink) -> Bool
-    /// True when the device's store reads asynchronously (RBD): then
-    /// ``startRead(at:length:runs:reads:)`` is how a caller that must not block reads.
+    /// True when the device's store works asynchronously (RBD): then
+    /// ``startRead(at:length:runs:io:)`` is how a caller that must not block reads.
     var asynchronousIO: Bool { get }
     /// ``readIfCached(at:length:runs:)`` for a store that reads asynchronously: the metadata
     /// lookups are made without waiting (as there), and the data reads are started and end in
-    /// `reads` instead of being waited for. Returns false when it would wait for metadata or
-    /// cannot read this way; reads already started still end in `reads`, so the caller
+    /// `io` instead of being waited for. Returns false when it would wait for metadata or
+    /// cannot read this way; reads already started still end in `io`, so the caller
     /// always calls ``AsyncIO/finishStarting(ok:)`` (with the return value) and acts in
     /// the completion: reply on true, redo the read on a thread that may block on false.
     func startRead(at offset: UInt64, length: Int, runs sink: ReadSink, io: AsyncIO) -> Bool
