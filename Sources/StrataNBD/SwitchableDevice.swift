@@ -214,24 +214,23 @@ public final class SwitchableDevice: BlockDevice, @unchecked Sendable {
     public var asynchronousIO: Bool { asynchronous.load(ordering: .relaxed) }
     private let asynchronous: Atomic<Bool>
 
-    /// Never waits; the image stays the current one until the reads end (a switch waits).
     public func startRead(at offset: UInt64, length: Int, runs sink: ReadSink, io: AsyncIO) -> Bool {
-        guard pthread_rwlock_tryrdlock(rwlock) == 0 else { return false }
-        defer { pthread_rwlock_unlock(rwlock) }
-        guard !closed else { return false }
-        asyncIO.add(1, ordering: .relaxed)
-        io.hold { self.asyncIO.subtract(1, ordering: .releasing) }
-        return current.startRead(at: offset, length: length, runs: sink, io: io)
+        started(io) { $0.startRead(at: offset, length: length, runs: sink, io: io) }
     }
 
-    /// Never waits; as ``startRead(at:length:runs:io:)``.
     public func startWrite(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, io: AsyncIO) -> Bool {
+        started(io) { $0.startWrite(buffer, at: offset, io: io) }
+    }
+
+    /// Starts a request on the current image without waiting (false during a switch); the
+    /// image stays the current one until the request ends in `io` (a switch waits for it).
+    private func started(_ io: AsyncIO, _ start: (any BlockDevice) -> Bool) -> Bool {
         guard pthread_rwlock_tryrdlock(rwlock) == 0 else { return false }
         defer { pthread_rwlock_unlock(rwlock) }
         guard !closed else { return false }
         asyncIO.add(1, ordering: .relaxed)
         io.hold { self.asyncIO.subtract(1, ordering: .releasing) }
-        return current.startWrite(buffer, at: offset, io: io)
+        return start(current)
     }
 
     public func writeInPlaceIfCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool {

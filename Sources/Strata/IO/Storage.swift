@@ -73,7 +73,9 @@ public enum Storage {
             return
         }
         let e = errno
-        guard e == EPERM || e == ENOTSUP || e == EOPNOTSUPP || e == EXDEV, access(to, F_OK) != 0 else {
+        var st = stat()
+        // lstat: a dangling symbolic link at `to` is something there, and is not replaced.
+        guard e == EPERM || e == ENOTSUP || e == EOPNOTSUPP || e == EXDEV, lstat(to, &st) != 0 else {
             throw StrataError.openFailed(path: to, errno: e == 0 ? EEXIST : e)
         }
         guard Glibc.rename(from, to) == 0 else { throw StrataError.openFailed(path: to, errno: errno) }
